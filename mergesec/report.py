@@ -1,0 +1,162 @@
+"""Results of a study read back from the store: tables (Markdown, CSV, JSON) and plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from mergesec.orchestrator.plan import Plan
+from mergesec.orchestrator.store import Store
+
+COLUMNS = [
+    "variant",
+    "scenario",
+    "victim",
+    "merge",
+    "coefficient",
+    "victim_clean",
+    "victim_release",
+    "victim_merged",
+    "victim_merged_norm",
+    "others_merged",
+    "status",
+]
+
+
+def _metrics(store: Store, node_id: str) -> dict[str, Any] | None:
+    return store.read_metrics(node_id) if store.is_done(node_id) else None
+
+
+def build_results(plan: Plan, store: Store) -> list[dict[str, Any]]:
+    """One row per (variant, scenario, victim): accuracies before and after merging."""
+    from mergesec.data import dataset_slug
+
+    rows = []
+    for r in plan.rows:
+        v = dataset_slug(r.victim)
+        clean = _metrics(store, r.expert_evals[v])
+        release = _metrics(store, r.victim_eval)
+        merged = _metrics(store, r.merge_eval)
+        merge_node = _metrics(store, r.merge_node)
+        row: dict[str, Any] = {
+            "variant": r.variant,
+            "scenario": r.scenario,
+            "victim": v,
+            "merge": r.merge_op,
+            "coefficient": None,
+            "victim_clean": None,
+            "victim_release": None,
+            "victim_merged": None,
+            "victim_merged_norm": None,
+            "others_merged": None,
+            "status": "done"
+            if merged is not None
+            else ("failed" if store.is_failed(r.merge_eval) else "missing"),
+        }
+        if clean:
+            row["victim_clean"] = clean.get(f"accuracy/{v}")
+        if release:
+            row["victim_release"] = release.get(f"accuracy/{v}")
+        if merge_node:
+            chosen = {
+                k.split("/", 1)[1]: x for k, x in merge_node.items() if k.startswith("chosen/")
+            }
+            row["coefficient"] = chosen.get("coefficient")
+            row.update({f"chosen_{k}": x for k, x in chosen.items() if k != "coefficient"})
+        if merged:
+            row["victim_merged"] = merged.get(f"accuracy/{v}")
+            row["victim_merged_norm"] = merged.get(f"normalized/{v}")
+            others = [
+                x
+                for k, x in merged.items()
+                if k.startswith("accuracy/") and k not in {f"accuracy/{v}", "accuracy/mean"}
+            ]
+            row["others_merged"] = sum(others) / len(others) if others else None
+            row["per_dataset"] = {
+                k.split("/", 1)[1]: x for k, x in merged.items() if k.startswith("accuracy/")
+            }
+        rows.append(row)
+    return rows
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.3f}"
+    return str(x)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    cols = [c for c in COLUMNS if c != "variant" or any(r["variant"] for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: r.get(c) for c in COLUMNS})
+    return buf.getvalue()
+
+
+def plot_headline(rows: list[dict[str, Any]]) -> bytes | None:
+    """Grouped bars: the victim's accuracy standalone, released, and after merging, per scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["status"] == "done"]
+    if not done:
+        return None
+    labels = [
+        f"{r['scenario']}\n{r['victim']}" + (f"\n{r['variant']}" if r["variant"] else "")
+        for r in done
+    ]
+    series = [
+        ("clean expert", "victim_clean"),
+        ("release/attacked", "victim_release"),
+        ("victim after merge", "victim_merged"),
+        ("others after merge", "others_merged"),
+    ]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(done)), 4.2))
+    width = 0.8 / len(series)
+    for i, (name, key) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(done))]
+        ax.bar(xs, [r.get(key) or 0.0 for r in done], width, label=name)
+    ax.set_xticks(range(len(done)), labels, fontsize=7)
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncols=2)
+    ax.set_title("Victim accuracy by scenario")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_reports(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Write results.{json,csv,md} and results.png into ``<store>/studies/<study>/``."""
+    out = {}
+    for name, text in (
+        ("results.json", json.dumps(rows, indent=2)),
+        ("results.csv", to_csv(rows)),
+        ("results.md", markdown(rows)),
+    ):
+        rel = store.study_rel(plan.study, name)
+        store.write_text(rel, text)
+        out[name] = store.location(rel)
+    png = plot_headline(rows)
+    if png is not None:
+        rel = store.study_rel(plan.study, "results.png")
+        store.write_bytes(rel, png)
+        out["results.png"] = store.location(rel)
+    return out

@@ -1,0 +1,187 @@
+"""The op registry: every implementation of a pipeline step registers here by (step, name).
+
+An op is a plain function. Its positional parameters are its inputs (state dicts, models, data);
+its keyword-only parameters are the op's parameters, validated from their annotations and
+defaults. A parameter may be given as ``{"search": [...]}`` where the step supports choosing it
+on validation data (see ``SEARCHABLE``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
+
+STEPS = ("finetune", "protect", "attack", "merge", "evaluate", "monitor")
+
+
+class OpError(ValueError):
+    """A problem with an op name or its parameters; ``path`` is the offending key path."""
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
+
+
+@dataclass(frozen=True)
+class OpParam:
+    name: str
+    annotation: Any
+    default: Any
+    required: bool
+
+    def type_name(self) -> str:
+        a = self.annotation
+        return getattr(a, "__name__", None) or str(a).replace("typing.", "")
+
+
+@dataclass(frozen=True)
+class Op:
+    step: str
+    name: str
+    fn: Callable[..., Any]
+    version: str
+    params: tuple[OpParam, ...]
+    searchable: frozenset[str]
+    doc: str
+    # Extra facts a step's executor needs (e.g. a protection that trains from the base).
+    traits: frozenset[str] = frozenset()
+
+    @property
+    def key(self) -> str:
+        return f"{self.step}/{self.name}"
+
+    def param(self, name: str) -> OpParam | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+_REGISTRY: dict[tuple[str, str], Op] = {}
+
+
+def register_op(
+    step: str,
+    name: str,
+    *,
+    version: str = "1",
+    searchable: tuple[str, ...] = (),
+    traits: tuple[str, ...] = (),
+    fn: Callable[..., Any] | None = None,
+):
+    """Register ``fn`` as ``step/name``; usable as a decorator or called with ``fn=``."""
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}; known: {', '.join(STEPS)}")
+
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(f)
+        try:
+            hints = get_type_hints(f)
+        except Exception:  # unresolved forward refs: fall back to raw annotations
+            hints = {}
+        params = tuple(
+            OpParam(
+                name=p.name,
+                annotation=hints.get(
+                    p.name, p.annotation if p.annotation is not inspect._empty else Any
+                ),
+                default=None if p.default is inspect._empty else p.default,
+                required=p.default is inspect._empty,
+            )
+            for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        )
+        unknown = set(searchable) - {p.name for p in params}
+        if unknown:
+            raise ValueError(f"{step}/{name}: searchable names no parameter: {sorted(unknown)}")
+        doc = inspect.getdoc(f) or ""
+        _REGISTRY[(step, name)] = Op(
+            step, name, f, version, params, frozenset(searchable), doc, frozenset(traits)
+        )
+        return f
+
+    return deco(fn) if fn is not None else deco
+
+
+def _ensure_loaded() -> None:
+    # Importing the step modules registers their ops.
+    from mergesec import tasks  # noqa: F401
+
+    tasks.load_all()
+
+
+def get_op(step: str, name: str, path: str = "") -> Op:
+    _ensure_loaded()
+    op = _REGISTRY.get((step, name))
+    if op is None:
+        known = ", ".join(ops_for(step)) or "(none)"
+        raise OpError(f"unknown op {name!r}; known: {known}", path)
+    return op
+
+
+def ops_for(step: str) -> list[str]:
+    _ensure_loaded()
+    return sorted(n for s, n in _REGISTRY if s == step)
+
+
+def all_ops() -> list[Op]:
+    _ensure_loaded()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def is_search(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"search"}
+
+
+def validate_params(op: Op, params: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """Check names and types of ``params`` against ``op``; return them with defaults filled in.
+
+    Raises ``OpError`` listing the first problem with its key path.
+    """
+    out: dict[str, Any] = {}
+    names = {p.name for p in op.params}
+    for key in params:
+        if key not in names:
+            allowed = ", ".join(sorted(names)) or "(none)"
+            raise OpError(
+                f"unknown parameter {key!r} for op {op.key}; allowed: {allowed}", _join(path, key)
+            )
+    for p in op.params:
+        if p.name not in params:
+            if p.required:
+                raise OpError(
+                    f"missing required parameter {p.name!r} for op {op.key}", _join(path, p.name)
+                )
+            out[p.name] = p.default
+            continue
+        value = params[p.name]
+        if is_search(value):
+            if p.name not in op.searchable:
+                allowed = ", ".join(sorted(op.searchable)) or "none"
+                raise OpError(
+                    f"{op.key} cannot search {p.name!r}; searchable: {allowed}", _join(path, p.name)
+                )
+            cands = value["search"]
+            if not isinstance(cands, list) or not cands:
+                raise OpError(
+                    "search needs a non-empty list of candidates", _join(path, p.name, "search")
+                )
+            out[p.name] = {"search": [_coerce(p, c, _join(path, p.name, "search")) for c in cands]}
+        else:
+            out[p.name] = _coerce(p, value, _join(path, p.name))
+    return out
+
+
+def _coerce(p: OpParam, value: Any, path: str) -> Any:
+    if p.annotation is Any:
+        return value
+    try:
+        return TypeAdapter(p.annotation).validate_python(value, strict=False)
+    except ValidationError as e:
+        msg = e.errors()[0]["msg"]
+        raise OpError(f"{msg.lower()} (expected {p.type_name()}, got {value!r})", path) from None
+
+
+def _join(*parts: str) -> str:
+    return ".".join(x for x in parts if x)
