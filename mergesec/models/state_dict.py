@@ -57,6 +57,9 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         with safe_open(str(self._where[key]), framework="pt") as f:
             return f.get_tensor(key)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._where
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from typing import Any
 
 import yaml
@@ -38,9 +39,7 @@ def expand_grid(raw: dict[str, Any]) -> list[tuple[dict[str, str], dict[str, Any
         for (path, _), value in zip(grids, choice, strict=True):
             _set(variant, path, value)
             label[".".join(path)] = (
-                value
-                if isinstance(value, str)
-                else yaml.safe_dump(value, default_flow_style=True).strip()
+                value if isinstance(value, str) else json.dumps(value, sort_keys=True)
             )
         out.append((label, variant))
     return out

@@ -31,7 +31,7 @@ class TrainConfig:
     patience: int = 2
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
-    log_every: int = 10
+    log_every: int = 5
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,303 @@
+"""Out-of-core merging: read, merge and write one tensor at a time.
+
+``stream_merge`` calls a merge op (see ``merge_methods``) on one-key state dicts, so memory holds
+one tensor of the base and of each expert plus the result, never whole models. Output goes to
+safetensors files written sequentially: the header is computed up front from the base's shapes
+and dtypes (an op returns the base's shape and dtype for every key), then each merged tensor's
+bytes are appended as soon as it is computed. With ``max_shard_bytes`` the output is split into
+``<stem>-00001-of-0000N.safetensors`` shards plus a Hugging Face style
+``<name>.index.json``; ``merged_files`` lists the files for ``LazyStateDict``.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import Tensor
+
+from mergesec.models.state_dict import LazyStateDict, StateDict
+
+MergeFn = Callable[..., StateDict]
+
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+@dataclass
+class MergeStats:
+    """What a streaming merge did: tensors and bytes written, the most tensor bytes held at once
+    by the loop (the inputs of one key plus its result; an op's temporaries are not counted),
+    the files written and the wall time."""
+
+    tensors: int = 0
+    bytes_written: int = 0
+    peak_tensor_bytes: int = 0
+    files: list[Path] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorSpec]:
+    """Dtypes and shapes of the tensors in a safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: TensorSpec(_TORCH_DTYPES[v["dtype"]], tuple(v["shape"])) for k, v in header.items()}
+
+
+def tensor_specs(
+    state: Mapping[str, Tensor], keys: Iterable[str] | None = None
+) -> dict[str, TensorSpec]:
+    """Dtype and shape of each key, read from file headers for a ``LazyStateDict``."""
+    if isinstance(state, LazyStateDict):
+        specs: dict[str, TensorSpec] = {}
+        for p in state.paths:
+            specs.update(read_safetensors_header(p))
+        wanted = list(state) if keys is None else list(keys)
+        return {k: specs[k] for k in wanted if k in specs}
+    names = set(state)
+    wanted = list(state) if keys is None else [k for k in keys if k in names]
+    out = {}
+    for k in wanted:
+        t = state[k]  # one tensor at a time for other lazy mappings
+        out[k] = TensorSpec(t.dtype, tuple(t.shape))
+    return out
+
+
+def check_compatible(
+    base: Mapping[str, Tensor],
+    experts: Sequence[Mapping[str, Tensor]],
+    keys: Iterable[str] | None = None,
+) -> dict[str, TensorSpec]:
+    """Check that every expert has the merged keys with the base's shapes; return base specs.
+
+    With ``keys=None`` the experts must have exactly the base's keys. Raises ``ValueError``
+    naming the first offending key and both shapes.
+    """
+    if not experts:
+        raise ValueError("merging needs at least one expert")
+    # Membership on sets of names: ``k in lazy_mapping`` would read the tensor.
+    base_keys = set(base)
+    key_list = list(base) if keys is None else list(keys)
+    missing = [k for k in key_list if k not in base_keys]
+    if missing:
+        raise ValueError(f"key {missing[0]!r} is not in the base model")
+    base_specs = tensor_specs(base, key_list)
+    for i, e in enumerate(experts):
+        if keys is None:
+            extra = [k for k in e if k not in base_keys]
+            if extra:
+                raise ValueError(f"key {extra[0]!r}: expert {i} has it, the base model does not")
+        specs = tensor_specs(e, key_list)
+        for k in key_list:
+            if k not in specs:
+                raise ValueError(
+                    f"key {k!r}: expert {i} does not have it, base has shape {base_specs[k].shape}"
+                )
+            if specs[k].shape != base_specs[k].shape:
+                raise ValueError(
+                    f"key {k!r}: expert {i} has shape {specs[k].shape}, base has {base_specs[k].shape}"
+                )
+    return base_specs
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file sequentially: header from known specs, then tensor bytes in
+    the same order, so no tensor is kept after it is written."""
+
+    def __init__(
+        self,
+        path: Path,
+        specs: Sequence[tuple[str, TensorSpec]],
+        metadata: Mapping[str, str] | None = None,
+    ):
+        if sys.byteorder != "little":
+            raise RuntimeError("safetensors are little-endian; this writer does not byte-swap")
+        header: dict[str, Any] = {}
+        offset = 0
+        for key, spec in specs:
+            header[key] = {
+                "dtype": _ST_DTYPES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self.path = path
+        self.data_bytes = offset
+        self._pending = list(reversed(specs))
+        self._f: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+
+    def write(self, key: str, tensor: Tensor) -> int:
+        if not self._pending:
+            raise ValueError(f"{self.path.name}: unexpected tensor {key!r}")
+        want_key, spec = self._pending.pop()
+        if key != want_key or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(
+                f"{self.path.name}: expected {want_key!r} {spec.dtype} {spec.shape}, "
+                f"got {key!r} {tensor.dtype} {tuple(tensor.shape)}"
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._f.write(data.data)
+        return spec.nbytes
+
+    def close(self) -> None:
+        self._f.close()
+        if self._pending:
+            raise ValueError(f"{self.path.name}: {len(self._pending)} tensors were never written")
+
+    def abort(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _plan_shards(
+    specs: Sequence[tuple[str, TensorSpec]], max_shard_bytes: int | None
+) -> list[list[tuple[str, TensorSpec]]]:
+    shards: list[list[tuple[str, TensorSpec]]] = [[]]
+    size = 0
+    for key, spec in specs:
+        if max_shard_bytes is not None and shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((key, spec))
+        size += spec.nbytes
+    return shards
+
+
+def _index_path(out_path: Path) -> Path:
+    return out_path.with_name(out_path.name + ".index.json")
+
+
+def merged_files(out_path: str | Path) -> list[Path]:
+    """The safetensors files written by ``stream_merge(..., out_path)``, in order."""
+    out_path = Path(out_path)
+    index = _index_path(out_path)
+    if index.exists():
+        names = json.loads(index.read_text())["weight_map"].values()
+        return [out_path.with_name(n) for n in sorted(set(names))]
+    return [out_path]
+
+
+def _one_key(state: Mapping[str, Tensor], key: str) -> StateDict:
+    return {key: state[key]}
+
+
+def stream_merge(
+    op_fn: MergeFn,
+    base: Mapping[str, Tensor],
+    experts: Sequence[Mapping[str, Tensor]],
+    params: dict[str, Any],
+    out_path: str | Path,
+    *,
+    keys: Iterable[str] | None = None,
+    max_shard_bytes: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> MergeStats:
+    """Merge tensor by tensor with ``op_fn(base_1, [expert_1, ...], **params)`` on one-key dicts.
+
+    ``base`` and ``experts`` are usually ``LazyStateDict``s. The output holds exactly ``keys``
+    (default: every key of ``base``) in the base's dtypes and shapes, in one file at
+    ``out_path`` or, when ``max_shard_bytes`` is set and exceeded, in shards beside it with an
+    index file. On an error, files written by this call are removed.
+    """
+    started = time.perf_counter()
+    out_path = Path(out_path)
+    specs = check_compatible(base, experts, keys)
+    ordered = list(specs.items())
+    shards = _plan_shards(ordered, max_shard_bytes)
+    if len(shards) == 1:
+        paths = [out_path]
+    else:
+        stem = out_path.name.removesuffix(".safetensors")
+        n = len(shards)
+        paths = [out_path.with_name(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors") for i in range(n)]
+    stats = MergeStats(files=paths)
+    written: list[SafetensorsWriter] = []
+    try:
+        for path, shard in zip(paths, shards, strict=True):
+            writer = SafetensorsWriter(path, shard, metadata)
+            written.append(writer)
+            for key, _spec in shard:
+                b = _one_key(base, key)
+                es = [_one_key(e, key) for e in experts]
+                merged = op_fn(b, es, **params)[key]
+                held = _nbytes(b[key]) + sum(_nbytes(e[key]) for e in es) + _nbytes(merged)
+                stats.peak_tensor_bytes = max(stats.peak_tensor_bytes, held)
+                stats.bytes_written += writer.write(key, merged)
+                stats.tensors += 1
+                del b, es, merged
+            writer.close()
+        if len(paths) > 1:
+            index = {
+                "metadata": {"total_size": stats.bytes_written, **(metadata or {})},
+                "weight_map": {
+                    k: p.name for p, shard in zip(paths, shards, strict=True) for k, _ in shard
+                },
+            }
+            _index_path(out_path).write_text(json.dumps(index, indent=2))
+    except BaseException:
+        for w in written:
+            w.abort()
+        raise
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def merge_in_memory(
+    op_fn: MergeFn,
+    base: Mapping[str, Tensor],
+    experts: Sequence[Mapping[str, Tensor]],
+    params: dict[str, Any],
+    *,
+    keys: Iterable[str] | None = None,
+) -> StateDict:
+    """Merge whole state dicts at once (for coefficient searches on small models); same
+    checks and the same result as ``stream_merge``."""
+    key_list = list(check_compatible(base, experts, keys))
+    b = {k: base[k] for k in key_list}
+    es = [{k: e[k] for k in key_list} for e in experts]
+    return op_fn(b, es, **params)

@@ -1,0 +1,89 @@
+"""A two-node Ray cluster run whose trials land on both nodes, tracked through a real `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import free_port
+from e2e import child_runs, write_study
+
+from mergesec.orchestrator.engine import run_study
+from mergesec.orchestrator.spec import load_study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    exe = shutil.which("mlflow")
+    cmd = [exe] if exe else [sys.executable, "-m", "mlflow"]
+    proc = subprocess.Popen(
+        [
+            *cmd,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not come up on 127.0.0.1")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_two_node_cluster_with_mlflow_server(tmp_path, tiny_bert, mlflow_server):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        ray_nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert len(ray_nodes) == 2
+        study = load_study(write_study(tmp_path, tiny_bert))
+        store = tmp_path / "store"
+        summary = run_study(
+            study, store_uri=str(store), address=cluster.address, tracking_uri=mlflow_server
+        )
+        assert summary.ok and summary.ran == summary.total
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    workers = {json.loads(p.read_text())["worker"] for p in (store / "nodes").glob("*/node.json")}
+    assert workers == ray_nodes, "trials should land on both nodes"
+    runs = child_runs(mlflow_server, "smoke")
+    assert len(runs) == summary.total and all(r.info.status == "FINISHED" for r in runs)
+    from mlflow.tracking import MlflowClient
+
+    arts = [a.path for a in MlflowClient(mlflow_server).list_artifacts(runs[0].info.run_id)]
+    assert "node.json" in arts and "metrics.json" in arts

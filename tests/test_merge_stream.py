@@ -1,0 +1,267 @@
+"""Streaming merges: same result as in memory, sharded output readable, errors named."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BertConfig, BertModel
+
+from mergesec.models.state_dict import LazyStateDict, save_state_dict
+from mergesec.tasks import merge_methods as mm
+from mergesec.tasks.merge_stream import (
+    check_compatible,
+    merge_in_memory,
+    merged_files,
+    read_safetensors_header,
+    stream_merge,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # SVDs on tiny matrices are dominated by thread start-up on a shared CPU.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _bert_state() -> dict[str, torch.Tensor]:
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+    )
+    return {k: v.detach().clone() for k, v in BertModel(cfg).state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory) -> tuple[Path, list[Path], dict, list[dict]]:
+    """A tiny BERT plus extra dtypes/shapes as base, and three perturbed experts on disk."""
+    torch.manual_seed(0)
+    base = _bert_state()
+    base["extra.half"] = torch.randn(4, 6).half()
+    base["extra.bf16"] = torch.randn(5, 3).to(torch.bfloat16)
+    base["extra.conv"] = torch.randn(2, 3, 2, 2)
+    base["extra.scalar"] = torch.tensor(0.5)
+    base["extra.steps"] = torch.arange(6)
+    base["extra.flag"] = torch.tensor([True, False])
+    experts = []
+    for _ in range(3):
+        e = {}
+        for k, v in base.items():
+            if v.is_floating_point() and not k.endswith("LayerNorm.bias"):  # one key left unchanged
+                e[k] = (v.float() + 0.05 * torch.randn(v.shape)).to(v.dtype)
+            else:
+                e[k] = v.clone()
+        experts.append(e)
+    d = tmp_path_factory.mktemp("models")
+    save_state_dict(base, d / "base.safetensors")
+    paths = []
+    for i, e in enumerate(experts):
+        save_state_dict(e, d / f"expert{i}.safetensors")
+        paths.append(d / f"expert{i}.safetensors")
+    return d / "base.safetensors", paths, base, experts
+
+
+def _regmean_grams(base: dict, n: int) -> list[dict[str, torch.Tensor]]:
+    torch.manual_seed(1)
+    grams = []
+    for _ in range(n):
+        g = {}
+        for k, v in base.items():
+            if v.dim() == 2 and k.endswith(".weight") and "embeddings" not in k:
+                x = torch.randn(3 * v.shape[1], v.shape[1])
+                g[k] = x.T @ x / x.shape[0]
+        grams.append(g)
+    return grams
+
+
+OPS = [
+    (mm.weight_average, {}),
+    (mm.task_arithmetic, {"coefficient": 0.3}),
+    (mm.ties, {"k": 0.2, "coefficient": 0.7}),
+    (mm.dare_linear, {"drop_rate": 0.5, "seed": 3}),
+    (mm.dare_ties, {"drop_rate": 0.3, "coefficient": 0.8}),
+    (mm.tsv, {}),
+    (mm.cart, {"rank_fraction": 0.16, "coefficient": 0.5}),
+    (mm.regmean, {"alpha": 0.9}),
+]
+
+
+@pytest.mark.parametrize("op, params", OPS, ids=[f.__name__ for f, _ in OPS])
+def test_stream_equals_in_memory_bit_for_bit(model_files, tmp_path, op, params):
+    base_path, expert_paths, base, experts = model_files
+    if op is mm.regmean:
+        params = {**params, "grams": _regmean_grams(base, len(experts))}
+    out = tmp_path / "merged.safetensors"
+    lazy_experts = [LazyStateDict(p) for p in expert_paths]
+    stats = stream_merge(op, LazyStateDict(base_path), lazy_experts, params, out)
+    expected = merge_in_memory(op, base, experts, params)
+    merged = LazyStateDict(merged_files(out))
+    assert sorted(merged) == sorted(base)
+    for k in base:
+        got = merged[k]
+        assert got.dtype == base[k].dtype and got.shape == base[k].shape, k
+        assert torch.equal(got, expected[k]), k
+    assert stats.tensors == len(base)
+    assert stats.bytes_written == sum(t.numel() * t.element_size() for t in base.values())
+    changed = [k for k in base if base[k].is_floating_point() and not k.endswith("LayerNorm.bias")]
+    assert all(not torch.equal(expected[k], base[k]) for k in changed)
+    assert torch.equal(expected["extra.steps"], base["extra.steps"])
+
+
+def test_sharded_output_with_index(model_files, tmp_path):
+    base_path, expert_paths, base, experts = model_files
+    out = tmp_path / "model.safetensors"
+    stats = stream_merge(
+        mm.task_arithmetic,
+        LazyStateDict(base_path),
+        [LazyStateDict(p) for p in expert_paths],
+        {"coefficient": 0.5},
+        out,
+        max_shard_bytes=20_000,
+        metadata={"op": "merge/task_arithmetic"},
+    )
+    assert not out.exists()
+    assert len(stats.files) > 2 and stats.files == merged_files(out)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(base)
+    assert index["metadata"]["total_size"] == stats.bytes_written
+    expected = merge_in_memory(mm.task_arithmetic, base, experts, {"coefficient": 0.5})
+    seen = {}
+    for f in stats.files:
+        assert f.name.startswith("model-") and f.name.endswith(
+            f"-of-{len(stats.files):05d}.safetensors"
+        )
+        shard = load_file(f)  # the reference reader validates the layout
+        data_bytes = sum(t.numel() * t.element_size() for t in shard.values())
+        assert data_bytes <= 20_000 or len(shard) == 1
+        seen.update(shard)
+    assert set(seen) == set(base)
+    assert all(torch.equal(seen[k], expected[k]) for k in base)
+
+
+def test_header_specs_and_peak_bytes(model_files, tmp_path):
+    base_path, expert_paths, base, _ = model_files
+    out = tmp_path / "m.safetensors"
+    stats = stream_merge(
+        mm.ties, LazyStateDict(base_path), [LazyStateDict(p) for p in expert_paths], {}, out
+    )
+    specs = read_safetensors_header(out)
+    assert {k: (s.dtype, s.shape) for k, s in specs.items()} == {
+        k: (v.dtype, tuple(v.shape)) for k, v in base.items()
+    }
+    # per key: base + 3 experts + result, all in the key's dtype
+    largest = max(t.numel() * t.element_size() for t in base.values())
+    assert stats.peak_tensor_bytes == 5 * largest
+
+
+def test_dare_subset_of_keys_is_invariant(model_files, tmp_path):
+    base_path, expert_paths, base, experts = model_files
+    keys = ["encoder.layer.1.output.dense.weight", "extra.half"]
+    params = {"drop_rate": 0.6, "seed": 11}
+    lazy = [LazyStateDict(p) for p in expert_paths]
+    stream_merge(
+        mm.dare_ties,
+        LazyStateDict(base_path),
+        lazy,
+        params,
+        tmp_path / "sub.safetensors",
+        keys=keys,
+    )
+    full = merge_in_memory(mm.dare_ties, base, experts, params)
+    sub = LazyStateDict(tmp_path / "sub.safetensors")
+    assert list(sub) == keys
+    for k in keys:
+        assert torch.equal(sub[k], full[k])
+        one = mm.dare_ties({k: base[k]}, [{k: e[k]} for e in experts], **params)
+        assert torch.equal(one[k], full[k])
+
+
+def test_mismatched_shapes_and_keys_are_named(model_files, tmp_path):
+    base_path, expert_paths, base, experts = model_files
+    bad = dict(experts[1])
+    bad["encoder.layer.0.intermediate.dense.weight"] = torch.zeros(64, 31)
+    save_state_dict(bad, tmp_path / "bad.safetensors")
+    lazy = [LazyStateDict(expert_paths[0]), LazyStateDict(tmp_path / "bad.safetensors")]
+    out = tmp_path / "never.safetensors"
+    with pytest.raises(ValueError) as err:
+        stream_merge(mm.task_arithmetic, LazyStateDict(base_path), lazy, {}, out)
+    msg = str(err.value)
+    assert "encoder.layer.0.intermediate.dense.weight" in msg
+    assert "(64, 31)" in msg and "(64, 32)" in msg and "expert 1" in msg
+    assert not out.exists()
+    with pytest.raises(
+        ValueError, match=r"'encoder.layer.0.intermediate.dense.weight'.*\(64, 31\)"
+    ):
+        merge_in_memory(mm.ties, base, [experts[0], bad], {})
+    missing = {k: v for k, v in experts[0].items() if k != "extra.conv"}
+    with pytest.raises(ValueError, match="'extra.conv': expert 0 does not have it"):
+        check_compatible(base, [missing])
+    with pytest.raises(ValueError, match="'head.weight': expert 0 has it"):
+        check_compatible(base, [{**experts[0], "head.weight": torch.zeros(2, 32)}])
+    # with explicit keys, other keys of the experts may differ
+    check_compatible(base, [{**experts[0], "head.weight": torch.zeros(2, 32)}], keys=["extra.conv"])
+
+
+def test_failed_merge_removes_partial_files(model_files, tmp_path):
+    base_path, expert_paths, _, _ = model_files
+
+    def flaky(base, experts, **_):
+        if "layer.1" in next(iter(base)):
+            raise RuntimeError("boom")
+        return mm.weight_average(base, experts)
+
+    lazy = [LazyStateDict(p) for p in expert_paths]
+    with pytest.raises(RuntimeError, match="boom"):
+        stream_merge(
+            flaky,
+            LazyStateDict(base_path),
+            lazy,
+            {},
+            tmp_path / "m.safetensors",
+            max_shard_bytes=20_000,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_op_returning_wrong_dtype_is_refused(model_files, tmp_path):
+    base_path, expert_paths, _, _ = model_files
+
+    def to_double(base, experts, **_):
+        return {k: v.double() for k, v in mm.weight_average(base, experts).items()}
+
+    with pytest.raises(ValueError, match="expected"):
+        stream_merge(
+            to_double,
+            LazyStateDict(base_path),
+            [LazyStateDict(expert_paths[0])],
+            {},
+            tmp_path / "m.safetensors",
+        )
+
+
+class _CountingLazy(LazyStateDict):
+    def __init__(self, paths):
+        super().__init__(paths)
+        self.reads: list[str] = []
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        self.reads.append(key)
+        return super().__getitem__(key)
+
+
+def test_each_tensor_is_read_once(model_files, tmp_path):
+    base_path, expert_paths, base, _ = model_files
+    lazy_base = _CountingLazy(base_path)
+    lazy_experts = [_CountingLazy(p) for p in expert_paths]
+    stream_merge(mm.ties, lazy_base, lazy_experts, {}, tmp_path / "m.safetensors")
+    for m in [lazy_base, *lazy_experts]:
+        assert sorted(m.reads) == sorted(base)
