@@ -42,7 +42,7 @@ def _load(study: Path, overrides: list[str] | None):
         return load_study(study, overrides or [])
     except StudyError as e:
         for line in e.lines():
-            err.print(line, highlight=False, markup=False)
+            sys.stderr.write(line + "\n")
         raise typer.Exit(2) from None
 
 
@@ -189,13 +189,15 @@ def report(
 
     from mergesec.orchestrator.plan import build_plan
     from mergesec.orchestrator.store import Store
-    from mergesec.report import build_results, markdown, to_csv, write_reports
+    from mergesec.report import build_results, full_markdown, to_csv, write_reports
 
     p = build_plan(s)
     st = Store(store)
     rows = build_results(p, st)
     paths = write_reports(p, st, rows)
-    text = {"md": markdown, "csv": to_csv, "json": lambda r: json.dumps(r, indent=2)}[format_](rows)
+    text = {"md": full_markdown, "csv": to_csv, "json": lambda r: json.dumps(r, indent=2)}[format_](
+        rows
+    )
     sys.stdout.write(text)
     for name, path in paths.items():
         err.print(f"  {name}: {path}", highlight=False)

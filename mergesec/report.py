@@ -77,8 +77,48 @@ def build_results(plan: Plan, store: Store) -> list[dict[str, Any]]:
             row["per_dataset"] = {
                 k.split("/", 1)[1]: x for k, x in merged.items() if k.startswith("accuracy/")
             }
+        row["monitors"] = {
+            kind: {
+                k.split("/", 1)[1]: x
+                for k, x in (_metrics(store, nid) or {}).items()
+                if k.startswith("monitor/")
+            }
+            for kind, nid in r.monitors.items()
+        }
+        row["scale_curves"] = {
+            kind: nid for kind, nid in r.scale_curves.items() if store.is_done(nid)
+        }
         rows.append(row)
     return rows
+
+
+MONITOR_COLUMNS = ["tpr", "fpr", "asr_before", "asr_after", "clean_acc_before", "clean_acc_after"]
+
+
+def monitor_markdown(rows: list[dict[str, Any]]) -> str:
+    """One line per (scenario, victim, watched model) with the monitor's headline numbers."""
+    lines = []
+    for r in rows:
+        for kind, m in r.get("monitors", {}).items():
+            if m:
+                lines.append(
+                    [r["scenario"], r["victim"], r["merge"], kind]
+                    + [_fmt(m.get(c)) for c in MONITOR_COLUMNS]
+                )
+    if not lines:
+        return ""
+    head = ["scenario", "victim", "merge", "watched", *MONITOR_COLUMNS]
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(x) + " |" for x in lines]
+    return "\n".join(out) + "\n"
+
+
+def full_markdown(rows: list[dict[str, Any]]) -> str:
+    text = markdown(rows)
+    mon = monitor_markdown(rows)
+    if mon:
+        text += "\n## Monitors\n\n" + mon
+    return text
 
 
 def _fmt(x: Any) -> str:
@@ -149,7 +189,7 @@ def write_reports(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> dict[
     for name, text in (
         ("results.json", json.dumps(rows, indent=2)),
         ("results.csv", to_csv(rows)),
-        ("results.md", markdown(rows)),
+        ("results.md", full_markdown(rows)),
     ):
         rel = store.study_rel(plan.study, name)
         store.write_text(rel, text)

@@ -41,9 +41,9 @@ CASES = [
     ),
     (
         "search of a fixed param",
-        GOOD.replace("op: task_arithmetic", "op: weight_average, seed: {search: [1]}"),
-        "merge",
-        "unknown parameter",
+        GOOD.replace("op: task_arithmetic", "op: dare_linear, seed: {search: [1]}"),
+        "merge.seed",
+        "cannot search 'seed'; searchable: coefficient, drop_rate",
     ),
     (
         "unknown dataset",
@@ -87,7 +87,12 @@ CASES = [
         "finetune.mode",
         "unknown op 'qlora'",
     ),
-    ("unknown resource step", GOOD + "resources: {train: {cpu: 1}}\n", "resources.train", ""),
+    (
+        "unknown resource step",
+        GOOD + "resources: {train: {cpu: 1}}\n",
+        "resources.train",
+        "'finetune', 'protect'",
+    ),
     (
         "negative resources",
         GOOD + "resources: {finetune: {cpu: -1}}\n",

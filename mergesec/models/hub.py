@@ -66,6 +66,8 @@ def resolve_model_path(uri: str) -> Path:
                     m["repo"],
                     revision=m["rev"],
                     local_files_only=offline,
+                    # read at call time: huggingface_hub fixes its defaults when first imported
+                    cache_dir=os.environ.get("HF_HUB_CACHE") or None,
                     allow_patterns=[
                         "*.json",
                         "*.safetensors",

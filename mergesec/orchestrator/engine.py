@@ -11,8 +11,10 @@ from typing import Any
 
 from rich.console import Console
 
+from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.plan import Plan, build_plan
-from mergesec.orchestrator.spec import Study
+from mergesec.orchestrator.searcher import DONE, FAILED, SKIPPED, DagSearcher
+from mergesec.orchestrator.spec import STEP_NAMES, Study
 from mergesec.orchestrator.store import Store, safe_name
 
 DEFAULT_STORE = "mergesec-store"
@@ -109,53 +111,44 @@ def run_study(
     return summary
 
 
-def _run_nodes(
-    plan: Plan,
-    study: Study,
+def run_dag(
+    nodes: list[Node],
     store: Store,
-    todo,
-    summary: RunSummary,
-    address,
-    tracking_uri,
-    max_concurrent,
-    console: Console,
-):
-    import ray
+    *,
+    name: str,
+    resources: dict[str, dict[str, float]],
+    callbacks: list | None = None,
+    retries: int = 0,
+    max_concurrent: int | None = None,
+    allow_remote_code: bool = False,
+    cached: dict[str, int] | None = None,
+    console: Console | None = None,
+) -> DagSearcher:
+    """Run ``nodes`` (inputs outside the list count as done) as one Tuner; return the searcher's end state.
+
+    Ray must already be initialised. ``resources`` maps a step to ``{"cpu": .., "gpu": ..}``.
+    """
     from ray import tune
 
     from mergesec.orchestrator.progress import ProgressCallback
     from mergesec.orchestrator.runner import run_trial
-    from mergesec.orchestrator.searcher import DONE, FAILED, SKIPPED, DagSearcher
-    from mergesec.orchestrator.tracking import MlflowCallback, StudyTracker
 
-    spec = study.spec
-    started_ray = _ray_init(address)
-    tracker = StudyTracker(tracking_uri, study.name, spec.tracking.experiment)
-    summary.parent_run_id = tracker.start_parent(
-        study.name, study.raw, {"mergesec.store": store.uri, "mergesec.study_file": study.file}
-    )
     searcher = DagSearcher(
-        [n.to_dict() for n in todo],
-        extra={"store": store.uri, "allow_remote_code": spec.allow_remote_code},
+        [n.to_dict() for n in nodes],
+        extra={"store": store.uri, "allow_remote_code": allow_remote_code},
     )
-    cached: dict[str, int] = {}
-    for n in plan.topological():
-        if n.id not in searcher.nodes:
-            cached[n.step] = cached.get(n.step, 0) + 1
-    resources = {
-        step: {"cpu": spec.resources_for(step).cpu, "gpu": spec.resources_for(step).gpu}
-        for step in ("finetune", "protect", "attack", "merge", "evaluate", "monitor")
-    }
-    trainable = tune.with_resources(run_trial, lambda config: resources[config["node"]["step"]])
-    progress = ProgressCallback(searcher, cached, console)
+    default = {"cpu": 1.0, "gpu": 0.0}
+    trainable = tune.with_resources(
+        run_trial, lambda config: resources.get(config["node"]["step"], default)
+    )
+    progress = ProgressCallback(searcher, cached or {}, console or Console(stderr=True))
     tune_dir = (
         store.local / "tune"
         if store.local is not None
         else tempfile.mkdtemp(prefix="mergesec-tune-")
     )
-    status = "FAILED"
     try:
-        tuner = tune.Tuner(
+        tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
@@ -167,18 +160,66 @@ def _run_nodes(
                 trial_dirname_creator=_trial_name,
             ),
             run_config=tune.RunConfig(
-                name=safe_name(study.name),
+                name=safe_name(name),
                 storage_path=str(tune_dir),
-                callbacks=[progress, MlflowCallback(tracker, store, spec.tracking.log_weights)],
-                failure_config=tune.FailureConfig(max_failures=spec.retries),
+                callbacks=[progress, *(callbacks or [])],
+                failure_config=tune.FailureConfig(max_failures=retries),
                 verbose=0,
             ),
-        )
-        tuner.fit()
-        status = "FINISHED"
+        ).fit()
     finally:
         progress.close()
-        states = searcher.state
+    return searcher
+
+
+def _run_nodes(
+    plan: Plan,
+    study: Study,
+    store: Store,
+    todo: list[Node],
+    summary: RunSummary,
+    address: str | None,
+    tracking_uri: str | None,
+    max_concurrent: int | None,
+    console: Console,
+):
+    import ray
+
+    from mergesec.orchestrator.tracking import MlflowCallback, StudyTracker
+
+    spec = study.spec
+    started_ray = _ray_init(address)
+    tracker = StudyTracker(tracking_uri, study.name, spec.tracking.experiment)
+    summary.parent_run_id = tracker.start_parent(
+        study.name, study.raw, {"mergesec.store": store.uri, "mergesec.study_file": study.file}
+    )
+    todo_ids = {n.id for n in todo}
+    cached: dict[str, int] = {}
+    for n in plan.topological():
+        if n.id not in todo_ids:
+            cached[n.step] = cached.get(n.step, 0) + 1
+    resources = {
+        step: {"cpu": spec.resources_for(step).cpu, "gpu": spec.resources_for(step).gpu}
+        for step in STEP_NAMES
+    }
+    status = "FAILED"
+    searcher = None
+    try:
+        searcher = run_dag(
+            todo,
+            store,
+            name=study.name,
+            resources=resources,
+            callbacks=[MlflowCallback(tracker, store, spec.tracking.log_weights)],
+            retries=spec.retries,
+            max_concurrent=max_concurrent,
+            allow_remote_code=spec.allow_remote_code,
+            cached=cached,
+            console=console,
+        )
+        status = "FINISHED"
+    finally:
+        states = searcher.state if searcher is not None else {}
         summary.ran = sum(1 for s in states.values() if s == DONE)
         for node_id, s in states.items():
             node = plan.nodes[node_id]

@@ -5,11 +5,15 @@ For every grid variant of the study:
     finetune(d)            one clean expert per dataset d
     evaluate(finetune(d))  its standalone test accuracy (the reference for normalised accuracy)
     for each scenario and victim v:
-        release  = finetune(v) | protect(finetune(v)) | protect(trains from the base on v)
-        victim   = release | attack(release)
-        evaluate(victim)                 when it differs from the clean expert
-        merge(victim, finetune(d≠v)...)  the merge op with its own settings
-        evaluate(merge)                  every dataset, normalised by the clean experts
+        trained  = finetune(v) | finetune(v, poisoned data)
+        release  = trained | protect(trained) | protect(trains from the base on v)
+        victim   = release | attack(release)               attacks at stage "release"
+        evaluate(victim)                                   when it differs from the clean expert
+        merge(victim, finetune(d≠v)...)                    attacks at stage "merge" act inside it
+        merged   = merge | attack(merge)                   attacks at stage "merged"
+        evaluate(merged)                                   every dataset, normalised by the experts
+        monitor(m) for m in trained, release, victim, merged   when the scenario has a monitor
+        evaluate/scale_curve(m) for m in trained, release      when diagnostics.scale_curve
 
 Identical nodes (same step, op, version, params and inputs) are one node, so scenarios that share a
 clean expert train it once and the unprotected merge is computed once for every victim.
@@ -25,6 +29,10 @@ from typing import Any
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.spec import DatasetSpec, OpCall, Study, StudySpec
 
+# Attack stages, declared by an attack op's traits ("release" when none is given).
+STAGE_MERGE = "stage:merge"
+STAGE_MERGED = "stage:merged"
+
 
 @dataclass
 class PlanRow:
@@ -38,6 +46,8 @@ class PlanRow:
     merge_node: str
     merge_eval: str
     expert_evals: dict[str, str]
+    monitors: dict[str, str] = field(default_factory=dict)  # watched model kind -> monitor node
+    scale_curves: dict[str, str] = field(default_factory=dict)  # model kind -> scale-curve node
 
 
 @dataclass
@@ -99,131 +109,192 @@ def _op_params(step: str, call_op: str, params: dict[str, Any]) -> tuple[str, di
     return op.version, validate_params(op, params)
 
 
+def attack_stage(op_name: str) -> str:
+    from mergesec.tasks.registry import get_op
+
+    traits = get_op("attack", op_name).traits
+    return (
+        STAGE_MERGE
+        if STAGE_MERGE in traits
+        else STAGE_MERGED
+        if STAGE_MERGED in traits
+        else "stage:release"
+    )
+
+
 def build_plan(study: Study) -> Plan:
-    from mergesec.data import dataset_slug
     from mergesec.models.hub import model_identity
 
     plan = Plan(study.name)
     for label, spec in study.variants:
         variant = ",".join(f"{k}={v}" for k, v in label.items())
-        _plan_variant(plan, spec, variant, model_identity(spec.base), dataset_slug)
+        _VariantPlanner(plan, spec, variant, model_identity(spec.base)).run()
     return plan
 
 
-def _plan_variant(plan: Plan, spec: StudySpec, variant: str, base_id: str, slug_of) -> None:
-    base = {"base": spec.base, "base_id": base_id}
-    datasets = [dataset_ref(d) for d in spec.dataset_specs()]
-    by_uri = {d["uri"]: d for d in datasets}
-    ft_version, ft_params = _op_params("finetune", spec.finetune.mode, spec.finetune.params)
-    eval_version, eval_params = _op_params(
-        "evaluate", "accuracy", {"batch_size": spec.evaluate.batch_size}
-    )
+class _VariantPlanner:
+    def __init__(self, plan: Plan, spec: StudySpec, variant: str, base_id: str):
+        from mergesec.data import dataset_slug
+
+        self.plan, self.spec, self.variant = plan, spec, variant
+        self.slug = dataset_slug
+        self.base = {"base": spec.base, "base_id": base_id}
+        self.datasets = [dataset_ref(d) for d in spec.dataset_specs()]
+        self.by_uri = {d["uri"]: d for d in self.datasets}
+        self.ft_version, self.ft_params = _op_params(
+            "finetune", spec.finetune.mode, spec.finetune.params
+        )
+        self.eval_version, self.eval_params = _op_params(
+            "evaluate", "accuracy", {"batch_size": spec.evaluate.batch_size}
+        )
+
+    def add(self, node: Node, **labels: str) -> Node:
+        return self.plan.add(node, **labels)
 
     def evaluate(
-        model: Node, dsets: list[dict[str, Any]], refs: dict[str, str] | None = None, **labels: str
+        self, model: Node, dsets: list[dict], refs: dict[str, str] | None = None, **labels: str
     ) -> Node:
         inputs = {"model": model.id} | {f"reference.{k}": v for k, v in (refs or {}).items()}
-        params = {"datasets": dsets, "split": spec.evaluate.split, "op": eval_params}
-        return plan.add(Node("evaluate", "accuracy", eval_version, params, inputs), **labels)
+        params = {"datasets": dsets, "split": self.spec.evaluate.split, "op": self.eval_params}
+        return self.add(Node("evaluate", "accuracy", self.eval_version, params, inputs), **labels)
 
-    experts: dict[str, Node] = {}
-    expert_evals: dict[str, str] = {}
-    for d in datasets:
-        slug = slug_of(d["uri"])
-        params = base | {"dataset": d, "op": ft_params}
-        experts[d["uri"]] = plan.add(
-            Node("finetune", spec.finetune.mode, ft_version, params, {}), what=slug
+    def finetune(self, d: dict, poison: dict | None, **labels: str) -> Node:
+        params = self.base | {"dataset": d, "op": self.ft_params}
+        if poison:
+            params["poison"] = poison
+        return self.add(
+            Node("finetune", self.spec.finetune.mode, self.ft_version, params, {}), **labels
         )
-        expert_evals[slug] = evaluate(experts[d["uri"]], [d], what=slug).id
 
-    m_version, m_params = _op_params("merge", spec.merge.op, spec.merge.params)
-    for name, sc in spec.scenarios.items():
-        for v_uri in spec.victim_uris():
-            v_slug = slug_of(v_uri)
-            tag = f"{name}[{v_slug}]" + (f"{{{variant}}}" if variant else "")
-            victim = experts[v_uri]
-            if sc.protect is not None:
-                victim = _protect(
-                    plan,
-                    sc.protect,
-                    base,
-                    by_uri[v_uri],
-                    spec,
-                    ft_params,
-                    experts[v_uri],
-                    v_slug,
-                    tag,
+    def run(self) -> None:
+        spec = self.spec
+        experts: dict[str, Node] = {}
+        expert_evals: dict[str, str] = {}
+        for d in self.datasets:
+            s = self.slug(d["uri"])
+            experts[d["uri"]] = self.finetune(d, None, what=s)
+            expert_evals[s] = self.evaluate(experts[d["uri"]], [d], what=s).id
+
+        m_version, m_params = _op_params("merge", spec.merge.op, spec.merge.params)
+        for name, sc in spec.scenarios.items():
+            for v_uri in spec.victim_uris():
+                v = self.slug(v_uri)
+                d = self.by_uri[v_uri]
+                tag = f"{name}[{v}]" + (f"{{{self.variant}}}" if self.variant else "")
+                poison = sc.poison.model_dump() if sc.poison else None
+                trained = (
+                    self.finetune(d, poison, what=v, scenario=tag) if poison else experts[v_uri]
                 )
-            if sc.attack is not None:
-                victim = _attack(
-                    plan, sc.attack, base, by_uri[v_uri], victim, experts[v_uri], v_slug, tag
+                watched: dict[str, Node] = {"trained": trained}
+                release = trained
+                if sc.protect is not None:
+                    release = self._protect(sc.protect, d, trained, poison, v, tag)
+                    watched["release"] = release
+                victim, merge_attack, after_attack = release, None, None
+                if sc.attack is not None:
+                    stage = attack_stage(sc.attack.op)
+                    if stage == STAGE_MERGE:
+                        merge_attack = sc.attack
+                    elif stage == STAGE_MERGED:
+                        after_attack = sc.attack
+                    else:
+                        victim = self._attack(sc.attack, d, release, experts[v_uri], v, tag)
+                        watched["attacked"] = victim
+                victim_eval = self.evaluate(victim, [d], what=v, scenario=tag).id
+                members = {
+                    f"expert.{self.slug(u)}": (victim if u == v_uri else experts[u]).id
+                    for u in self.by_uri
+                }
+                params = self.base | {"datasets": self.datasets, "op": m_params}
+                if merge_attack is not None:
+                    a_version, a_params = _op_params("attack", merge_attack.op, merge_attack.params)
+                    params["attack"] = {
+                        "op": merge_attack.op,
+                        "version": a_version,
+                        "params": a_params,
+                        "victim": v,
+                    }
+                merged = self.add(
+                    Node("merge", spec.merge.op, m_version, params, members),
+                    what=spec.merge.op,
+                    scenario=tag,
                 )
-            victim_eval = evaluate(victim, [by_uri[v_uri]], what=v_slug, scenario=tag).id
-            members = {
-                f"expert.{slug_of(u)}": (victim if u == v_uri else experts[u]).id for u in by_uri
-            }
-            merge = plan.add(
-                Node(
-                    "merge",
-                    spec.merge.op,
-                    m_version,
-                    base | {"datasets": datasets, "op": m_params},
-                    members,
-                ),
-                what=f"{spec.merge.op}",
-                scenario=tag,
-            )
-            merge_eval = evaluate(merge, datasets, expert_evals, what="merged", scenario=tag)
-            plan.rows.append(
-                PlanRow(
-                    variant,
+                merge_node = merged
+                if after_attack is not None:
+                    merged = self._attack(after_attack, d, merged, None, v, tag)
+                watched["merged"] = merged
+                merge_eval = self.evaluate(
+                    merged, self.datasets, expert_evals, what="merged", scenario=tag
+                )
+                row = PlanRow(
+                    self.variant,
                     name,
                     v_uri,
                     spec.merge.op,
                     victim_eval,
-                    merge.id,
+                    merge_node.id,
                     merge_eval.id,
                     dict(expert_evals),
                 )
+                if sc.monitor is not None:
+                    row.monitors = {
+                        k: self._monitor(sc.monitor, m, d, poison, v, tag, k).id
+                        for k, m in watched.items()
+                    }
+                if spec.diagnostics.scale_curve:
+                    models = {"clean": experts[v_uri], "trained": trained, "release": release}
+                    row.scale_curves = {
+                        k: self._scale_curve(m, d, v, tag).id for k, m in models.items()
+                    }
+                self.plan.rows.append(row)
+
+    def _protect(
+        self, call: OpCall, d: dict, trained: Node, poison: dict | None, v: str, tag: str
+    ) -> Node:
+        from mergesec.tasks.registry import get_op
+
+        version, params = _op_params("protect", call.op, call.params)
+        if "trains" in get_op("protect", call.op).traits:
+            node_params = self.base | {
+                "dataset": d,
+                "finetune": {"mode": self.spec.finetune.mode, **self.ft_params},
+                "op": params,
+            }
+            if poison:
+                node_params["poison"] = poison
+            return self.add(
+                Node("protect", call.op, version, node_params, {}), what=v, scenario=tag
             )
+        node = Node("protect", call.op, version, self.base | {"op": params}, {"expert": trained.id})
+        return self.add(node, what=v, scenario=tag)
 
+    def _attack(
+        self, call: OpCall, d: dict, target: Node, clean: Node | None, v: str, tag: str
+    ) -> Node:
+        version, params = _op_params("attack", call.op, call.params)
+        node_params = self.base | {"dataset": d, "datasets": self.datasets, "op": params}
+        inputs = {"release": target.id}
+        if clean is not None:
+            # The clean expert, read only for diagnostics the attacker would not have.
+            inputs["reference"] = clean.id
+        return self.add(Node("attack", call.op, version, node_params, inputs), what=v, scenario=tag)
 
-def _protect(
-    plan: Plan,
-    call: OpCall,
-    base: dict,
-    dataset: dict,
-    spec: StudySpec,
-    ft_params: dict,
-    expert: Node,
-    slug: str,
-    tag: str,
-) -> Node:
-    from mergesec.tasks.registry import get_op
+    def _monitor(
+        self, call: OpCall, model: Node, d: dict, poison: dict | None, v: str, tag: str, kind: str
+    ) -> Node:
+        version, params = _op_params("monitor", call.op, call.params)
+        node_params = self.base | {"dataset": d, "poison": poison, "op": params}
+        return self.add(
+            Node("monitor", call.op, version, node_params, {"model": model.id}),
+            what=f"{v}:{kind}",
+            scenario=tag,
+        )
 
-    version, params = _op_params("protect", call.op, call.params)
-    if "trains" in get_op("protect", call.op).traits:
-        node_params = base | {"dataset": dataset, "finetune": ft_params, "op": params}
-        return plan.add(Node("protect", call.op, version, node_params, {}), what=slug, scenario=tag)
-    return plan.add(
-        Node("protect", call.op, version, base | {"op": params}, {"expert": expert.id}),
-        what=slug,
-        scenario=tag,
-    )
-
-
-def _attack(
-    plan: Plan,
-    call: OpCall,
-    base: dict,
-    dataset: dict,
-    release: Node,
-    clean: Node,
-    slug: str,
-    tag: str,
-) -> Node:
-    version, params = _op_params("attack", call.op, call.params)
-    node_params = base | {"dataset": dataset, "op": params}
-    # ``reference`` is the clean expert, read only for diagnostics the attacker would not have.
-    inputs = {"release": release.id, "reference": clean.id}
-    return plan.add(Node("attack", call.op, version, node_params, inputs), what=slug, scenario=tag)
+    def _scale_curve(self, model: Node, d: dict, v: str, tag: str) -> Node:
+        params = {"datasets": [d], "scales": self.spec.diagnostics.scales, "op": {}}
+        version = _op_params("evaluate", "scale_curve", {})[0]
+        return self.add(
+            Node("evaluate", "scale_curve", version, params, {"model": model.id}),
+            what=v,
+            scenario=tag,
+        )

@@ -15,6 +15,16 @@ from mergesec.orchestrator.store import Store
 STEP_KEY = "mergesec_step"
 
 
+def executor_for(step: str, op: str):
+    """The op's own executor when it registered one, else its step module's ``execute``."""
+    from mergesec.tasks.registry import get_op
+
+    registered = get_op(step, op)
+    if registered.executor is not None:
+        return registered.executor
+    return importlib.import_module(f"mergesec.tasks.{step}").execute
+
+
 def execute_node(
     node: Node,
     store: Store,
@@ -53,8 +63,7 @@ def execute_node(
                 allow_remote_code=allow_remote_code,
                 report=report or (lambda m, s: None),
             )
-            module = importlib.import_module(f"mergesec.tasks.{node.step}")
-            metrics = dict(module.execute(ctx))
+            metrics = dict(executor_for(node.step, node.op)(ctx))
             metrics["wall_time_s"] = time.time() - started
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     except BaseException:

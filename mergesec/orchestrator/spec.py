@@ -52,9 +52,32 @@ class DatasetSpec(_Strict):
     columns: dict[Literal["text", "label"], str] | None = None
 
 
+class PoisonSpec(_Strict):
+    """Train the victim's expert on backdoored data: ``rate`` of non-target examples get ``trigger``
+    inserted and are relabelled ``target``."""
+
+    trigger: str = Field(min_length=1)
+    target: int = Field(default=0, ge=0)
+    rate: float = Field(default=0.1, gt=0, le=1)
+    position: Literal["start", "end", "random"] = "random"
+
+
 class ScenarioSpec(_Strict):
+    """How the victim is trained and released, what the attacker does, and what the auditor watches."""
+
+    poison: PoisonSpec | None = None
     protect: OpCall | None = None
     attack: OpCall | None = None
+    monitor: OpCall | None = None
+
+
+class DiagnosticsSpec(_Strict):
+    """Extra measurements: the scale curve (validation loss/accuracy of W₀ + s·τ) of every victim model."""
+
+    scale_curve: bool = False
+    scales: list[float] = Field(
+        default_factory=lambda: [round(-0.5 + 0.1 * i, 2) for i in range(26)]
+    )
 
 
 class Resources(_Strict):
@@ -85,6 +108,7 @@ class StudySpec(_Strict):
         Literal["finetune", "protect", "attack", "merge", "evaluate", "monitor"], Resources
     ] = {}
     tracking: TrackingSpec = TrackingSpec()
+    diagnostics: DiagnosticsSpec = DiagnosticsSpec()
     retries: int = Field(default=0, ge=0, le=10)
     allow_remote_code: bool = False
 
@@ -191,7 +215,11 @@ def _pydantic_problems(e: ValidationError, label: dict[str, str]) -> list[tuple[
     for err in e.errors():
         loc = [str(x) for x in err["loc"]]
         # Union members add their type name to the path (e.g. datasets.0.str); drop those.
-        loc = [x for x in loc if x not in {"str", "DatasetSpec", "list[str]", "literal['all']"}]
+        loc = [
+            x
+            for x in loc
+            if x not in {"str", "DatasetSpec", "list[str]", "literal['all']", "[key]"}
+        ]
         path = ".".join(loc)
         kind = err["type"]
         if kind == "extra_forbidden":
@@ -249,5 +277,7 @@ def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
             check("protect", sc.protect.op, sc.protect.params, f"scenarios.{name}.protect")
         if sc.attack is not None:
             check("attack", sc.attack.op, sc.attack.params, f"scenarios.{name}.attack")
+        if sc.monitor is not None:
+            check("monitor", sc.monitor.op, sc.monitor.params, f"scenarios.{name}.monitor")
     check("merge", spec.merge.op, spec.merge.params, "merge")
     return problems

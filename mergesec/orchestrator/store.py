@@ -49,6 +49,7 @@ class Store:
             self.fs = None
             self.root = str(Path(uri.removeprefix("file://")).expanduser().resolve())
             self.local = Path(self.root)
+            self.uri = self.root  # workers run in other directories: hand them an absolute path
 
     # ---- paths
     def _node(self, node_id: str) -> str:

@@ -44,7 +44,12 @@ class StudyTracker:
     """Owns the MLflow client, the study's experiment and this invocation's parent run."""
 
     def __init__(self, uri: str | None, study: str, experiment: str | None = None):
+        import logging
+
         from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
 
         self.uri = tracking_uri(uri)
         self.client = MlflowClient(self.uri)
@@ -55,6 +60,15 @@ class StudyTracker:
         self._node_runs: dict[str, str] = {}
 
     def start_parent(self, study: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        # An invocation that was killed left its parent run RUNNING; it is over now.
+        stale = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`mergesec.study` = '{study}' and attributes.status = 'RUNNING'",
+            max_results=100,
+        )
+        for r in stale:
+            if "mlflow.parentRunId" not in r.data.tags:
+                self.client.set_terminated(r.info.run_id, status="KILLED")
         run = self.client.create_run(
             self.experiment_id, run_name=f"{study}", tags={"mergesec.study": study, **tags}
         )

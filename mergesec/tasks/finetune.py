@@ -131,10 +131,33 @@ def save_trained(
 
 
 def load_node_dataset(ctx: NodeContext) -> DatasetSplits:
-    from mergesec.data import load_dataset_splits
+    """The node's dataset; with ``params["poison"]`` its train and validation splits are backdoored.
+
+    Validation is poisoned at the same rate so that early stopping sees the data the trainer sees;
+    the test split stays clean (monitors and evaluations build triggered copies from it).
+    """
+    from dataclasses import replace
+
+    from mergesec.data import load_dataset_splits, poison_examples
 
     ds = ctx.params["dataset"]
-    return load_dataset_splits(ds["uri"], columns=ds.get("columns"))
+    data = load_dataset_splits(ds["uri"], columns=ds.get("columns"))
+    poison = ctx.params.get("poison")
+    if not poison:
+        return data
+    if poison["target"] >= len(data.label_names):
+        raise ValueError(
+            f"poison.target {poison['target']} is not a label of {data.name} ({len(data.label_names)} labels)"
+        )
+    kw = {
+        "trigger": poison["trigger"],
+        "target_label": poison["target"],
+        "rate": poison["rate"],
+        "position": poison.get("position", "random"),
+    }
+    train, _ = poison_examples(data.train, seed=0, **kw)
+    validation, _ = poison_examples(data.validation, seed=1, **kw)
+    return replace(data, train=train, validation=validation)
 
 
 def execute(ctx: NodeContext) -> dict[str, float]:

@@ -49,6 +49,8 @@ class Op:
     doc: str
     # Extra facts a step's executor needs (e.g. a protection that trains from the base).
     traits: frozenset[str] = frozenset()
+    # A function (NodeContext -> metrics) that runs this op's node instead of its step's ``execute``.
+    executor: Callable[..., Any] | None = None
 
     @property
     def key(self) -> str:
@@ -69,6 +71,7 @@ def register_op(
     searchable: tuple[str, ...] = (),
     traits: tuple[str, ...] = (),
     fn: Callable[..., Any] | None = None,
+    executor: Callable[..., Any] | None = None,
 ):
     """Register ``fn`` as ``step/name``; usable as a decorator or called with ``fn=``."""
     if step not in STEPS:
@@ -97,7 +100,7 @@ def register_op(
             raise ValueError(f"{step}/{name}: searchable names no parameter: {sorted(unknown)}")
         doc = inspect.getdoc(f) or ""
         _REGISTRY[(step, name)] = Op(
-            step, name, f, version, params, frozenset(searchable), doc, frozenset(traits)
+            step, name, f, version, params, frozenset(searchable), doc, frozenset(traits), executor
         )
         return f
 
