@@ -61,3 +61,43 @@ def free_port() -> int:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+FINETUNE_FAST = {
+    "epochs": 1,
+    "lr": 1e-4,
+    "batch_size": 32,
+    "max_length": 64,
+    "seed": 0,
+    "patience": 2,
+    "warmup_ratio": 0.1,
+    "weight_decay": 0.01,
+}
+
+
+def run_executor(
+    out_root: Path, step: str, op: str, params: dict, inputs: dict | None = None
+) -> tuple[Path, dict]:
+    """Run one node's executor directly (no Ray, no store); return its output dir and metrics."""
+    from mergesec.orchestrator.runner import executor_for
+    from mergesec.tasks.context import NodeContext
+
+    out = out_root / f"{step}-{op}-{len(list(out_root.glob('*')))}"
+    out.mkdir(parents=True)
+    ctx = NodeContext("0" * 16, step, op, params, inputs or {}, out)
+    return out, executor_for(step, op)(ctx)
+
+
+@pytest.fixture(scope="session")
+def minilm_experts(tmp_path_factory) -> dict[str, Path]:
+    """Clean experts fine-tuned from the bundled MiniLM on sentiment and topic (1 epoch), shared by the slow tests."""
+    root = tmp_path_factory.mktemp("minilm-experts")
+    out = {}
+    for name in ("sentiment", "topic"):
+        params = {
+            "base": "builtin:minilm-l6",
+            "dataset": {"uri": f"builtin:{name}"},
+            "op": FINETUNE_FAST,
+        }
+        out[name], _ = run_executor(root, "finetune", "full", params)
+    return out

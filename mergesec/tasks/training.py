@@ -47,11 +47,18 @@ def batches(
     max_length: int,
     *,
     shuffle_seed: int | None = None,
+    by_length: bool = False,
 ):
-    """Tokenised batches (dynamic padding); shuffled with ``shuffle_seed`` when given."""
+    """Tokenised batches (dynamic padding); shuffled with ``shuffle_seed`` when given.
+
+    ``by_length`` groups texts of similar length so that batches carry little padding (for
+    scoring, where order does not matter).
+    """
     order = list(range(len(examples)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
+    elif by_length:
+        order.sort(key=lambda j: len(examples[j].text))
     for i in range(0, len(order), batch_size):
         chunk = [examples[j] for j in order[i : i + batch_size]]
         enc = tokenizer(
@@ -88,7 +95,7 @@ def plain_step(
     return {"loss": float(loss.detach())}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score(
     model: nn.Module,
     tokenizer,
@@ -102,7 +109,7 @@ def score(
     was_training = model.training
     model.eval()
     total_loss, correct, n = 0.0, 0, 0
-    for b in batches(tokenizer, examples, batch_size, max_length):
+    for b in batches(tokenizer, examples, batch_size, max_length, by_length=True):
         b = to_device(b, device)
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         total_loss += float(nn.functional.cross_entropy(logits, b["labels"], reduction="sum"))

@@ -1,0 +1,64 @@
+"""Cold and warm wall time of the quickstart study, and the accuracies it reports.
+
+    python benchmarks/quickstart_time.py [--study conf/quickstart.yaml] [--keep DIR]
+
+Runs `mergesec run` twice in a fresh directory (its own store, MLflow database and base-model
+cache): the first run computes everything, the second must find everything in the store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(study: Path, cwd: Path) -> tuple[float, str]:
+    env = {**os.environ, "MERGESEC_CACHE": str(cwd / "cache")}
+    t = time.perf_counter()
+    p = subprocess.run(
+        [sys.executable, "-m", "mergesec.cli", "run", str(study)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    elapsed = time.perf_counter() - t
+    if p.returncode != 0:
+        sys.exit(f"mergesec run failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return elapsed, p.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--study", type=Path, default=REPO / "conf" / "quickstart.yaml")
+    ap.add_argument("--keep", type=Path, help="run in this directory and keep it")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = args.keep or Path(tmp)
+        cwd.mkdir(parents=True, exist_ok=True)
+        cold, _ = run(args.study.resolve(), cwd)
+        warm, out = run(args.study.resolve(), cwd)
+        print(
+            f"cpus: {os.cpu_count()}  cold: {cold:.1f} s  warm: {warm:.1f} s  (warm/cold {warm / cold:.3f})"
+        )
+        print(out.split("nodes:")[-1].splitlines()[0].strip())
+        results = json.loads(
+            next((cwd / "mergesec-store" / "studies").glob("*/results.json")).read_text()
+        )
+        for r in results:
+            print(
+                f"{r['scenario']:16s} {r['merge']:16s} clean {r['victim_clean']}  release {r['victim_release']}  "
+                f"merged {r['victim_merged']}  others {r['others_merged']}  per dataset {r.get('per_dataset')}"
+            )
+
+
+if __name__ == "__main__":
+    main()
