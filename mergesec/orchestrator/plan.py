@@ -206,6 +206,8 @@ class _VariantPlanner:
                     for u in self.by_uri
                 }
                 params = self.base | {"datasets": self.datasets, "op": m_params}
+                if spec.evaluate.search_examples is not None:
+                    params["search_examples"] = spec.evaluate.search_examples
                 if merge_attack is not None:
                     a_version, a_params = _op_params("attack", merge_attack.op, merge_attack.params)
                     params["attack"] = {

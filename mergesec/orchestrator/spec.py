@@ -88,6 +88,8 @@ class Resources(_Strict):
 class EvaluateSpec(_Strict):
     split: Literal["test", "validation"] = "test"
     batch_size: int = Field(default=64, ge=1)
+    # Validation examples per dataset that score each `{search: [...]}` candidate (None: all).
+    search_examples: int | None = Field(default=None, ge=1)
 
 
 class TrackingSpec(_Strict):
