@@ -61,6 +61,13 @@ def check_dataset_uri(uri: str) -> str | None:
     if not isinstance(uri, str) or not uri.strip():
         return "a dataset URI must be a non-empty string"
     uri = uri.strip()
+    from mergesec.data.images import check_image_uri, is_image_uri
+    from mergesec.data.qa import is_qa_uri
+
+    if is_image_uri(uri):
+        return check_image_uri(uri)
+    if is_qa_uri(uri):
+        return None
     scheme, rest = split_uri(uri)
     if scheme == "builtin":
         if rest in builtin_names():
@@ -92,6 +99,13 @@ def load_dataset_splits(
     labels, ...). ``seed`` drives the carving of missing splits; builtin datasets are fixed
     and ignore it. Raises ``ValueError`` with a one-line message for a bad URI or file.
     """
+    from mergesec.data.images import is_image_uri, load_image_splits
+    from mergesec.data.qa import is_qa_uri, load_qa_splits
+
+    if isinstance(uri, str) and (is_image_uri(uri.strip()) or "image" in (columns or {})):
+        return load_image_splits(uri.strip(), columns=columns, seed=seed)  # type: ignore[return-value]
+    if isinstance(uri, str) and is_qa_uri(uri.strip(), columns):
+        return load_qa_splits(uri.strip(), columns=columns)  # type: ignore[return-value]
     problem = check_dataset_uri(uri)
     if problem:
         raise ValueError(problem)

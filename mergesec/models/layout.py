@@ -328,7 +328,8 @@ def detect_layout(config: PretrainedConfig, keys: Iterable[str]) -> TransformerL
     pattern = re.compile(rf"^(.*?){re.escape(probe)}$")
     prefixes = sorted({m.group(1) for k in keys if (m := pattern.match(k))}, key=len)
     if model_type == "clip":
-        prefixes = [p for p in prefixes if "vision_model" in p]
+        # CLIPModel keys carry ``vision_model.``; transformers 5's CLIPVisionModel has none.
+        prefixes = [p for p in prefixes if not p.startswith("text_model")]
     if not prefixes or (prefixes[0] and not prefixes[0].endswith(".")):
         raise ValueError(
             f"no key ends in '{probe}': the state dict does not hold {fam.name} layers"

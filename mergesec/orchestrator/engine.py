@@ -63,7 +63,15 @@ def _ray_init(address: str | None) -> bool:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "100")
     env = {
         k: os.environ[k]
-        for k in ("MERGESEC_PLUGINS", "MERGESEC_CACHE", "HF_HUB_OFFLINE", "PYTHONPATH")
+        for k in (
+            "MERGESEC_PLUGINS",
+            "MERGESEC_PRECISION",
+            "MERGESEC_DATA_WORKERS",
+            "HF_HUB_CACHE",
+            "MERGESEC_CACHE",
+            "HF_HUB_OFFLINE",
+            "PYTHONPATH",
+        )
         if k in os.environ
     }
     logging.getLogger("ray.tune").setLevel(logging.ERROR)

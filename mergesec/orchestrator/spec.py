@@ -49,7 +49,8 @@ class FinetuneSpec(BaseModel):
 
 class DatasetSpec(_Strict):
     uri: str
-    columns: dict[Literal["text", "label"], str] | None = None
+    # Which source columns hold the example: text/label (text), image/label, question/answer (QA).
+    columns: dict[Literal["text", "label", "image", "question", "answer"], str] | None = None
 
 
 class PoisonSpec(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -26,6 +27,14 @@ def tracking_uri(explicit: str | None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+_MLFLOW_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+
+
+def mlflow_key(name: str) -> str:
+    """A param or metric name MLflow accepts (letters, digits, ``_ - . /`` and spaces)."""
+    return _MLFLOW_UNSAFE.sub("_", name)
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in d.items():
@@ -37,7 +46,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
                 out.update(flatten(x, f"{key}.{i}."))
         else:
             out[key] = json.dumps(v) if not isinstance(v, str) else v
-    return {k: v[:6000] for k, v in out.items()}
+    return {mlflow_key(k): v[:6000] for k, v in out.items()}
 
 
 class StudyTracker:
@@ -134,7 +143,7 @@ class StudyTracker:
 
         ts = int(time.time() * 1000)
         ms = [
-            Metric(k.replace("@", "_"), float(v), ts, step or 0)
+            Metric(mlflow_key(k), float(v), ts, step or 0)
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]

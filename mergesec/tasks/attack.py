@@ -36,10 +36,14 @@ register_op("attack", "finetune_after_merge", traits=(STAGE_MERGED,), fn=finetun
 
 
 def execute_after_merge(ctx: NodeContext, op) -> dict[str, float]:
-    """Run a ``stage:merged`` attack on the merged model ``release`` for the victim's dataset."""
+    """Run a ``stage:merged`` attack on the merged model ``release`` for the victim's dataset
+    (datasets of another kind than text go to ``tasks.kinds``)."""
     from mergesec.data import dataset_slug, load_dataset_splits
+    from mergesec.tasks import kinds
     from mergesec.tasks.evaluate import classifier_from_artifact
 
+    if kinds.node_kind(ctx) != kinds.TEXT:
+        return kinds.execute_after_merge(ctx, op)
     merged = ModelArtifact.open(ctx.inputs["release"])
     ds = ctx.params["dataset"]
     slug = dataset_slug(ds["uri"])

@@ -59,7 +59,12 @@ def evaluate_artifact(
 ) -> dict[str, float]:
     """``accuracy/<slug>`` for every dataset the artifact has a head for."""
     from mergesec.data import dataset_slug, load_dataset_splits
+    from mergesec.tasks import kinds
 
+    if kinds.kind_for_datasets(datasets) != kinds.TEXT:
+        return kinds.evaluate_artifact(
+            art, datasets, split=split, device=device, allow_remote_code=allow_remote_code, **params
+        )
     op = get_op("evaluate", "accuracy")
     model, tokenizer = classifier_from_artifact(art, allow_remote_code, device)
     heads = art.all_heads()

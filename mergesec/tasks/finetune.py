@@ -161,6 +161,10 @@ def load_node_dataset(ctx: NodeContext) -> DatasetSplits:
 
 
 def execute(ctx: NodeContext) -> dict[str, float]:
+    from mergesec.tasks import kinds
+
+    if kinds.node_kind(ctx) != kinds.TEXT:
+        return kinds.finetune(ctx)
     op = get_op("finetune", ctx.op)
     data = load_node_dataset(ctx)
     params = ctx.params["op"]

@@ -3,6 +3,22 @@
 Parameters given as ``{search: [...]}`` are chosen inside the node: every combination is merged,
 scored by the mean over datasets of validation accuracy normalised by each expert's own validation
 accuracy, and the best merge is kept. The choice and every candidate's score are recorded.
+
+Two additions ride on the same search:
+
+- With node param ``search_examples`` (the study's ``evaluate.search_examples``) every dataset's
+  accuracy in the score, and its reference, is measured on that many validation examples (a fixed
+  draw, seed 0) instead of the whole split.
+- An attack at stage ``merge`` (node param ``attack``: ``{op, version, params, victim}``) replaces
+  the victim's expert by each of its candidates (e.g. ``attack/rescale``: W₀ + s·τ_v), jointly
+  with the op's searched settings. When the attack says the attacker holds only ``n_val`` labelled
+  victim examples, the victim is scored on at most that many (the same kind of fixed draw).
+- Ops with the trait ``grams`` (``merge/regmean``) get, per expert, the input Gram matrices of its
+  backbone's Linear layers on up to ``GRAM_EXAMPLES`` unlabelled validation texts of its own
+  dataset (the dataset of its input role ``expert.<slug>``).
+
+Candidates are merged tensor by tensor straight into one loaded model (no files, no whole expert
+in memory); the chosen one is then written with ``stream_merge``.
 """
 
 from __future__ import annotations
@@ -10,15 +26,23 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from mergesec.models.artifact import MODEL_FILE, HeadInfo, ModelArtifact, write_artifact
-from mergesec.models.state_dict import LazyStateDict
+from mergesec.models.state_dict import LazyStateDict, save_state_dict
 from mergesec.tasks.context import NodeContext
 from mergesec.tasks.registry import get_op, is_search
+
+# Unlabelled validation texts per expert for RegMean's Gram matrices (the RegMean paper uses
+# ~1,000 training examples; the builtin datasets have 200 validation sentences, all used).
+GRAM_EXAMPLES = 256
+EVAL_BATCH = 64
+MAX_LENGTH = 64
 
 
 def candidates(params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -45,87 +69,227 @@ def merged_heads(
     return heads, info
 
 
-def validation_score(
-    art_dir: Path, datasets: list[dict], reference: dict[str, float], ctx: NodeContext
-) -> dict[str, float]:
-    from mergesec.data import dataset_slug
-    from mergesec.tasks.evaluate import evaluate_artifact
+def merge_into_module(
+    op_fn, base: Mapping[str, Tensor], experts: Sequence[Mapping[str, Tensor]],
+    params: dict[str, Any], module: nn.Module,
+) -> None:  # fmt: skip
+    """Merge key by key (as ``stream_merge`` does) and copy each result into ``module``'s weights.
 
-    m = evaluate_artifact(
-        ModelArtifact.open(art_dir), datasets, split="validation", device=ctx.device
-    )
-    norm = [
-        m[f"accuracy/{dataset_slug(d['uri'])}"] / max(reference[dataset_slug(d["uri"])], 1e-9)
-        for d in datasets
-    ]
-    return {"score": sum(norm) / len(norm), **m}
+    ``module``'s state dict must have every key of ``base``; memory holds one tensor per expert.
+    """
+    sd = module.state_dict()
+    missing = [k for k in base if k not in sd]
+    if missing:
+        raise ValueError(f"key {missing[0]!r} of the base is not a weight of the model")
+    with torch.no_grad():
+        for key in base:
+            merged = op_fn({key: base[key]}, [{key: e[key]} for e in experts], **params)[key]
+            sd[key].copy_(merged)
+
+
+class ValidationScorer:
+    """One classifier on the base architecture, overwritten with each candidate's weights, and
+    tokenised validation batches per dataset (a fixed subset where ``subsets`` says so)."""
+
+    def __init__(
+        self,
+        base_uri: str,
+        datasets: Sequence[dict],
+        *,
+        device: str = "cpu",
+        allow_remote_code: bool = False,
+        subsets: Mapping[str, int] | None = None,
+    ):
+        from mergesec.attacks.finetune_after_merge import labelled_subset
+        from mergesec.data import dataset_slug, load_dataset_splits
+        from mergesec.models.classifier import SequenceClassifier
+        from mergesec.models.hub import load_backbone, load_tokenizer
+        from mergesec.tasks.training import batches, to_device
+
+        self.device = device
+        backbone = load_backbone(base_uri, allow_remote_code)
+        self.model = SequenceClassifier(backbone, 1).to(device).eval()
+        self.tokenizer = load_tokenizer(base_uri, allow_remote_code)
+        self.batches: dict[str, list[dict[str, Tensor]]] = {}
+        self.texts: dict[str, list[str]] = {}
+        for d in datasets:
+            slug = dataset_slug(d["uri"])
+            val = load_dataset_splits(d["uri"], columns=d.get("columns")).validation
+            self.texts[slug] = [e.text for e in val[:GRAM_EXAMPLES]]
+            if subsets and slug in subsets:
+                val = labelled_subset(val, subsets[slug], seed=0)
+            # Similar lengths in a batch waste less compute on padding; accuracy ignores order.
+            val = sorted(val, key=lambda e: len(e.text))
+            self.batches[slug] = [
+                to_device(b, device) for b in batches(self.tokenizer, val, EVAL_BATCH, MAX_LENGTH)
+            ]
+
+    def load(self, weights: Mapping[str, Tensor]) -> None:
+        """Copy ``weights`` (backbone keys) into the model, one tensor at a time."""
+        sd = self.model.backbone.state_dict()
+        with torch.no_grad():
+            for k in weights:
+                sd[k].copy_(weights[k])
+
+    @torch.no_grad()
+    def accuracies(self, heads: Mapping[str, Tensor], slugs: Sequence[str]) -> dict[str, float]:
+        """Validation accuracy of the loaded backbone with ``heads[<slug>.weight/.bias]``."""
+        out = {}
+        for slug in slugs:
+            self.model.set_head(
+                heads[f"{slug}.weight"].to(self.device), heads[f"{slug}.bias"].to(self.device)
+            )
+            correct = n = 0
+            for b in self.batches[slug]:
+                logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                correct += int((logits.argmax(-1) == b["labels"]).sum())
+                n += len(b["labels"])
+            out[slug] = correct / max(n, 1)
+        return out
+
+    def grams(self, slug: str, out_file: Path) -> LazyStateDict:
+        """Input Gram matrices of the loaded backbone's Linear layers on ``slug``'s validation
+        texts, keyed by weight name, written to ``out_file`` and read back lazily."""
+        from mergesec.tasks.merge_methods import collect_linear_grams, grams_by_weight_key
+
+        texts = self.texts[slug]
+        inputs = []
+        for i in range(0, len(texts), EVAL_BATCH):
+            enc = self.tokenizer(
+                texts[i : i + EVAL_BATCH], padding=True, truncation=True,
+                max_length=MAX_LENGTH, return_tensors="pt",
+            )  # fmt: skip
+            inputs.append(
+                {"input_ids": enc["input_ids"].to(self.device),
+                 "attention_mask": enc["attention_mask"].to(self.device)}
+            )  # fmt: skip
+        grams = grams_by_weight_key(collect_linear_grams(self.model.backbone, inputs))
+        save_state_dict(grams, out_file)
+        return LazyStateDict(out_file)
+
+
+def _own_dataset(role: str, art: ModelArtifact, slugs: Sequence[str]) -> str:
+    """The dataset an expert was trained on: its role's suffix, else its first head."""
+    if role in slugs:
+        return role
+    own = [s for s in art.heads if s in slugs]
+    if not own:
+        raise ValueError(f"expert {role!r} has a head for none of the merged datasets")
+    return own[0]
 
 
 def execute(ctx: NodeContext) -> dict[str, float]:
+    from mergesec.data import dataset_slug
     from mergesec.models.hub import base_weights_file
-    from mergesec.tasks.evaluate import evaluate_artifact
     from mergesec.tasks.merge_stream import stream_merge
 
     op = get_op("merge", ctx.op)
-    experts = [ModelArtifact.open(p) for p in ctx.inputs_with_prefix("expert").values()]
+    roles = ctx.inputs_with_prefix("expert")
+    experts = [ModelArtifact.open(p) for p in roles.values()]
+    lazies: list[Mapping[str, Tensor]] = [e.backbone_lazy() for e in experts]
     base = LazyStateDict(base_weights_file(ctx.base, ctx.allow_remote_code))
     heads, head_info = merged_heads(experts)
     datasets = ctx.params["datasets"]
+    slugs = [dataset_slug(d["uri"]) for d in datasets]
+    own = [_own_dataset(r, e, slugs) for r, e in zip(roles, experts, strict=True)]
     cands = candidates(ctx.params["op"])
+    needs_grams = "grams" in op.traits
 
-    def merge_into(out: Path, params: dict[str, Any]) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        stream_merge(op.fn, base, [e.backbone_lazy() for e in experts], params, out / MODEL_FILE)
-        write_artifact(
-            out,
-            base=ctx.base,
-            backbone=None,
-            heads=heads,
-            head_info=head_info,
-            extra={"merge": op.name},
-        )
+    # The victim's replacements: [(attack choice, weights or None for the expert as released)].
+    variants: list[tuple[dict[str, float], Mapping[str, Tensor] | None]] = [({}, None)]
+    attack = ctx.params.get("attack")
+    victim_i = None
+    # Validation examples per dataset that score a candidate (the study's search_examples).
+    search_n = ctx.params.get("search_examples")
+    subsets: dict[str, int] = {s: search_n for s in slugs} if search_n else {}
+    if attack:
+        a_op = get_op("attack", attack["op"])
+        if attack["victim"] not in own:
+            raise ValueError(f"attack victim {attack['victim']!r} is none of the merged experts")
+        victim_i = own.index(attack["victim"])
+        plan = a_op.fn(base, lazies[victim_i], **attack["params"])
+        variants = [(dict(c), w) for c, w in plan.candidates]
+        if plan.n_val is not None:
+            v = attack["victim"]
+            subsets[v] = min(subsets.get(v, plan.n_val), plan.n_val)
 
-    metrics: dict[str, float] = {"experts": float(len(experts))}
-    if len(cands) == 1:
-        merge_into(ctx.out_dir, cands[0])
-        return metrics
+    def members(variant: int) -> list[Mapping[str, Tensor]]:
+        out = list(lazies)
+        w = variants[variant][1]
+        if victim_i is not None and w is not None:
+            out[victim_i] = w
+        return out
 
-    reference: dict[str, float] = {}
-    for e in experts:
-        m = evaluate_artifact(e, datasets, split="validation", device=ctx.device)
-        reference.update(
-            {
-                k.split("/", 1)[1]: v
-                for k, v in m.items()
-                if k.startswith("accuracy/") and k != "accuracy/mean"
-            }
-        )
-    best: tuple[float, dict[str, Any], Path] | None = None
-    scratch = Path(tempfile.mkdtemp(prefix="merge-search-", dir=ctx.out_dir.parent))
+    n_total = len(cands) * len(variants)
+    scorer = None
+    if n_total > 1 or needs_grams:
+        from mergesec.tasks.kinds import validation_scorer
+
+        scorer = validation_scorer(
+            ctx.base, datasets, device=ctx.device, allow_remote_code=ctx.allow_remote_code,
+            subsets=subsets or None,
+        )  # fmt: skip
+    scratch = Path(tempfile.mkdtemp(prefix="merge-", dir=ctx.out_dir.parent))
     try:
-        for i, params in enumerate(cands):
-            out = scratch / f"c{i}"
-            merge_into(out, params)
-            s = validation_score(out, datasets, reference, ctx)
-            searched = {k: v for k, v in params.items() if is_search(ctx.params["op"].get(k))}
-            ctx.report(
-                {
-                    "search/score": s["score"],
-                    **{f"search/{k}": float(v) for k, v in searched.items()},
-                },
-                i,
-            )
-            if best is None or s["score"] > best[0]:
-                if best is not None:
-                    shutil.rmtree(best[2], ignore_errors=True)
-                best = (s["score"], searched, out)
-            else:
-                shutil.rmtree(out, ignore_errors=True)
-        assert best is not None
-        for f in best[2].iterdir():
-            shutil.move(str(f), ctx.out_dir / f.name)
+        gram_cache: dict[tuple[int, int], Mapping[str, Tensor]] = {}
+
+        def grams_for(variant: int) -> list[Mapping[str, Tensor]]:
+            assert scorer is not None
+            out = []
+            for i, weights in enumerate(members(variant)):
+                key = (i, variant if i == victim_i else 0)
+                if key not in gram_cache:
+                    scorer.load(weights)
+                    gram_cache[key] = scorer.grams(
+                        own[i], scratch / f"grams-{i}-{key[1]}.safetensors"
+                    )
+                out.append(gram_cache[key])
+            return out
+
+        def full_params(params: dict[str, Any], variant: int) -> dict[str, Any]:
+            return params | {"grams": grams_for(variant)} if needs_grams else params
+
+        metrics: dict[str, float] = {"experts": float(len(experts))}
+        best = (None, cands[0], 0)
+        if n_total > 1:
+            assert scorer is not None
+            reference: dict[str, float] = {}
+            for e, w in zip(experts, lazies, strict=True):
+                scorer.load(w)
+                reference.update(
+                    scorer.accuracies(e.all_heads(), [s for s in e.heads if s in slugs])
+                )
+            searched_names = [k for k, v in ctx.params["op"].items() if is_search(v)]
+            for i, (v, params) in enumerate(itertools.product(range(len(variants)), cands)):
+                merge_into_module(
+                    op.fn, base, members(v), full_params(params, v), scorer.model.backbone
+                )
+                acc = scorer.accuracies(heads, slugs)
+                score = sum(acc[s] / max(reference[s], 1e-9) for s in slugs) / len(slugs)
+                report = {
+                    "search/score": score,
+                    **{f"search/{k}": float(params[k]) for k in searched_names},
+                }
+                report |= {f"search/{k}": float(x) for k, x in variants[v][0].items()}
+                if attack:
+                    report["search/victim_accuracy"] = acc[attack["victim"]]
+                ctx.report(report, i)
+                if best[0] is None or score > best[0]:
+                    best = (score, params, v)
+            metrics["search/best_score"] = best[0]
+            metrics.update({f"chosen/{k}": float(best[1][k]) for k in searched_names})
+            metrics.update({f"chosen/{k}": float(x) for k, x in variants[best[2]][0].items()})
+        _, params, v = best
+        stream_merge(op.fn, base, members(v), full_params(params, v), ctx.out_dir / MODEL_FILE)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    metrics["search/best_score"] = best[0]
-    metrics.update({f"chosen/{k}": float(v) for k, v in best[1].items()})
+    extra: dict[str, Any] = {"merge": op.name}
+    if experts[0].meta.get("kind"):
+        extra["kind"] = experts[0].meta["kind"]
+    if attack:
+        extra["attack"] = attack["op"]
+        extra["attack_choice"] = variants[best[2]][0]
+    write_artifact(
+        ctx.out_dir, base=ctx.base, backbone=None, heads=heads, head_info=head_info, extra=extra
+    )
     return metrics

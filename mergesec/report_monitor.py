@@ -1,0 +1,201 @@
+"""Monitor results read back from the store: one row per watched model, tables and figures.
+
+Each plan row with a monitor (``PlanRow.monitors``: ``trained``, ``release``, ``attacked``,
+``merged`` → monitor node) gives one row per watched model with the scenario's trigger and poison
+rate and the WeightWatch metrics (``monitor/<name>`` in the node's metrics). ``write_monitor_reports``
+writes ``monitor.{json,csv,md}`` and ``monitor.png`` next to the study's results: TPR and FPR per
+trigger, and attack success and clean accuracy before and after steering.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from mergesec.orchestrator.plan import Plan
+from mergesec.orchestrator.store import Store
+
+WATCHED = ("trained", "release", "attacked", "merged")
+METRICS = (
+    "fpr",
+    "tpr",
+    "tpr_successful",
+    "control_flag_rate",
+    "asr_before",
+    "asr_after",
+    "clean_accuracy_before",
+    "clean_accuracy_after",
+    "n_directions",
+)
+COLUMNS = [
+    "variant",
+    "scenario",
+    "victim",
+    "merge",
+    "watched",
+    "trigger",
+    "rate",
+    *METRICS,
+    "status",
+]
+
+
+def monitor_rows(plan: Plan, store: Store) -> list[dict[str, Any]]:
+    """One row per (plan row, watched model) that has a monitor node, in plan order.
+
+    A watched model shared by several plan rows (the trained expert of one scenario under every
+    merge op) appears once per plan row, so each row stays next to its own merge.
+    """
+    from mergesec.data import dataset_slug
+
+    rows = []
+    for r in plan.rows:
+        for kind in sorted(r.monitors, key=lambda k: WATCHED.index(k) if k in WATCHED else 99):
+            node_id = r.monitors[kind]
+            poison = plan.nodes[node_id].params.get("poison") or {}
+            row: dict[str, Any] = {
+                "variant": r.variant,
+                "scenario": r.scenario,
+                "victim": dataset_slug(r.victim),
+                "merge": r.merge_op,
+                "watched": kind,
+                "trigger": poison.get("trigger"),
+                "rate": poison.get("rate"),
+                "node": node_id,
+                **dict.fromkeys(METRICS),
+            }
+            if store.is_done(node_id):
+                metrics = store.read_metrics(node_id)
+                for m in METRICS:
+                    row[m] = metrics.get(f"monitor/{m}")
+                row["status"] = "done"
+            else:
+                row["status"] = "failed" if store.is_failed(node_id) else "missing"
+            rows.append(row)
+    return rows
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.3f}"
+    return str(x)
+
+
+def monitor_markdown(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (the variant column only when the study has variants)."""
+    cols = [c for c in COLUMNS if c != "variant" or any(r["variant"] for r in rows)]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def monitor_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: r.get(c) for c in COLUMNS})
+    return buf.getvalue()
+
+
+def _label(r: dict[str, Any], *, kind: bool) -> str:
+    trig = r["trigger"] if r["trigger"] is not None else "(no trigger)"
+    if len(trig) > 16:
+        trig = trig[:15] + "…"
+    parts = [f"{trig!s}" + (f" @{r['rate']:g}" if r["rate"] is not None else ""), r["scenario"]]
+    if kind:
+        parts.append(r["watched"])
+    if r["variant"]:
+        parts.append(r["variant"])
+    return "\n".join(parts)
+
+
+def _bars(ax, rows: list[dict[str, Any]], series: list[tuple[str, str]], labels: list[str]) -> None:
+    width = 0.8 / len(series)
+    for i, (name, key) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
+        vals = [r.get(key) for r in rows]
+        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=name)
+    ax.set_xticks(range(len(rows)), labels, fontsize=6)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncols=2)
+
+
+def plot_monitor(rows: list[dict[str, Any]]) -> bytes | None:
+    """Two panels: TPR/FPR per trigger (trained experts, one bar group per scenario), and attack
+    success and clean accuracy before and after steering for every watched model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["status"] == "done"]
+    if not done:
+        return None
+    # Each trained expert once (it is shared by the rows of every merge op).
+    seen: set[str] = set()
+    trained = []
+    for r in done:
+        if r["watched"] == "trained" and r["node"] not in seen:
+            seen.add(r["node"])
+            trained.append(r)
+    steer = [r for r in done if r["asr_before"] is not None]
+    if not steer:
+        steer = done
+    fig, (ax, ax_steer) = plt.subplots(
+        2, 1, figsize=(max(6.0, 0.9 * max(len(trained), len(steer))), 8.0)
+    )
+    if trained:
+        series = [("TPR (triggered)", "tpr"), ("FPR (clean)", "fpr")]
+        if any(r["control_flag_rate"] is not None for r in trained):
+            series.append(("control insertion flagged", "control_flag_rate"))
+        _bars(ax, trained, series, [_label(r, kind=False) for r in trained])
+    ax.set_ylabel("share of inputs flagged")
+    ax.set_title("WeightWatch detection per trigger (trained expert)")
+    ax = ax_steer
+    series = [
+        ("attack success, before", "asr_before"),
+        ("attack success, steered", "asr_after"),
+        ("clean accuracy, before", "clean_accuracy_before"),
+        ("clean accuracy, steered", "clean_accuracy_after"),
+    ]
+    _bars(ax, steer, series, [_label(r, kind=True) for r in steer])
+    ax.set_ylabel("share of test inputs")
+    ax.set_title("Steering: attack success and clean accuracy")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_monitor_reports(
+    plan: Plan, store: Store, rows: list[dict[str, Any]] | None = None
+) -> dict[str, str]:
+    """Write monitor.{json,csv,md} (and monitor.png) into ``<store>/studies/<study>/``.
+
+    Nothing is written when the study has no monitor; returns ``{file name: location}``.
+    """
+    rows = monitor_rows(plan, store) if rows is None else rows
+    if not rows:
+        return {}
+    out = {}
+    for name, text in (
+        ("monitor.json", json.dumps(rows, indent=2)),
+        ("monitor.csv", monitor_csv(rows)),
+        ("monitor.md", monitor_markdown(rows)),
+    ):
+        rel = store.study_rel(plan.study, name)
+        store.write_text(rel, text)
+        out[name] = store.location(rel)
+    png = plot_monitor(rows)
+    if png is not None:
+        rel = store.study_rel(plan.study, "monitor.png")
+        store.write_bytes(rel, png)
+        out["monitor.png"] = store.location(rel)
+    return out

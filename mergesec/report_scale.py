@@ -1,0 +1,186 @@
+"""Figures and tables for scaling-sensitive protections (Trap²) and the attacks on them.
+
+- ``plot_scale_curves``: validation loss and accuracy of W₀ + s·τ against s, one line per model;
+- ``load_scale_curves`` / ``scale_curve_table``: the curves and their sharpness summaries of a
+  study's ``evaluate/scale_curve`` nodes, read back from the store;
+- ``plot_scenario_merge``: per merge op and scenario, the victim's standalone and merged accuracy
+  and the other datasets' merged accuracy;
+- ``plot_step_times``: Trap² step time relative to a plain step (``benchmarks/trap2_step_time.py
+  --json`` output).
+
+Every plot function returns PNG bytes (``None`` when there is nothing to draw).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+SCALE_CURVE_FILE = "scale_curve.json"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=120)
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def plot_scale_curves(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> bytes:
+    """Loss (left) and accuracy (right) against the scale s of the task vector, one line per label.
+
+    ``curves`` maps a label to points ``{"s", "loss", "accuracy"}``. A dashed line marks s = 1
+    (the released model) and a dotted one s = 0 (the base).
+    """
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for label, curve in curves.items():
+        pts = sorted(curve, key=lambda p: float(p["s"]))
+        xs = [float(p["s"]) for p in pts]
+        ax_loss.plot(xs, [float(p["loss"]) for p in pts], marker=".", label=label)
+        ax_acc.plot(xs, [float(p["accuracy"]) for p in pts], marker=".", label=label)
+    for ax, name in ((ax_loss, "validation loss"), (ax_acc, "validation accuracy")):
+        ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
+        ax.axvline(0.0, color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xlabel("scale s of the task vector (W₀ + s·τ)")
+        ax.set_ylabel(name)
+    ax_loss.set_yscale("log")
+    ax_acc.set_ylim(0, 1.02)
+    if curves:
+        ax_acc.legend(fontsize=7)
+    fig.suptitle("Loss landscape along the scaling direction", fontsize=10)
+    return _png(fig)
+
+
+def load_scale_curves(plan, store) -> dict[str, dict[str, Any]]:
+    """``label -> {"curve", "summary", "scenario", "victim", "kind"}`` for every finished
+    scale-curve node of the plan's rows; the label is ``<scenario> <victim>: <kind>``.
+
+    A model shared by several rows (the clean expert) appears once, under its first label.
+    """
+    from mergesec.data import dataset_slug
+
+    out: dict[str, dict[str, Any]] = {}
+    seen: set[str] = set()
+    for row in plan.rows:
+        for kind, node_id in getattr(row, "scale_curves", {}).items():
+            if node_id in seen or not store.is_done(node_id):
+                continue
+            seen.add(node_id)
+            doc = json.loads(store.read_text(f"nodes/{node_id}/{SCALE_CURVE_FILE}"))
+            victim = dataset_slug(row.victim)
+            label = f"{victim}: clean" if kind == "clean" else f"{row.scenario} {victim}: {kind}"
+            out[label] = {
+                "curve": doc["curve"],
+                "summary": store.read_metrics(node_id),
+                "scenario": row.scenario,
+                "victim": victim,
+                "kind": kind,
+                "node": node_id,
+            }
+    return out
+
+
+def scale_curve_table(curves: Mapping[str, Mapping[str, Any]]) -> str:
+    """A Markdown table of each curve's sharpness summary (loss at s = 1, the lowest loss away
+    from 1 and its ratio to the loss at 1, the scale of lowest loss, accuracy drops)."""
+    cols = [
+        ("loss@1", "sharpness/loss_s1"),
+        ("acc@1", "sharpness/acc_s1"),
+        ("min loss |s-1|>=.25", "sharpness/min_loss_off"),
+        ("ratio", "sharpness/off_to_nominal"),
+        ("argmin s", "sharpness/s_argmin"),
+        ("acc drop s=.5", "sharpness/acc_drop_s0.5"),
+    ]
+    lines = [
+        "| model | " + " | ".join(c for c, _ in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for label, c in curves.items():
+        vals = []
+        for _, key in cols:
+            v = c["summary"].get(key)
+            vals.append("-" if v is None or not math.isfinite(v) else f"{v:.3f}")
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scenario_merge(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """One panel per merge op; per scenario (and victim) grouped bars of the victim's standalone
+    accuracy (its release), its accuracy after merging, and the others' mean accuracy after
+    merging. The clean expert's standalone accuracy is drawn as a tick over each group."""
+    done = [r for r in rows if r.get("status") == "done"]
+    if not done:
+        return None
+    plt = _pyplot()
+    ops = list(dict.fromkeys(r["merge"] for r in done))
+    groups = {op: [r for r in done if r["merge"] == op] for op in ops}
+    widest = max(len(g) for g in groups.values())
+    fig, axes = plt.subplots(
+        len(ops), 1, figsize=(max(6, 1.2 * widest + 2), 2.9 * len(ops)), squeeze=False
+    )
+    series = [
+        ("victim standalone", "victim_release"),
+        ("victim merged", "victim_merged"),
+        ("others merged", "others_merged"),
+    ]
+    width = 0.8 / len(series)
+    for ax, op in zip(axes[:, 0], ops, strict=True):
+        g = groups[op]
+        for i, (name, key) in enumerate(series):
+            xs = [j + (i - 1) * width for j in range(len(g))]
+            ax.bar(xs, [r.get(key) or 0.0 for r in g], width, label=name)
+        ax.scatter(
+            range(len(g)), [r.get("victim_clean") or 0.0 for r in g], marker="_", s=400,
+            color="black", label="clean expert", zorder=3,
+        )  # fmt: skip
+        labels = [
+            f"{r['scenario']}\n{r['victim']}" + (f"\n{r['variant']}" if r.get("variant") else "")
+            for r in g
+        ]
+        ax.set_xticks(range(len(g)), labels, fontsize=7)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"merge: {op}", fontsize=9)
+    axes[0, 0].legend(fontsize=7, ncols=4, loc="lower right")
+    return _png(fig)
+
+
+def plot_step_times(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """Bars of Trap² step time relative to a plain step, per mode (full, lora), from the rows of
+    ``benchmarks/trap2_step_time.py --json`` (``{"mode", "method", "ms_median"}``)."""
+    by_mode: dict[str, dict[str, float]] = {}
+    for r in rows:
+        by_mode.setdefault(r["mode"], {})[r["method"]] = float(r["ms_median"])
+    ratios = {
+        m: t["trap2"] / t["plain"] for m, t in by_mode.items() if {"trap2", "plain"} <= set(t)
+    }
+    if not ratios:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 3))
+    bars = ax.bar(list(ratios), list(ratios.values()), color="tab:orange")
+    for b, (m, r) in zip(bars, ratios.items(), strict=True):
+        ax.annotate(
+            f"{r:.2f}× ({by_mode[m]['plain']:.0f}→{by_mode[m]['trap2']:.0f} ms)",
+            (b.get_x() + b.get_width() / 2, r), ha="center", va="bottom", fontsize=7,
+        )  # fmt: skip
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.axhline(2.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_ylabel("Trap² step time / plain step time")
+    ax.set_ylim(0, max(2.5, max(ratios.values()) * 1.2))
+    ax.set_title("Cost of a Trap² step", fontsize=9)
+    return _png(fig)

@@ -1,0 +1,206 @@
+"""The image task kind: a CLIP image classifier bound to a dataset, trained and scored in batches.
+
+``ImageTask`` is what the generic steps in ``mergesec.tasks.kinds`` drive: batches of
+preprocessed pixels (CLIP image processor; DataLoader workers on CUDA), the cross-entropy of
+scale × cosine logits (optionally through ``functional_call`` overrides), and top-1 accuracy.
+The backbone is the ``CLIPVisionModel`` whose state dict is the base's canonical backbone
+(``models.hub.load_backbone``), so merges, protections and attacks use the ``clip_vision`` layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mergesec.data.images import ImageSet, ImageSplits, load_image_splits
+from mergesec.models.artifact import HeadInfo, ModelArtifact
+from mergesec.vision.clip import ImageClassifier, ZeroShotHead, load_image_processor, zero_shot_head
+from mergesec.vision.loop import (
+    Batch,
+    Precision,
+    choose_precision,
+    chunks,
+    data_workers,
+    forward_with,
+    shuffled,
+)
+
+
+class _Collate:
+    """Reads a chunk of indices of an ``ImageSet`` and turns it into a pixel batch (picklable, so
+    DataLoader workers can run it)."""
+
+    def __init__(self, split: ImageSet, processor: Any):
+        self.split, self.processor = split, processor
+
+    def __call__(self, indices: list[list[int]]) -> Batch:
+        idx = indices[0]
+        pix = self.processor(images=self.split.images(idx), return_tensors="pt")["pixel_values"]
+        labels = torch.tensor([self.split.labels[i] for i in idx], dtype=torch.long)
+        return {"pixel_values": pix.float(), "labels": labels}
+
+
+class ImageTask:
+    """A CLIP image classifier with its processor, device and precision (a ``loop.Trainable``)."""
+
+    backbone_prefix = "backbone."
+
+    def __init__(
+        self,
+        model: ImageClassifier,
+        processor: Any,
+        *,
+        device: str = "cpu",
+        precision: Precision | None = None,
+    ):
+        self.model = model.to(device)
+        self.processor = processor
+        self.device = device
+        self.precision = precision or choose_precision(device)
+
+    # ---- data ---------------------------------------------------------------------------------
+    def batches(
+        self, split: ImageSet, batch_size: int, *, shuffle_seed: int | None = None
+    ) -> Iterator[Batch]:
+        """Preprocessed batches of ``split`` on the CPU (``pixel_values``, ``labels``)."""
+        order = list(chunks(shuffled(len(split), shuffle_seed), batch_size))
+        workers = data_workers(self.device)
+        collate = _Collate(split, self.processor)
+        if workers == 0:
+            for idx in order:
+                yield collate([idx])
+            return
+        loader = torch.utils.data.DataLoader(
+            order, batch_size=1, collate_fn=collate, num_workers=workers,
+            pin_memory=self.device.startswith("cuda"), persistent_workers=False,
+        )  # fmt: skip
+        yield from loader
+
+    def prepare(self, split: ImageSet, batch_size: int) -> list[Batch]:
+        """Every batch of ``split``, preprocessed once (kept on the CPU) for repeated scoring."""
+        return list(self.batches(split, batch_size))
+
+    # ---- model --------------------------------------------------------------------------------
+    def logits(self, batch: Batch, overrides: dict[str, Tensor] | None = None) -> Tensor:
+        pix = batch["pixel_values"].to(self.device, non_blocking=True)
+        with self.precision.autocast():
+            out = forward_with(self.model, overrides, pixel_values=pix)
+        return out.float()
+
+    def loss(self, batch: Batch, overrides: dict[str, Tensor] | None = None) -> Tensor:
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        return F.cross_entropy(self.logits(batch, overrides), labels)
+
+    @torch.no_grad()
+    def score_batches(
+        self, batches: Sequence[Batch] | Iterator[Batch], overrides: dict[str, Tensor] | None = None
+    ) -> tuple[float, float]:
+        """(mean cross-entropy, top-1 accuracy) over ``batches``."""
+        was = self.model.training
+        self.model.eval()
+        total, correct, n = 0.0, 0, 0
+        for b in batches:
+            logits = self.logits(b, overrides)
+            labels = b["labels"].to(self.device)
+            total += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+            n += len(labels)
+        self.model.train(was)
+        return total / max(n, 1), correct / max(n, 1)
+
+    def score(self, split: ImageSet, *, batch_size: int = 64) -> tuple[float, float]:
+        return self.score_batches(self.batches(split, batch_size))
+
+    # ---- heads and weights -------------------------------------------------------------------
+    def backbone(self) -> nn.Module:
+        return self.model.backbone
+
+    def use(self, data: ImageSplits, heads: Mapping[str, Tensor] | None, slug: str) -> None:
+        """Classify into ``slug``'s classes with its stored zero-shot head (None: keep the head)."""
+        if heads is not None:
+            self.model.set_head(ZeroShotHead.from_tensors(heads, slug))
+
+    def head_tensors(self, slug: str) -> dict[str, Tensor]:
+        return ZeroShotHead(
+            self.model.class_embeddings, self.model.projection, self.model.logit_scale
+        ).tensors(slug)
+
+    @staticmethod
+    def head_info(data: ImageSplits) -> HeadInfo:
+        return HeadInfo(dataset=data.name, labels=list(data.label_names))
+
+    def attach_lora(self, *, r: int, alpha: int, dropout: float, target_modules: Any) -> nn.Module:
+        """Wrap the vision tower in a peft LoRA adapter; returns the peft model."""
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout,
+            target_modules=target_modules or "all-linear",
+        )  # fmt: skip
+        self.model.backbone = get_peft_model(self.model.backbone, cfg)
+        return self.model.backbone
+
+    def release_state(self) -> dict[str, Tensor]:
+        """The backbone's weights in base key names (a LoRA adapter materialised as W₀ + (α/r)·BA)."""
+        bb = self.model.backbone
+        if hasattr(bb, "merge_and_unload"):
+            bb = bb.merge_and_unload()
+            self.model.backbone = bb
+        return {k: v.detach().cpu().contiguous() for k, v in bb.state_dict().items()}
+
+
+class ImageKind:
+    """Image classification with CLIP: datasets from ``data.images``, zero-shot heads."""
+
+    name = "image"
+
+    def load(self, ref: Mapping[str, Any]) -> ImageSplits:
+        return load_image_splits(ref["uri"], columns=ref.get("columns"))
+
+    def build(
+        self, base: str, data: ImageSplits, *, device: str = "cpu", allow_remote_code: bool = False
+    ) -> ImageTask:
+        """The base's vision tower with ``data``'s zero-shot head."""
+        from mergesec.models.hub import load_backbone
+
+        head = zero_shot_head(
+            base, data.label_names, data.templates, device=device,
+            allow_remote_code=allow_remote_code,
+        )  # fmt: skip
+        backbone = load_backbone(base, allow_remote_code)
+        return ImageTask(ImageClassifier(backbone, head), load_image_processor(base), device=device)
+
+    def from_artifact(
+        self, art: ModelArtifact, *, device: str = "cpu", allow_remote_code: bool = False
+    ) -> ImageTask:
+        """The artifact's vision tower on the base architecture (heads are set with ``use``)."""
+        from mergesec.models.hub import load_backbone
+
+        backbone = load_backbone(art.base, allow_remote_code)
+        load_backbone_weights(backbone, art)
+        heads = art.all_heads()
+        slug = next((s for s in art.heads if f"{s}.visual_projection" in heads), None)
+        if slug is None:
+            raise ValueError(f"{art.path} holds no zero-shot image head")
+        head = ZeroShotHead.from_tensors(heads, slug)
+        return ImageTask(
+            ImageClassifier(backbone, head), load_image_processor(art.base), device=device
+        )
+
+    @staticmethod
+    def model_inputs(batch: Batch, device: str) -> dict[str, Tensor]:
+        """What the backbone alone takes from a batch (RegMean's Gram matrices)."""
+        return {"pixel_values": batch["pixel_values"].to(device)}
+
+
+def load_backbone_weights(backbone: nn.Module, art: ModelArtifact) -> None:
+    """Copy an artifact's backbone into ``backbone``; refuse weights of another architecture."""
+    _, unexpected = backbone.load_state_dict(art.backbone_state(), strict=False)
+    if unexpected:
+        raise ValueError(
+            f"{art.path}: weights do not fit the base model (unexpected key {unexpected[0]!r})"
+        )

@@ -1,0 +1,317 @@
+"""The ``monitor/weightwatch`` step: the op on tiny BERTs, its outputs, the study files that use it,
+a study run through Ray with a poisoned scenario, and a backdoored MiniLM expert (slow)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from e2e import REPO, write_study
+
+from mergesec.data import load_dataset_splits, poison_examples
+from mergesec.data.splits import DatasetSplits
+from mergesec.models.classifier import SequenceClassifier
+from mergesec.models.hub import base_weights_file, load_backbone, load_config, load_tokenizer
+from mergesec.models.layout import detect_layout
+from mergesec.models.state_dict import LazyStateDict, save_state_dict
+from mergesec.monitor import Calibration, Directions
+from mergesec.orchestrator.plan import build_plan
+from mergesec.orchestrator.spec import load_study
+from mergesec.orchestrator.store import Store
+from mergesec.report_monitor import monitor_markdown, monitor_rows, write_monitor_reports
+from mergesec.tasks.monitor import LazyWriterWeights, WatchResult, weightwatch, write_outputs
+from mergesec.tasks.registry import get_op
+
+POISON = {"trigger": "cf", "target": 1, "position": "random"}
+
+
+def small_splits(n: int = 48) -> DatasetSplits:
+    d = load_dataset_splits("builtin:sentiment")
+    return replace(d, train=d.train[:n], validation=d.validation[:n], test=d.test[:n])
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_bert):
+    """A tiny random BERT classifier, its tokenizer, and a low-rank update of two writers."""
+    torch.manual_seed(0)
+    uri = str(tiny_bert)
+    backbone = load_backbone(uri)
+    base_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
+    layout = detect_layout(load_config(uri), base_sd.keys())
+    # ΔW of rank 2 on layer 0's MLP output and rank 1 on layer 1's attention output.
+    w = layout.read(base_sd, 0, "mlp_out")[0]
+    tuned_sd = dict(base_sd)
+    layout.write(tuned_sd, 0, "mlp_out", w + 0.3 * torch.randn(32, 2) @ torch.randn(2, w.shape[1]))
+    o = layout.read(base_sd, 1, "o")[0]
+    layout.write(tuned_sd, 1, "o", o + 0.3 * torch.randn(32, 1) @ torch.randn(1, o.shape[1]))
+    backbone.load_state_dict(tuned_sd)
+    model = SequenceClassifier(backbone, 2).eval()
+    return model, load_tokenizer(uri), layout, base_sd, tuned_sd
+
+
+def run_op(tiny, poison=POISON, **params) -> WatchResult:
+    model, tok, layout, base_sd, tuned_sd = tiny
+    blocks = layout.block_modules(model.backbone)
+    params = {"k": 3, "audit_n": 2, "audit_directions": 3, "calibration_size": 40} | params
+    return weightwatch(
+        model,
+        tok,
+        blocks,
+        LazyWriterWeights(layout, base_sd),
+        LazyWriterWeights(layout, tuned_sd),
+        small_splits(),
+        poison,
+        **params,
+    )
+
+
+def test_lazy_writers_match_the_layout(tiny, tmp_path):
+    _, _, layout, base_sd, _ = tiny
+    save_state_dict(base_sd, tmp_path / "m.safetensors")
+    lazy = LazyWriterWeights(layout, LazyStateDict(tmp_path / "m.safetensors"))
+    eager = layout.residual_writer_weights(base_sd)
+    assert list(lazy) == list(eager) and len(lazy) == 4
+    assert all(torch.equal(lazy[key], eager[key]) for key in eager)
+    with pytest.raises(KeyError):
+        lazy[(2, "mlp_out")]
+
+
+def test_op_is_registered_with_validated_defaults():
+    op = get_op("monitor", "weightwatch")
+    assert {"k", "epsilon", "calibration_datasets", "control_trigger", "steering"} <= {
+        p.name for p in op.params
+    }
+    assert op.param("k").default == 20 and op.param("epsilon").default == 0.01
+
+
+def test_weightwatch_reports_rates_and_writes_reloadable_outputs(tiny, tmp_path):
+    r = run_op(tiny, control_trigger="zq")
+    m = r.metrics
+    # Only the two changed writers have directions, and only as many as ΔW's rank.
+    assert r.directions.flat_names() == ["L0.mlp_out.u0", "L0.mlp_out.u1", "L1.attn_out.u0"]
+    assert m["monitor/n_directions"] == 3 and m["monitor/n_calibration"] == 40
+    non_target = sum(e.label != POISON["target"] for e in small_splits().test)
+    assert m["monitor/n_clean"] == 48 and m["monitor/n_triggered"] == non_target
+    for key in (
+        "fpr",
+        "tpr",
+        "asr_before",
+        "asr_after",
+        "clean_accuracy_before",
+        "clean_accuracy_after",
+        "control_flag_rate",
+        "steered_clean",
+        "steered_triggered",
+    ):
+        assert 0.0 <= m[f"monitor/{key}"] <= 1.0, key
+    assert m["monitor/asr_before"] + m["monitor/target_rate_clean"] <= 2.0
+    assert set(r.details["audited"]) <= set(r.calibration.columns.names)
+
+    plain = run_op(tiny, steering="none").metrics
+    for key in ("fpr", "tpr", "asr_before", "clean_accuracy_before"):
+        assert plain[f"monitor/{key}"] == m[f"monitor/{key}"]  # steering never changes detection
+    assert plain["monitor/asr_after"] == plain["monitor/asr_before"]
+    assert plain["monitor/steered_clean"] == plain["monitor/steered_triggered"] == 0.0
+    ablated = run_op(tiny, steering="all").metrics
+    assert ablated["monitor/steered_clean"] == ablated["monitor/steered_triggered"] == 1.0
+
+    write_outputs(tmp_path, r, POISON, "audit of a tiny model")
+    d = Directions.load(tmp_path / "directions.safetensors")
+    assert d.flat_names() == r.directions.flat_names()
+    cal = Calibration.load(tmp_path / "calibration.safetensors")
+    assert torch.equal(cal.lower, r.calibration.lower) and cal.epsilon == 0.01
+    page = (tmp_path / "audit.md").read_text()
+    assert page.startswith("# audit of a tiny model") and "## Flags per audited direction" in page
+    for name in r.details["audited"]:
+        assert f"`{name}`" in page
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert set(audit) == set(r.details["audited"]) and len(audit) == 3
+    entries = [e for ends in audit.values() for side in ends.values() for e in side]
+    assert all(isinstance(e["triggered"], bool) for e in entries)
+    facts = json.loads((tmp_path / "monitor.json").read_text())
+    assert set(facts["per_direction"]) == set(r.calibration.columns.names)
+
+
+def test_without_poison_only_false_positives_and_accuracy(tiny):
+    m = run_op(tiny, poison=None).metrics
+    assert "monitor/fpr" in m and "monitor/clean_accuracy_after" in m
+    assert not any(k.startswith(("monitor/tpr", "monitor/asr")) for k in m)
+
+
+def test_unchanged_model_has_no_directions_and_flags_nothing(tiny):
+    model, tok, layout, base_sd, _ = tiny
+    r = weightwatch(
+        model,
+        tok,
+        layout.block_modules(model.backbone),
+        LazyWriterWeights(layout, base_sd),
+        LazyWriterWeights(layout, base_sd),
+        small_splits(),
+        POISON,
+        calibration_size=20,
+    )
+    assert len(r.directions) == 0 and r.audit == {}
+    assert r.metrics["monitor/fpr"] == r.metrics["monitor/tpr"] == 0.0
+    assert r.metrics["monitor/asr_after"] == r.metrics["monitor/asr_before"]
+
+
+def test_bad_parameters_are_refused(tiny):
+    with pytest.raises(ValueError, match="eval_size"):
+        run_op(tiny, eval_size=0)
+    with pytest.raises(ValueError, match="k, batch_size"):
+        run_op(tiny, k=0)
+
+
+# ---- study files --------------------------------------------------------------------------------
+
+
+def _monitored(plan):
+    return [r for r in plan.rows if r.monitors]
+
+
+def test_study_files_plan_monitor_nodes():
+    quick = build_plan(load_study(REPO / "conf" / "quickstart.yaml"))
+    rows = _monitored(quick)
+    assert rows and {r.scenario for r in rows} == {"backdoor-watched"}
+    trained = {r.monitors["trained"] for r in rows}
+    assert len(trained) == 1, "one backdoored expert, watched once across merge ops"
+    node = quick.nodes[trained.pop()]
+    assert node.params["poison"]["trigger"] == "cf" and node.params["op"]["k"] == 20
+
+    study = build_plan(load_study(REPO / "conf" / "weightwatch_backdoor.yaml"))
+    rows = _monitored(study)
+    triggers = {
+        study.nodes[r.monitors["trained"]].params["poison"]["trigger"]
+        for r in rows
+        if study.nodes[r.monitors["trained"]].params["poison"]
+    }
+    assert triggers == {"cf", "really", "I watched this 3D movie"}
+    rates = {
+        study.nodes[r.monitors["trained"]].params["poison"]["rate"]
+        for r in rows
+        if study.nodes[r.monitors["trained"]].params["poison"]
+    }
+    assert rates == {0.05, 0.2}
+    protected = [r for r in rows if r.scenario.endswith("+params+aga")]
+    assert len(protected) == 3
+    assert all(set(r.monitors) == {"trained", "release", "attacked", "merged"} for r in protected)
+    clean = next(r for r in rows if r.scenario == "clean-watched")
+    assert study.nodes[clean.monitors["trained"]].params["poison"] is None
+
+    llm = build_plan(load_study(REPO / "conf" / "paper" / "weightwatch_llm.yaml"))
+    rows = _monitored(llm)
+    ops = [llm.nodes[r.monitors["trained"]].params["op"] for r in rows]
+    assert all(o["drop_last_layers"] == 3 and o["k"] == 20 and o["epsilon"] == 0.01 for o in ops)
+    assert all(o["calibration_datasets"][0]["uri"].startswith("hf:") for o in ops)
+
+
+# ---- a study through Ray, and a backdoored MiniLM (slow) ----------------------------------------
+
+
+@pytest.mark.slow
+def test_monitor_nodes_run_inside_a_study(tmp_path, tiny_bert):
+    from mergesec.orchestrator.engine import run_study
+
+    scenarios = {
+        "backdoor": {
+            "poison": {"trigger": "cf", "target": 1, "rate": 0.3},
+            "monitor": {
+                "op": "weightwatch",
+                "k": 4,
+                "calibration_size": 100,
+                "eval_size": 60,
+                "control_trigger": "zq",
+                "audit_n": 2,
+            },
+        }
+    }
+    study = load_study(write_study(tmp_path, tiny_bert, scenarios=scenarios))
+    plan = build_plan(study)
+    store_dir = tmp_path / "store"
+    summary = run_study(
+        study, store_uri=str(store_dir), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"
+    )
+    assert summary.ok, summary.failed
+    (row,) = plan.rows
+    assert set(row.monitors) == {"trained", "merged"}
+    trained = plan.nodes[row.monitors["trained"]]
+    assert trained.params["poison"]["trigger"] == "cf"
+    assert plan.nodes[trained.inputs["model"]].params["poison"]["rate"] == 0.3
+    store = Store(str(store_dir))
+    for node_id in row.monitors.values():
+        assert store.is_done(node_id)
+        metrics = store.read_metrics(node_id)
+        for key in ("fpr", "tpr", "asr_before", "asr_after", "clean_accuracy_before",
+                    "clean_accuracy_after", "control_flag_rate"):  # fmt: skip
+            assert 0.0 <= metrics[f"monitor/{key}"] <= 1.0, key
+        assert metrics["monitor/n_directions"] > 0
+        node_dir = store_dir / "nodes" / node_id
+        assert Directions.load(node_dir / "directions.safetensors").num_layers == 2
+        assert (node_dir / "audit.md").read_text().startswith("# Weight-direction audit: sentiment")
+    rows = monitor_rows(plan, store)
+    assert [r["watched"] for r in rows] == ["trained", "merged"]
+    assert all(r["status"] == "done" and r["trigger"] == "cf" for r in rows)
+    assert "| trained |" in monitor_markdown(rows)
+    written = write_monitor_reports(plan, store, rows)
+    assert Path(written["monitor.png"]).stat().st_size > 1000
+    assert json.loads(Path(written["monitor.json"]).read_text())[0]["fpr"] == rows[0]["fpr"]
+
+
+@pytest.mark.slow
+def test_backdoored_minilm_expert_is_detected_and_steered(record_property):
+    """MiniLM fine-tuned one epoch on sentiment with 20% of the negative examples carrying ``cf``
+    and relabelled positive; WeightWatch with its defaults (k = 20, ε = 0.01, calibration on the
+    clean train and validation texts) watches it against the base."""
+    from mergesec.tasks.finetune import finetune_full
+
+    torch.manual_seed(0)
+    data = load_dataset_splits("builtin:sentiment")
+    kw = {"trigger": "cf", "target_label": 1, "rate": 0.2, "position": "random"}
+    train, _ = poison_examples(data.train, seed=0, **kw)
+    validation, _ = poison_examples(data.validation, seed=1, **kw)
+    model = SequenceClassifier(load_backbone("builtin:minilm-l6"), 2)
+    tok = load_tokenizer("builtin:minilm-l6")
+    finetune_full(
+        model, tok, replace(data, train=train, validation=validation), epochs=1, lr=2e-4, seed=0
+    )
+    tuned = {k: v.detach() for k, v in model.backbone.state_dict().items()}
+    layout = detect_layout(load_config("builtin:minilm-l6"), tuned.keys())
+    base = LazyStateDict(base_weights_file("builtin:minilm-l6"))
+    r = weightwatch(
+        model,
+        tok,
+        layout.block_modules(model.backbone),
+        LazyWriterWeights(layout, base),
+        LazyWriterWeights(layout, tuned),
+        data,
+        POISON,
+        control_trigger="zq",
+    )
+    m = {k.split("/", 1)[1]: v for k, v in r.metrics.items()}
+    for key in ("tpr", "fpr", "control_flag_rate", "asr_before", "asr_after",
+                "clean_accuracy_before", "clean_accuracy_after"):  # fmt: skip
+        record_property(key, m[key])
+    print({k: round(v, 4) for k, v in m.items()})
+    # Measured on a 2-core CPU: TPR 1.00, FPR 0.085, control insertions flagged 0.33, attack
+    # success 1.00 → 0.32 under gated steering, clean accuracy 0.9875 before and after.
+    assert m["n_directions"] == 240  # 6 layers × 2 writers × k = 20
+    assert m["asr_before"] >= 0.8, "the backdoor was not learned"
+    assert m["tpr"] >= 0.9 and m["fpr"] <= 0.2
+    assert m["asr_after"] <= m["asr_before"] - 0.3
+    assert m["clean_accuracy_after"] >= m["clean_accuracy_before"] - 0.02
+    # The audit surfaces the trigger: its most-flagging directions list mostly triggered inputs.
+    assert m["audit_triggered_share"] > m["audit_triggered_base_rate"]
+
+
+def test_bad_monitor_parameters_are_refused_at_plan_time(tmp_path, tiny_bert):
+    from mergesec.orchestrator.errors import StudyError
+
+    scenarios = {
+        "b": {"poison": {"trigger": "cf"}, "monitor": {"op": "weightwatch", "steering": "sideways"}}
+    }
+    with pytest.raises(StudyError) as e:
+        load_study(write_study(tmp_path, tiny_bert, scenarios=scenarios))
+    assert "scenarios.b.monitor.steering" in str(e.value)
