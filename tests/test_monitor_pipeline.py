@@ -315,3 +315,51 @@ def test_bad_monitor_parameters_are_refused_at_plan_time(tmp_path, tiny_bert):
     with pytest.raises(StudyError) as e:
         load_study(write_study(tmp_path, tiny_bert, scenarios=scenarios))
     assert "scenarios.b.monitor.steering" in str(e.value)
+
+
+def test_monitor_report_rows_table_and_figure(tmp_path):
+    from mergesec.orchestrator.node import Node
+    from mergesec.orchestrator.plan import Plan, PlanRow
+
+    plan = Plan("s")
+    kinds = {}
+    for kind, poison in (("trained", POISON | {"rate": 0.2}), ("merged", POISON | {"rate": 0.2})):
+        node = plan.add(Node("monitor", "weightwatch", "1", {"poison": poison, "k": kind}, {}))
+        kinds[kind] = node.id
+    failed = plan.add(Node("monitor", "weightwatch", "1", {"poison": None}, {}))
+    plan.rows = [
+        PlanRow("", "rare", "builtin:sentiment", "ties", "e", "m", "me", {}, monitors=kinds),
+        PlanRow(
+            "",
+            "clean",
+            "builtin:sentiment",
+            "ties",
+            "e",
+            "m",
+            "me",
+            {},
+            monitors={"trained": failed.id},
+        ),  # fmt: skip
+    ]
+    store = Store(str(tmp_path / "store"))
+    for i, node_id in enumerate(kinds.values()):
+        with store.writing(node_id, {}) as out:
+            metrics = {"monitor/fpr": 0.05 * i, "monitor/tpr": 1.0, "monitor/asr_before": 0.9,
+                       "monitor/asr_after": 0.1, "monitor/clean_accuracy_before": 0.95,
+                       "monitor/clean_accuracy_after": 0.94}  # fmt: skip
+            (out / "metrics.json").write_text(json.dumps(metrics))
+    store.mark_failed(failed.id, {}, "boom")
+    rows = monitor_rows(plan, store)
+    assert [(r["scenario"], r["watched"], r["status"]) for r in rows] == [
+        ("rare", "trained", "done"),
+        ("rare", "merged", "done"),
+        ("clean", "trained", "failed"),
+    ]
+    assert rows[1]["fpr"] == 0.05 and rows[0]["trigger"] == "cf" and rows[0]["rate"] == 0.2
+    assert rows[2]["trigger"] is None and rows[2]["tpr"] is None
+    table = monitor_markdown(rows)
+    assert table.count("\n") == 5 and "| rare | builtin" not in table and "| sentiment |" in table
+    written = write_monitor_reports(plan, store, rows)
+    assert set(written) == {"monitor.json", "monitor.csv", "monitor.md", "monitor.png"}
+    assert Path(written["monitor.csv"]).read_text().count("\n") == 4
+    assert write_monitor_reports(Plan("empty"), store) == {}

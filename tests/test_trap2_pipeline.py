@@ -4,6 +4,7 @@ attacks, RegMean in the merge step, and a study using all of them through Ray.""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from mergesec.tasks.merge_methods import task_arithmetic
 from mergesec.tasks.registry import get_op, validate_params
 
 SENT, TOPIC = {"uri": "builtin:sentiment"}, {"uri": "builtin:topic"}
-FT = {"epochs": 1, "lr": 1.0e-3, "batch_size": 64, "max_length": 32, "seed": 0}
+FT = {"epochs": 1, "lr": 1.0e-3, "batch_size": 64, "max_length": 24, "seed": 0}
 
 
 @pytest.fixture(autouse=True)
@@ -150,14 +151,15 @@ def test_trap2_skips_and_counts_non_finite_steps(run, tiny_bert):
     from mergesec.models.hub import load_backbone, load_tokenizer
     from mergesec.tasks.trap2_train import protect_trap2
 
-    data = load_dataset_splits("builtin:sentiment")
+    full = load_dataset_splits("builtin:sentiment")
+    data = replace(full, train=full.train[:192], validation=full.validation[:64])
     model = SequenceClassifier(load_backbone(str(tiny_bert)), 2)
     with torch.no_grad():
         model.head.bias[0] = float("nan")
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     ft = {"mode": "full"} | validate_params(get_op("finetune", "full"), FT)
     res = protect_trap2(model, load_tokenizer(str(tiny_bert)), data, ft, lam=0.1)
-    assert res.metrics["steps"] > 0
+    assert res.metrics["steps"] == 3
     assert res.metrics["skipped_steps"] == res.metrics["steps"]
     for k, v in model.backbone.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -381,3 +383,55 @@ def test_trap2_study_runs_every_new_node_through_ray(tmp_path, tiny_bert):
     curves = load_scale_curves(plan, Store(str(tmp_path / "store")))
     assert {c["kind"] for c in curves.values()} == {"clean", "release"}
     assert plot_scale_curves({k: c["curve"] for k, c in curves.items()})[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- the effect on the bundled MiniLM
+
+MINILM_FT = {"epochs": 2, "lr": 1.0e-4, "batch_size": 16, "max_length": 64, "seed": 0}
+MINILM_LAM = 0.3
+MINILM_SCALES = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+MINILM_COEFS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+
+
+def measure_minilm_effect(root: Path) -> dict:
+    """Clean and Trap² sentiment experts on MiniLM, a clean topic expert, their scale curves and
+    their task-arithmetic merges with the coefficient searched; every number the test checks."""
+    run = Runner(root, "builtin:minilm-l6")
+    run.finetune(SENT, "clean-sentiment", **MINILM_FT)
+    run.finetune(TOPIC, "clean-topic", **MINILM_FT)
+    trap = run.trap2(SENT, "trap2-sentiment", ft=MINILM_FT, lam=MINILM_LAM)
+    record: dict = {"trap2_train": trap}
+    for kind in ("clean", "trap2"):
+        name = f"{kind}-sentiment"
+        art = ModelArtifact.open(root / name)
+        record[f"{kind}/standalone"] = evaluate.evaluate_artifact(art, [SENT])["accuracy/sentiment"]
+        params = {"datasets": [SENT], "scales": MINILM_SCALES, "op": {}}
+        record[f"{kind}/sharpness"] = run(
+            evaluate, "evaluate", "scale_curve", params, {"model": name}, f"sc-{kind}"
+        )
+        curve = json.loads((root / f"sc-{kind}" / "scale_curve.json").read_text())["curve"]
+        record[f"{kind}/curve"] = {p["s"]: (p["loss"], p["accuracy"]) for p in curve}
+        params = run.base | _merge_params("task_arithmetic", coefficient={"search": MINILM_COEFS})
+        inputs = {"expert.sentiment": name, "expert.topic": "clean-topic"}
+        m = run(merge, "merge", "task_arithmetic", params, inputs, f"m-{kind}")
+        merged = evaluate.evaluate_artifact(ModelArtifact.open(root / f"m-{kind}"), [SENT, TOPIC])
+        record[f"{kind}/merged"] = {"coefficient": m["chosen/coefficient"]} | merged
+    return record
+
+
+@pytest.mark.slow
+def test_minilm_trap2_expert_is_sharp_at_one_and_loses_its_task_when_merged(tmp_path):
+    torch.manual_seed(0)
+    r = measure_minilm_effect(tmp_path)
+    print(json.dumps(r, indent=1, default=str))
+    # standalone: within a few points of the clean expert
+    assert abs(r["trap2/standalone"] - r["clean/standalone"]) <= 0.03
+    # scale curve: the clean expert's loss is flat around s = 1, the Trap² expert's is a sharp
+    # minimum there (the lowest loss at |s - 1| >= 0.25 is several times the loss at s = 1)
+    clean, trap = r["clean/sharpness"], r["trap2/sharpness"]
+    assert clean["sharpness/off_to_nominal"] < 1.5
+    assert trap["sharpness/s_argmin"] == 1.0
+    assert trap["sharpness/off_to_nominal"] > 3.0
+    # merged at the coefficient the attacker's search chose: the victim's accuracy drops below
+    # what the clean expert keeps in the same merge
+    assert r["trap2/merged"]["accuracy/sentiment"] < r["clean/merged"]["accuracy/sentiment"]

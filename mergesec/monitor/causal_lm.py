@@ -17,6 +17,9 @@ The pieces compose the released method:
 5. ``steered_generate``: ``generate()`` under sticky ``SteeringHooks``: the prompt is checked
    against user-role ranges, generated tokens against assistant-role ranges, and a direction,
    once out of range at a token, is projected out of that token and every later one.
+6. ``watch_chats``: false and true positive rates, attack success before and after steering and
+   how many benign replies steering leaves unchanged; ``audit_chats``: the conversations that
+   drive each direction hardest.
 
 What is read is the output of every decoder block (``layout.block_modules``), i.e. the pre-norm
 residual stream after the layer, for the last block too (``output_hidden_states`` would give the
@@ -33,6 +36,7 @@ import torch
 from torch import nn
 
 from mergesec.models.layout import TransformerLayout, layout_for_model
+from mergesec.monitor.audit import Audit, top_activating, write_audit_markdown
 from mergesec.monitor.directions import Directions, weight_directions
 from mergesec.monitor.scoring import ROLE_NAMES, Calibration, DirectionScores, score_inputs
 from mergesec.monitor.steering import SteeringHooks
@@ -395,6 +399,56 @@ def steered_generate(
     return gen[:, batch["input_ids"].shape[1] :], names
 
 
+def chat_text(chat: Chat) -> str:
+    """A conversation as one line for reading: ``role: content`` turns joined by `` | ``."""
+    if isinstance(chat, str):
+        return chat
+    return " | ".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in chat)
+
+
+def audit_chats(
+    model: nn.Module,
+    tokenizer,
+    directions: Directions,
+    chats: Sequence[Chat],
+    *,
+    calibration: Calibration | None = None,
+    names: Sequence[str] | None = None,
+    audit_directions: int = 8,
+    n: int = 5,
+    path: str | os.PathLike[str] | None = None,
+    batch_size: int = 8,
+    max_length: int = 512,
+) -> Audit:
+    """Per direction (and role), the ``n`` chats that drive it highest and lowest.
+
+    Columns are ``names`` when given; else, with a ``calibration``, the ``audit_directions``
+    active columns that flag the most of ``chats`` (scores split by role as the calibration is);
+    else every column. With ``path`` the audit is also written as Markdown there.
+    """
+    split = bool(calibration.columns.role_names) if calibration is not None else None
+    scores = score_chats(
+        model,
+        tokenizer,
+        directions,
+        chats,
+        split_roles=split,
+        batch_size=batch_size,
+        max_length=max_length,
+    )
+    if names is None and calibration is not None:
+        counts = calibration.flags(scores).sum(0)
+        order = sorted(
+            (j for j in range(len(counts)) if bool(calibration.active[j])),
+            key=lambda j: -int(counts[j]),
+        )
+        names = [calibration.columns.names[j] for j in order[:audit_directions]]
+    audit = top_activating(scores, [chat_text(c) for c in chats], n=n, names=names)
+    if path is not None:
+        write_audit_markdown(audit, path, title="Weight-direction audit (chat)")
+    return audit
+
+
 def _replies(tokenizer, ids: torch.Tensor) -> list[str]:
     return [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
@@ -457,8 +511,10 @@ __all__ = [
     "ASSISTANT",
     "ROLE_NAMES",
     "USER",
+    "audit_chats",
     "calibrate_chats",
     "causal_lm_directions",
+    "chat_text",
     "complete_chats",
     "detect_chats",
     "encode_chats",

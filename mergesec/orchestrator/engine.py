@@ -198,6 +198,7 @@ def _run_nodes(
     spec = study.spec
     started_ray = _ray_init(address)
     tracker = StudyTracker(tracking_uri, study.name, spec.tracking.experiment)
+    tracker.reconcile(store, plan.nodes)
     summary.parent_run_id = tracker.start_parent(
         study.name, study.raw, {"mergesec.store": store.uri, "mergesec.study_file": study.file}
     )

@@ -87,6 +87,20 @@ class StudyTracker:
             self._log_params(self.parent_id, dict(items[i : i + 100]))
         return self.parent_id
 
+    def reconcile(self, store: Store, nodes: dict[str, Node]) -> None:
+        """Close child runs a killed invocation left RUNNING: FINISHED when the store has the node."""
+        running = self.client.search_runs(
+            [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+        )
+        for r in running:
+            node_id = r.data.tags.get(TAG_NODE)
+            if node_id in nodes:
+                self._node_runs[node_id] = r.info.run_id
+                if store.is_done(node_id):
+                    self.finish_node(nodes[node_id], store, "FINISHED")
+                else:
+                    self.client.set_terminated(r.info.run_id, status="KILLED")
+
     def end_parent(self, status: str, artifacts: list[str] = ()) -> None:
         if self.parent_id is None:
             return

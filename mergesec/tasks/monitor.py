@@ -14,6 +14,9 @@ poisons the victim, on triggered copies of its non-target test examples, reports
   inputs, the floor an attack success rate is compared with);
 - ``monitor/clean_accuracy_before``/``monitor/clean_accuracy_after``: test accuracy without and
   with steering;
+- with ``control_trigger``, ``monitor/control_flag_rate``: share of the same non-target inputs
+  flagged when another text of the trigger's kind is inserted instead (flags on any odd insertion
+  versus flags on the trigger);
 
 and writes ``directions.safetensors``, ``calibration.safetensors`` (reloadable with
 ``Directions.load``/``Calibration.load``), ``audit.md``/``audit.json`` (the inputs that drive the
@@ -256,8 +259,10 @@ def weightwatch(
 
     ``k`` directions per residual writer (``method``: exact or randomized SVD). The benign range
     comes from the victim dataset's ``calibration_split`` and the same split of every dataset in
-    ``calibration_datasets`` (URIs or ``{uri, columns}``), each capped at ``calibration_size`` texts, with
-    ``trim_percentile``, ``epsilon`` and ``drop_last_layers`` as in ``Calibration``. Evaluation
+    ``calibration_datasets`` (URIs or ``{uri, columns}``), each capped at ``calibration_size``
+    texts, with ``trim_percentile``, ``epsilon`` and ``drop_last_layers`` as in ``Calibration``
+    (defaults: the released code's k = 20, ε = 0.01, no trimming; no layer is dropped, since an
+    encoder's last block output is not followed by a final norm). Evaluation
     uses the clean test split (a seeded sample of ``eval_size`` when given) and, with ``poison``
     (``{trigger, target, position}``), its non-target examples with the trigger inserted; with
     ``control_trigger`` also the same examples with that text inserted instead, whose flag rate
