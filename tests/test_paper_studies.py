@@ -92,6 +92,11 @@ def stand_in_study(path: Path, tmp: Path, tiny_bert: Path) -> Path:
         out["victims"] = sorted({datasets[uris.index(v) % len(datasets)] for v in victims})
     out["finetune"] = {**doc.get("finetune", {}), "epochs": 1}
     out["merge"] = _trim_searches(doc["merge"])
+    for scenario in out.get("scenarios", {}).values():
+        monitor = (scenario or {}).get("monitor")
+        if monitor and "calibration_datasets" in monitor:
+            # hub calibration corpora are datasets too: stand in the local ones
+            monitor["calibration_datasets"] = datasets[:1]
     f = tmp / path.name
     f.write_text(yaml.safe_dump(out, sort_keys=False))
     return f
