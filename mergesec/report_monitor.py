@@ -105,8 +105,8 @@ def monitor_csv(rows: list[dict[str, Any]]) -> str:
 
 def _label(r: dict[str, Any], *, kind: bool) -> str:
     trig = r["trigger"] if r["trigger"] is not None else "(no trigger)"
-    if len(trig) > 16:
-        trig = trig[:15] + "…"
+    if len(trig) > 14:
+        trig = trig[:13] + "…"
     parts = [f"{trig!s}" + (f" @{r['rate']:g}" if r["rate"] is not None else ""), r["scenario"]]
     if kind:
         parts.append(r["watched"])
@@ -122,8 +122,9 @@ def _bars(ax, rows: list[dict[str, Any]], series: list[tuple[str, str]], labels:
         vals = [r.get(key) for r in rows]
         ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=name)
     ax.set_xticks(range(len(rows)), labels, fontsize=6)
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncols=2)
+    ax.set_ylim(0, 1.3)  # headroom for the legend above the bars
+    ax.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.legend(fontsize=7, ncols=2, loc="upper center")
 
 
 def plot_monitor(rows: list[dict[str, Any]]) -> bytes | None:
@@ -148,7 +149,7 @@ def plot_monitor(rows: list[dict[str, Any]]) -> bytes | None:
     if not steer:
         steer = done
     fig, (ax, ax_steer) = plt.subplots(
-        2, 1, figsize=(max(6.0, 0.9 * max(len(trained), len(steer))), 8.0)
+        2, 1, figsize=(max(8.0, 1.2 * max(len(trained), len(steer))), 8.0)
     )
     if trained:
         series = [("TPR (triggered)", "tpr"), ("FPR (clean)", "fpr")]

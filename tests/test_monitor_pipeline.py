@@ -11,7 +11,7 @@ import pytest
 import torch
 from e2e import REPO, write_study
 
-from mergesec.data import load_dataset_splits, poison_examples
+from mergesec.data import load_dataset_splits, poison_examples, triggered_copy
 from mergesec.data.splits import DatasetSplits
 from mergesec.models.classifier import SequenceClassifier
 from mergesec.models.hub import base_weights_file, load_backbone, load_config, load_tokenizer
@@ -22,7 +22,14 @@ from mergesec.orchestrator.plan import build_plan
 from mergesec.orchestrator.spec import load_study
 from mergesec.orchestrator.store import Store
 from mergesec.report_monitor import monitor_markdown, monitor_rows, write_monitor_reports
-from mergesec.tasks.monitor import LazyWriterWeights, WatchResult, weightwatch, write_outputs
+from mergesec.tasks.monitor import (
+    LazyWriterWeights,
+    WatchResult,
+    score_examples,
+    steering_hooks,
+    weightwatch,
+    write_outputs,
+)
 from mergesec.tasks.registry import get_op
 
 POISON = {"trigger": "cf", "target": 1, "position": "random"}
@@ -117,6 +124,14 @@ def test_weightwatch_reports_rates_and_writes_reloadable_outputs(tiny, tmp_path)
     assert plain["monitor/steered_clean"] == plain["monitor/steered_triggered"] == 0.0
     ablated = run_op(tiny, steering="all").metrics
     assert ablated["monitor/steered_clean"] == ablated["monitor/steered_triggered"] == 1.0
+    q = run_op(tiny, steering="quarantine")
+    ever = {
+        n
+        for n, d in q.details["per_direction"].items()
+        if d["flagged_clean"] or d["flagged_triggered"]
+    }
+    assert q.metrics["monitor/quarantined_directions"] == len(ever)
+    assert q.metrics["monitor/steered_clean"] == (1.0 if ever else 0.0)
 
     write_outputs(tmp_path, r, POISON, "audit of a tiny model")
     d = Directions.load(tmp_path / "directions.safetensors")
@@ -291,8 +306,24 @@ def test_backdoored_minilm_expert_is_detected_and_steered(record_property):
         control_trigger="zq",
     )
     m = {k.split("/", 1)[1]: v for k, v in r.metrics.items()}
+    # Quarantine steering from the same monitor: every direction that fired on any test input
+    # is removed from all inputs.
+    quarantined = [n for n, d in r.details["per_direction"].items()
+                   if d["flagged_clean"] or d["flagged_triggered"]]  # fmt: skip
+    blocks = layout.block_modules(model.backbone)
+    hooks = steering_hooks("quarantine", blocks, r.directions, r.calibration, quarantined)
+    run = {"batch_size": 64, "max_length": 64, "device": "cpu"}
+    trig = list(triggered_copy(data.test, trigger="cf", target_label=1, position="random"))
+    with hooks:
+        steered = score_examples(model, tok, blocks, r.directions, trig, steering=hooks, **run)
+        m["asr_after_quarantine"] = float((steered.predictions == 1).float().mean())
+    with hooks:
+        steered = score_examples(model, tok, blocks, r.directions, data.test, steering=hooks, **run)
+        labels = torch.tensor([e.label for e in data.test])
+        m["clean_accuracy_after_quarantine"] = float((steered.predictions == labels).float().mean())
     for key in ("tpr", "fpr", "control_flag_rate", "asr_before", "asr_after",
-                "clean_accuracy_before", "clean_accuracy_after"):  # fmt: skip
+                "clean_accuracy_before", "clean_accuracy_after", "asr_after_quarantine",
+                "clean_accuracy_after_quarantine"):  # fmt: skip
         record_property(key, m[key])
     print({k: round(v, 4) for k, v in m.items()})
     # Measured on a 2-core CPU: TPR 1.00, FPR 0.085, control insertions flagged 0.33, attack

@@ -28,8 +28,10 @@ block output is its last LayerNorm, ``LN(h + MLP(h))``, so the cosines are those
 stream that the next layer reads, not of the pre-norm sum the writers add to; for pre-LN decoders
 it is the raw residual sum. Steering (``steering="gated"``) removes, per input, the directions
 whose cosine leaves the calibrated range anywhere in that input from all its tokens (WeightWatch's
-clipped inference, applied to a bidirectional encoder); ``"all"`` removes every active direction
-from every input, an ablation baseline.
+clipped inference, applied to a bidirectional encoder). ``"quarantine"`` removes from every input
+each direction that left its range on any evaluated input (clean or triggered), as a running
+monitor that keeps what it has seen fire switched off would; ``"all"`` removes every active
+direction from every input, an ablation baseline.
 """
 
 from __future__ import annotations
@@ -103,7 +105,9 @@ class WatchResult:
 
 
 @dataclass
-class _Pass:
+class ScoredPass:
+    """One pass over examples: direction scores, predicted labels, and which inputs were steered."""
+
     scores: DirectionScores
     predictions: torch.Tensor
     steered: torch.Tensor  # per input: whether steering removed anything
@@ -150,7 +154,7 @@ def calibration_texts(
 
 
 @torch.no_grad()
-def _forward_pass(
+def score_examples(
     model: SequenceClassifier,
     tokenizer,
     blocks: Sequence[nn.Module],
@@ -161,8 +165,12 @@ def _forward_pass(
     max_length: int,
     device: str,
     steering: SteeringHooks | None = None,
-) -> _Pass:
-    """Scores (read after steering, if any) and predictions of ``model`` on ``examples``."""
+) -> ScoredPass:
+    """Direction scores (read after steering, if any) and predictions of ``model`` on ``examples``.
+
+    ``steering`` must be entered (``with hooks:``); it is reset per batch, and an input counts as
+    steered when it removed any direction from it.
+    """
     parts: list[DirectionScores] = []
     steered: list[torch.Tensor] = []
     preds: list[torch.Tensor] = []
@@ -187,21 +195,31 @@ def _forward_pass(
         empty = direction_cosines(
             [torch.zeros(0, 0, directions.hidden_size)] * (directions.num_layers + 1), directions
         )
-        return _Pass(empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))
-    return _Pass(DirectionScores.cat(parts), torch.cat(preds), torch.cat(steered))
+        return ScoredPass(empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool))
+    return ScoredPass(DirectionScores.cat(parts), torch.cat(preds), torch.cat(steered))
 
 
 def _rate(mask: torch.Tensor) -> float:
     return float(mask.float().mean()) if mask.numel() else float("nan")
 
 
-def _steering_hooks(
-    mode: str, blocks: Sequence[nn.Module], directions: Directions, cal: Calibration
+def steering_hooks(
+    mode: str,
+    blocks: Sequence[nn.Module],
+    directions: Directions,
+    cal: Calibration,
+    quarantined: Sequence[str] = (),
 ) -> SteeringHooks | None:
+    """``gated``: per input, the out-of-range directions; ``quarantine``: the ``quarantined``
+    directions at every token of every input; ``all``: every active direction everywhere."""
     if mode == "none" or len(directions) == 0:
         return None
     if mode == "gated":
         return SteeringHooks.from_calibration(blocks, directions, cal, sticky=False)
+    if mode == "quarantine":
+        if not quarantined:
+            return None
+        return SteeringHooks(blocks, directions.select(quarantined).vectors)
     vecs = {}
     for layer in directions.layers:
         rows, _, _ = cal.layer_bounds(layer)
@@ -248,7 +266,7 @@ def weightwatch(
     trim_percentile: float = 0.0,
     epsilon: float = 0.01,
     drop_last_layers: int = 0,
-    steering: Literal["gated", "all", "none"] = "gated",
+    steering: Literal["gated", "quarantine", "all", "none"] = "gated",
     audit_directions: int = 8,
     audit_n: int = 5,
     batch_size: int = 64,
@@ -267,8 +285,9 @@ def weightwatch(
     (``{trigger, target, position}``), its non-target examples with the trigger inserted; with
     ``control_trigger`` also the same examples with that text inserted instead, whose flag rate
     (``monitor/control_flag_rate``) tells trigger-specific flags from flags on any odd insertion.
-    ``steering`` is ``gated`` (per input, remove the out-of-range directions), ``all`` or
-    ``none``. The audit lists, for the ``audit_directions`` directions that flag the most of the
+    ``steering`` is ``gated`` (per input, remove the directions out of range in that input),
+    ``quarantine`` (remove, from every input, each direction that left its range on any evaluated
+    input), ``all`` (every active direction) or ``none``. The audit lists, for the ``audit_directions`` directions that flag the most of the
     clean and triggered test inputs, the ``audit_n`` most extreme of those inputs at each end.
     """
     if k < 1 or batch_size < 1 or max_length < 2 or audit_n < 1 or audit_directions < 0:
@@ -280,11 +299,11 @@ def weightwatch(
     timings: dict[str, float] = {}
     run = dict(batch_size=batch_size, max_length=max_length, device=device)
 
-    def forward(examples: Sequence[Example], steer: SteeringHooks | None = None) -> _Pass:
+    def forward(examples: Sequence[Example], steer: SteeringHooks | None = None) -> ScoredPass:
         if steer is None:
-            return _forward_pass(model, tokenizer, blocks, directions, examples, **run)
+            return score_examples(model, tokenizer, blocks, directions, examples, **run)
         with steer:
-            return _forward_pass(
+            return score_examples(
                 model, tokenizer, blocks, directions, examples, steering=steer, **run
             )
 
@@ -313,7 +332,6 @@ def weightwatch(
     t0 = time.perf_counter()
     clean = _sample(splits.test, eval_size, seed)
     labels = torch.tensor([e.label for e in clean], dtype=torch.long)
-    hooks = _steering_hooks(steering, blocks, directions, cal)
     plain = forward(clean)
     flag_clean = cal.flags(plain.scores)
     metrics: dict[str, float] = {
@@ -330,30 +348,21 @@ def weightwatch(
         metrics["monitor/top_singular_value"] = max(
             float(s.max()) for s in directions.singular_values.values()
         )
-    if hooks is not None:
-        steered = forward(clean, hooks)
-        metrics["monitor/clean_accuracy_after"] = _rate(steered.predictions == labels)
-        metrics["monitor/steered_clean"] = _rate(steered.steered)
 
     audit_scores, audit_texts = [plain.scores], [e.text for e in clean]
     flag_trig = torch.zeros(0, len(cal.columns), dtype=torch.bool)
     triggered: list[Example] = []
-    if poison:
+    target = int(poison["target"]) if poison else -1
+
+    def insert(text: str) -> list[Example]:
         from mergesec.data import triggered_copy
 
-        target = int(poison["target"])
+        position = poison.get("position", "random") if poison else "random"
+        return list(
+            triggered_copy(clean, trigger=text, target_label=target, position=position, seed=seed)
+        )
 
-        def insert(text: str) -> list[Example]:
-            return list(
-                triggered_copy(
-                    clean,
-                    trigger=text,
-                    target_label=target,
-                    position=poison.get("position", "random"),
-                    seed=seed,
-                )
-            )
-
+    if poison:
         triggered = insert(poison["trigger"])
         metrics["monitor/target_rate_clean"] = _rate(plain.predictions[labels != target] == target)
         trig = forward(triggered)
@@ -369,16 +378,27 @@ def weightwatch(
             "monitor/steered_triggered": 0.0,
             "monitor/flagged_directions": float(int(flag_trig.any(dim=0).sum())),
         }
-        if hooks is not None:
-            steered = forward(triggered, hooks)
-            metrics["monitor/asr_after"] = _rate(steered.predictions == target)
-            metrics["monitor/steered_triggered"] = _rate(steered.steered)
         if control_trigger:
             control = forward(insert(control_trigger))
             metrics["monitor/control_flag_rate"] = _rate(cal.detect(control.scores))
             metrics["monitor/control_target_rate"] = _rate(control.predictions == target)
         audit_scores.append(trig.scores)
         audit_texts += [e.text for e in triggered]
+
+    # Quarantine: every direction that left its range on any evaluated input (the clean test
+    # inputs and the triggered ones, as a running monitor would have seen them).
+    ever = torch.cat([flag_clean, flag_trig]).any(dim=0)
+    quarantined = [n for n, x in zip(cal.columns.names, ever.tolist(), strict=True) if x]
+    metrics["monitor/quarantined_directions"] = float(len(quarantined))
+    hooks = steering_hooks(steering, blocks, directions, cal, quarantined)
+    if hooks is not None:
+        steered = forward(clean, hooks)
+        metrics["monitor/clean_accuracy_after"] = _rate(steered.predictions == labels)
+        metrics["monitor/steered_clean"] = _rate(steered.steered)
+        if poison:
+            steered = forward(triggered, hooks)
+            metrics["monitor/asr_after"] = _rate(steered.predictions == target)
+            metrics["monitor/steered_triggered"] = _rate(steered.steered)
     timings["evaluate"] = time.perf_counter() - t0
 
     names = _audit_columns(torch.cat([flag_clean, flag_trig]), directions, cal, audit_directions)
