@@ -1,6 +1,7 @@
 """Cold and warm wall time of the quickstart study, and the accuracies it reports.
 
     python benchmarks/quickstart_time.py [--study conf/quickstart.yaml] [--keep DIR]
+                                         [--scenarios unprotected,params,...]
 
 Runs `mergesec run` twice in a fresh directory (its own store, MLflow database and base-model
 cache): the first run computes everything, the second must find everything in the store.
@@ -36,16 +37,37 @@ def run(study: Path, cwd: Path) -> tuple[float, str]:
     return elapsed, p.stdout
 
 
+def subset(study: Path, names: list[str], cwd: Path) -> Path:
+    """A copy of ``study`` keeping only the named scenarios (same name, so the same node ids)."""
+    import yaml
+
+    spec = yaml.safe_load(study.read_text())
+    missing = set(names) - set(spec["scenarios"])
+    if missing:
+        sys.exit(f"{study}: scenarios: no {sorted(missing)}; has {sorted(spec['scenarios'])}")
+    spec["scenarios"] = {k: v for k, v in spec["scenarios"].items() if k in names}
+    out = cwd / study.name
+    out.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--study", type=Path, default=REPO / "conf" / "quickstart.yaml")
     ap.add_argument("--keep", type=Path, help="run in this directory and keep it")
+    ap.add_argument(
+        "--scenarios",
+        help="comma-separated subset of the study's scenarios (e.g. the earlier budgets)",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         cwd = args.keep or Path(tmp)
         cwd.mkdir(parents=True, exist_ok=True)
-        cold, _ = run(args.study.resolve(), cwd)
-        warm, out = run(args.study.resolve(), cwd)
+        study = args.study.resolve()
+        if args.scenarios:
+            study = subset(study, args.scenarios.split(","), cwd)
+        cold, _ = run(study, cwd)
+        warm, out = run(study, cwd)
         print(
             f"cpus: {os.cpu_count()}  cold: {cold:.1f} s  warm: {warm:.1f} s  (warm/cold {warm / cold:.3f})"
         )

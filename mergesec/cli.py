@@ -195,9 +195,10 @@ def report(
     st = Store(store)
     rows = build_results(p, st)
     paths = write_reports(p, st, rows)
-    text = {"md": full_markdown, "csv": to_csv, "json": lambda r: json.dumps(r, indent=2)}[format_](
-        rows
-    )
+    if format_ == "md":
+        text = full_markdown(p, st, rows)
+    else:
+        text = to_csv(rows) if format_ == "csv" else json.dumps(rows, indent=2)
     sys.stdout.write(text)
     for name, path in paths.items():
         err.print(f"  {name}: {path}", highlight=False)

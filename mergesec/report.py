@@ -92,32 +92,18 @@ def build_results(plan: Plan, store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-MONITOR_COLUMNS = ["tpr", "fpr", "asr_before", "asr_after", "clean_acc_before", "clean_acc_after"]
+def full_markdown(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> str:
+    """The results table, then the monitors' table and the scale curves' sharpness, if any."""
+    from mergesec.report_monitor import monitor_markdown, monitor_rows
+    from mergesec.report_scale import load_scale_curves, scale_curve_table
 
-
-def monitor_markdown(rows: list[dict[str, Any]]) -> str:
-    """One line per (scenario, victim, watched model) with the monitor's headline numbers."""
-    lines = []
-    for r in rows:
-        for kind, m in r.get("monitors", {}).items():
-            if m:
-                lines.append(
-                    [r["scenario"], r["victim"], r["merge"], kind]
-                    + [_fmt(m.get(c)) for c in MONITOR_COLUMNS]
-                )
-    if not lines:
-        return ""
-    head = ["scenario", "victim", "merge", "watched", *MONITOR_COLUMNS]
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    out += ["| " + " | ".join(x) + " |" for x in lines]
-    return "\n".join(out) + "\n"
-
-
-def full_markdown(rows: list[dict[str, Any]]) -> str:
     text = markdown(rows)
-    mon = monitor_markdown(rows)
+    mon = monitor_rows(plan, store)
     if mon:
-        text += "\n## Monitors\n\n" + mon
+        text += "\n## Monitors\n\n" + monitor_markdown(mon)
+    curves = load_scale_curves(plan, store)
+    if curves:
+        text += "\n## Loss along the scaling direction\n\n" + scale_curve_table(curves)
     return text
 
 
@@ -184,19 +170,31 @@ def plot_headline(rows: list[dict[str, Any]]) -> bytes | None:
 
 
 def write_reports(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Write results.{json,csv,md} and results.png into ``<store>/studies/<study>/``."""
+    """Write into ``<store>/studies/<study>/``: results.{json,csv,md}, results.png (victim by
+    scenario), results_by_merge.png (one panel per merge op), monitor.* when the study watches
+    models, and scale_curves.png when it draws scale curves. Returns ``{file name: location}``."""
+    from mergesec.report_monitor import write_monitor_reports
+    from mergesec.report_scale import load_scale_curves, plot_scale_curves, plot_scenario_merge
+
+    files: dict[str, str | bytes | None] = {
+        "results.json": json.dumps(rows, indent=2),
+        "results.csv": to_csv(rows),
+        "results.md": full_markdown(plan, store, rows),
+        "results.png": plot_headline(rows),
+        "results_by_merge.png": plot_scenario_merge(rows),
+    }
+    curves = load_scale_curves(plan, store)
+    if curves:
+        files["scale_curves.png"] = plot_scale_curves({k: c["curve"] for k, c in curves.items()})
     out = {}
-    for name, text in (
-        ("results.json", json.dumps(rows, indent=2)),
-        ("results.csv", to_csv(rows)),
-        ("results.md", full_markdown(rows)),
-    ):
+    for name, data in files.items():
+        if data is None:
+            continue
         rel = store.study_rel(plan.study, name)
-        store.write_text(rel, text)
+        if isinstance(data, bytes):
+            store.write_bytes(rel, data)
+        else:
+            store.write_text(rel, data)
         out[name] = store.location(rel)
-    png = plot_headline(rows)
-    if png is not None:
-        rel = store.study_rel(plan.study, "results.png")
-        store.write_bytes(rel, png)
-        out["results.png"] = store.location(rel)
+    out.update(write_monitor_reports(plan, store))
     return out

@@ -118,6 +118,14 @@ def scale_curve_table(curves: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _variant_line(row: Mapping[str, Any]) -> str:
+    """The row's variant without its merge op (the panel already names it), as an extra line."""
+    parts = [
+        p for p in (row.get("variant") or "").split(",") if p and not p.startswith("merge.op=")
+    ]
+    return "\n" + ",".join(parts) if parts else ""
+
+
 def plot_scenario_merge(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
     """One panel per merge op; per scenario (and victim) grouped bars of the victim's standalone
     accuracy (its release), its accuracy after merging, and the others' mean accuracy after
@@ -147,15 +155,12 @@ def plot_scenario_merge(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
             range(len(g)), [r.get("victim_clean") or 0.0 for r in g], marker="_", s=400,
             color="black", label="clean expert", zorder=3,
         )  # fmt: skip
-        labels = [
-            f"{r['scenario']}\n{r['victim']}" + (f"\n{r['variant']}" if r.get("variant") else "")
-            for r in g
-        ]
+        labels = [f"{r['scenario']}\n{r['victim']}" + _variant_line(r) for r in g]
         ax.set_xticks(range(len(g)), labels, fontsize=7)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("test accuracy")
         ax.set_title(f"merge: {op}", fontsize=9)
-    axes[0, 0].legend(fontsize=7, ncols=4, loc="lower right")
+    axes[0, 0].legend(fontsize=7, ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.12))
     return _png(fig)
 
 

@@ -266,6 +266,10 @@ def test_monitor_nodes_run_inside_a_study(tmp_path, tiny_bert):
         node_dir = store_dir / "nodes" / node_id
         assert Directions.load(node_dir / "directions.safetensors").num_layers == 2
         assert (node_dir / "audit.md").read_text().startswith("# Weight-direction audit: sentiment")
+    # run_study already wrote the monitor reports next to the results.
+    study_dir = store_dir / "studies" / study.name
+    assert (study_dir / "monitor.png").read_bytes()[:4] == b"\x89PNG"
+    assert "## Monitors" in (study_dir / "results.md").read_text()
     rows = monitor_rows(plan, store)
     assert [r["watched"] for r in rows] == ["trained", "merged"]
     assert all(r["status"] == "done" and r["trigger"] == "cf" for r in rows)

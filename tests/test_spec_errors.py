@@ -70,6 +70,20 @@ CASES = [
         "unknown builtin model",
     ),
     (
+        "datasets of two kinds",
+        GOOD.replace("builtin:topic]", "builtin:shapes]"),
+        "datasets",
+        "datasets of different kinds cannot be combined",
+    ),
+    (
+        "monitor on image experts",
+        GOOD.replace("builtin:sentiment, builtin:topic]", "builtin:shapes, builtin:colors]")
+        .replace("victims: [builtin:sentiment]", "victims: all")
+        .replace("unprotected: {}", "watched: {monitor: {op: weightwatch}}"),
+        "scenarios.watched.monitor",
+        "monitors watch text classifiers only; this study's datasets are image",
+    ),
+    (
         "victim not a dataset",
         GOOD.replace("victims: [builtin:sentiment]", "victims: [builtin:question]"),
         "victims.0",

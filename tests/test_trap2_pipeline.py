@@ -383,6 +383,13 @@ def test_trap2_study_runs_every_new_node_through_ray(tmp_path, tiny_bert):
     curves = load_scale_curves(plan, Store(str(tmp_path / "store")))
     assert {c["kind"] for c in curves.values()} == {"clean", "release"}
     assert plot_scale_curves({k: c["curve"] for k, c in curves.items()})[:4] == b"\x89PNG"
+    # The study's own report carries the curves: a figure and the sharpness table.
+    study_dir = tmp_path / "store" / "studies" / study.name
+    assert (study_dir / "scale_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (study_dir / "results_by_merge.png").read_bytes()[:4] == b"\x89PNG"
+    md = (study_dir / "results.md").read_text()
+    assert "## Loss along the scaling direction" in md
+    assert sum(label in md for label in curves) == len(curves) == 2
 
 
 # ---------------------------------------------------------------- the effect on the bundled MiniLM

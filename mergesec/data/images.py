@@ -364,7 +364,8 @@ def complete_image_splits(
 
     A missing validation split is 10% of train (at most 5,000 images) drawn with ``seed``; a
     missing test split is the source's validation split (and validation is then carved from
-    train); a train-only source is divided 70/10/20.
+    train); a train-only source gives 20% to test and then 10% of the rest to validation
+    (72/8/20).
     """
     train = splits.get("train")
     if train is None or not len(train):

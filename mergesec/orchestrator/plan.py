@@ -13,7 +13,7 @@ For every grid variant of the study:
         merged   = merge | attack(merge)                   attacks at stage "merged"
         evaluate(merged)                                   every dataset, normalised by the experts
         monitor(m) for m in trained, release, victim, merged   when the scenario has a monitor
-        evaluate/scale_curve(m) for m in trained, release      when diagnostics.scale_curve
+        evaluate/scale_curve(m) for m in clean, trained, release  when diagnostics.scale_curve
 
 Identical nodes (same step, op, version, params and inputs) are one node, so scenarios that share a
 clean expert train it once and the unprotected merge is computed once for every victim.

@@ -275,6 +275,13 @@ def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
             problems.append((e.path, str(e)))
 
     check("finetune", spec.finetune.mode, spec.finetune.params, "finetune", "mode")
+    try:
+        from mergesec.tasks.kinds import kind_for_datasets
+
+        kind = kind_for_datasets([d.model_dump(exclude_none=True) for d in spec.dataset_specs()])
+    except ValueError as e:
+        problems.append(("datasets", str(e)))
+        kind = "mixed"
     for name, sc in spec.scenarios.items():
         if sc.protect is not None:
             check("protect", sc.protect.op, sc.protect.params, f"scenarios.{name}.protect")
@@ -282,5 +289,12 @@ def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
             check("attack", sc.attack.op, sc.attack.params, f"scenarios.{name}.attack")
         if sc.monitor is not None:
             check("monitor", sc.monitor.op, sc.monitor.params, f"scenarios.{name}.monitor")
+            if kind != "text":
+                problems.append(
+                    (
+                        f"scenarios.{name}.monitor",
+                        f"monitors watch text classifiers only; this study's datasets are {kind}",
+                    )
+                )
     check("merge", spec.merge.op, spec.merge.params, "merge")
     return problems
