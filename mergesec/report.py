@@ -107,7 +107,7 @@ def full_markdown(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> str:
     return text
 
 
-def _fmt(x: Any) -> str:
+def fmt_cell(x: Any) -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
@@ -115,21 +115,31 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    cols = [c for c in COLUMNS if c != "variant" or any(r["variant"] for r in rows)]
+def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """``rows`` as a Markdown table of ``columns``; the ``variant`` column only when some row has
+    a variant."""
+    cols = [c for c in columns if c != "variant" or any(r.get("variant") for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(fmt_cell(r.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
-def to_csv(rows: list[dict[str, Any]]) -> str:
+def csv_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({c: r.get(c) for c in COLUMNS})
+        w.writerow({c: r.get(c) for c in columns})
     return buf.getvalue()
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    return markdown_table(rows, COLUMNS)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    return csv_table(rows, COLUMNS)
 
 
 def plot_headline(rows: list[dict[str, Any]]) -> bytes | None:

@@ -9,13 +9,13 @@ trigger, and attack success and clean accuracy before and after steering.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 from typing import Any
 
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.store import Store
+from mergesec.report import csv_table, markdown_table
 
 WATCHED = ("trained", "release", "attacked", "merged")
 METRICS = (
@@ -77,30 +77,13 @@ def monitor_rows(plan: Plan, store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(x: Any) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.3f}"
-    return str(x)
-
-
 def monitor_markdown(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table (the variant column only when the study has variants)."""
-    cols = [c for c in COLUMNS if c != "variant" or any(r["variant"] for r in rows)]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, COLUMNS)
 
 
 def monitor_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: r.get(c) for c in COLUMNS})
-    return buf.getvalue()
+    return csv_table(rows, COLUMNS)
 
 
 def _label(r: dict[str, Any], *, kind: bool) -> str:

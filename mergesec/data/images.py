@@ -29,6 +29,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from mergesec.data.sources import hf_parts, local_path
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target", "variant")
 IMAGE_COLUMNS = ("image", "img", "pixel_values")
@@ -424,26 +426,6 @@ def register_image_dataset(info: ImageDatasetInfo) -> None:
     clear_image_cache()
 
 
-def _hf_parts(rest: str) -> tuple[str, str | None, str | None]:
-    """``(repo, config, revision)`` of what follows ``hf:`` for an image dataset."""
-    spec, _, rev = rest.partition("@")
-    parts = spec.split("/")
-    if len(parts) == 3:
-        return f"{parts[0]}/{parts[1]}", parts[2], rev or None
-    return spec, None, rev or None
-
-
-def _local_path(uri: str) -> Path | None:
-    from mergesec.data.sources import is_path_like
-
-    rest = uri[3:] if uri.startswith("hf:") else uri
-    if uri.startswith("hf:") and not is_path_like(rest):
-        return None
-    if ":" in rest.split("/")[0] and not uri.startswith("hf:"):
-        return None  # another scheme
-    return Path(rest).expanduser()
-
-
 def is_image_folder(path: Path) -> bool:
     """A directory of ``<class>/<image>`` or ``<split>/<class>/<image>`` files (no saved dataset)."""
     from mergesec.data.sources import is_saved_dataset_dir
@@ -480,7 +462,7 @@ def is_image_uri(uri: str) -> bool:
     uri = uri.strip()
     if uri.startswith("builtin:"):
         return uri.split(":", 1)[1] in BUILTIN_TEMPLATES
-    path = _local_path(uri)
+    path = local_path(uri)
     if path is not None:
         if is_image_folder(path):
             return True
@@ -488,25 +470,25 @@ def is_image_uri(uri: str) -> bool:
 
         return is_saved_dataset_dir(path) and has_image_feature(_saved_features(path))
     if uri.startswith("hf:"):
-        repo, config, _ = _hf_parts(uri[3:])
+        repo, config, _ = hf_parts(uri[3:])
         return any(info_by_name(n) is not None for n in (repo, *repo.split("/"), config or ""))
     return False
 
 
 def check_image_uri(uri: str) -> str | None:
     """None if the image dataset ``uri`` can be loaded, else a one-line problem."""
-    path = _local_path(uri.strip())
+    path = local_path(uri.strip())
     if path is not None and not path.exists():
         return f"directory not found: {uri}"
     return None
 
 
 def _info_for(uri: str) -> ImageDatasetInfo | None:
-    path = _local_path(uri)
+    path = local_path(uri)
     if path is not None:
         return info_by_name(path.name)
     if uri.startswith("hf:"):
-        repo, config, _ = _hf_parts(uri[3:])
+        repo, config, _ = hf_parts(uri[3:])
         for n in (repo, config or "", *reversed(repo.split("/"))):
             info = info_by_name(n)
             if info is not None:
@@ -521,7 +503,7 @@ def _open(uri: str, info: ImageDatasetInfo | None) -> Any:
 
     if uri.startswith("builtin:"):
         return synthetic_images(uri.split(":", 1)[1])
-    path = _local_path(uri)
+    path = local_path(uri)
     if path is not None:
         if is_image_folder(path):
             return datasets.load_dataset(
@@ -529,7 +511,7 @@ def _open(uri: str, info: ImageDatasetInfo | None) -> Any:
             )
         obj = datasets.load_from_disk(str(path))
     else:
-        repo, config, rev = _hf_parts(uri[3:])
+        repo, config, rev = hf_parts(uri[3:])
         if info is not None and repo.lower() == info.hub_id.lower() and config is None:
             config = info.config
         obj = datasets.load_dataset(repo, config, revision=rev)

@@ -27,6 +27,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from mergesec.data.sources import hf_parts, local_path
+
 FINAL_MARK = "####"
 QA_SEED = 42
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -184,25 +186,6 @@ def register_qa_dataset(info: QADatasetInfo) -> None:
     clear_qa_cache()
 
 
-def _hf_parts(rest: str) -> tuple[str, str | None, str | None]:
-    spec, _, rev = rest.partition("@")
-    parts = spec.split("/")
-    if len(parts) == 3:
-        return f"{parts[0]}/{parts[1]}", parts[2], rev or None
-    return spec, None, rev or None
-
-
-def _local_path(uri: str) -> Path | None:
-    from mergesec.data.sources import is_path_like
-
-    if uri.startswith("hf:"):
-        rest = uri[3:]
-        return Path(rest).expanduser() if is_path_like(rest) else None
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", uri):
-        return None
-    return Path(uri).expanduser()
-
-
 def _qa_columns(
     available: Sequence[str], columns: Mapping[str, str] | None
 ) -> tuple[str, str] | None:
@@ -226,11 +209,11 @@ def _looks_qa(available: Sequence[str], columns: Mapping[str, str] | None) -> bo
 
 
 def _info_for(uri: str) -> QADatasetInfo | None:
-    path = _local_path(uri)
+    path = local_path(uri)
     if path is not None:
         return qa_info_by_name(path.stem)
     if uri.startswith("hf:"):
-        repo, config, _ = _hf_parts(uri[3:])
+        repo, config, _ = hf_parts(uri[3:])
         for n in (repo, config or "", *reversed(repo.split("/"))):
             info = qa_info_by_name(n)
             if info is not None:
@@ -255,7 +238,7 @@ def _is_qa(uri: str, columns: tuple[tuple[str, str], ...]) -> bool:
     if uri.startswith("builtin:"):
         return uri.split(":", 1)[1] in qa_builtin_names()
     cols = dict(columns)
-    path = _local_path(uri)
+    path = local_path(uri)
     if path is not None:
         from mergesec.data.sources import is_saved_dataset_dir
 
@@ -324,7 +307,7 @@ def _load_cached(uri: str, columns: tuple[tuple[str, str], ...]) -> QASplits:
     import datasets
 
     info = _info_for(uri)
-    path = _local_path(uri)
+    path = local_path(uri)
     if path is not None and path.is_file():
         records = [
             json.loads(x) for x in path.read_text(encoding="utf-8-sig").splitlines() if x.strip()
@@ -333,7 +316,7 @@ def _load_cached(uri: str, columns: tuple[tuple[str, str], ...]) -> QASplits:
     elif path is not None:
         obj = datasets.load_from_disk(str(path))
     else:
-        repo, config, rev = _hf_parts(uri[3:])
+        repo, config, rev = hf_parts(uri[3:])
         if info is not None and repo.lower() == info.hub_id.lower() and config is None:
             config = info.config
         obj = datasets.load_dataset(repo, config, revision=rev)

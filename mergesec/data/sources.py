@@ -67,6 +67,27 @@ def is_path_like(rest: str) -> bool:
     return rest.startswith(("/", "./", "../", "~")) or rest in (".", "..")
 
 
+def hf_parts(rest: str) -> tuple[str, str | None, str | None]:
+    """``(repo, config, revision)`` of what follows ``hf:`` (``org/name[/config][@rev]``), without
+    the checks of ``parse_hf``: for datasets found by name in a registry (images, QA)."""
+    spec, _, rev = rest.partition("@")
+    parts = spec.split("/")
+    if len(parts) == 3:
+        return f"{parts[0]}/{parts[1]}", parts[2], rev or None
+    return spec, None, rev or None
+
+
+def local_path(uri: str) -> Path | None:
+    """The local path a dataset URI names (``hf:./dir``, ``hf:/abs``, or a bare path), else None
+    (a hub dataset or another scheme)."""
+    if uri.startswith("hf:"):
+        rest = uri[3:]
+        return Path(rest).expanduser() if is_path_like(rest) else None
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", uri):
+        return None
+    return Path(uri).expanduser()
+
+
 def parse_hf(rest: str) -> HfRef:
     """Parse what follows ``hf:``; raises ``ValueError`` naming the accepted forms."""
     if is_path_like(rest):
