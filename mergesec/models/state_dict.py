@@ -74,6 +74,18 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         return sum(p.stat().st_size for p in self.paths)
 
 
+def copy_into(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``weights`` into ``module``'s tensors of the same names, one tensor at a time (a lazy
+    mapping is read key by key, so memory holds one extra tensor)."""
+    sd = module.state_dict()
+    missing = [k for k in weights if k not in sd]
+    if missing:
+        raise ValueError(f"key {missing[0]!r} is not a weight of the model")
+    with torch.no_grad():
+        for k in weights:
+            sd[k].copy_(weights[k])
+
+
 def state_dict_bytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 

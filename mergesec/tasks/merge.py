@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mergesec.models.artifact import MODEL_FILE, HeadInfo, ModelArtifact, write_artifact
-from mergesec.models.state_dict import LazyStateDict, save_state_dict
+from mergesec.models.state_dict import LazyStateDict, copy_into, save_state_dict
 from mergesec.tasks.context import NodeContext
 from mergesec.tasks.registry import get_op, is_search
 
@@ -126,10 +126,7 @@ class ValidationScorer:
 
     def load(self, weights: Mapping[str, Tensor]) -> None:
         """Copy ``weights`` (backbone keys) into the model, one tensor at a time."""
-        sd = self.model.backbone.state_dict()
-        with torch.no_grad():
-            for k in weights:
-                sd[k].copy_(weights[k])
+        copy_into(self.model.backbone, weights)
 
     @torch.no_grad()
     def accuracies(self, heads: Mapping[str, Tensor], slugs: Sequence[str]) -> dict[str, float]:
