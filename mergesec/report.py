@@ -142,6 +142,14 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return csv_table(rows, COLUMNS)
 
 
+def _short_variant(variant: str) -> str:
+    """The variant as an extra label line, the merge op by its name alone (``ties``)."""
+    parts = [
+        p.split("=", 1)[1] if p.startswith("merge.op=") else p for p in variant.split(",") if p
+    ]
+    return "\n" + ",".join(parts) if parts else ""
+
+
 def plot_headline(rows: list[dict[str, Any]]) -> bytes | None:
     """Grouped bars: the victim's accuracy standalone, released, and after merging, per scenario."""
     import matplotlib
@@ -152,10 +160,7 @@ def plot_headline(rows: list[dict[str, Any]]) -> bytes | None:
     done = [r for r in rows if r["status"] == "done"]
     if not done:
         return None
-    labels = [
-        f"{r['scenario']}\n{r['victim']}" + (f"\n{r['variant']}" if r["variant"] else "")
-        for r in done
-    ]
+    labels = [f"{r['scenario']}\n{r['victim']}" + _short_variant(r["variant"]) for r in done]
     series = [
         ("clean expert", "victim_clean"),
         ("release/attacked", "victim_release"),
@@ -170,8 +175,8 @@ def plot_headline(rows: list[dict[str, Any]]) -> bytes | None:
     ax.set_xticks(range(len(done)), labels, fontsize=7)
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, ncols=2)
-    ax.set_title("Victim accuracy by scenario")
+    ax.legend(fontsize=7, ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    ax.set_title("Victim accuracy by scenario", pad=22)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
