@@ -100,7 +100,7 @@ def scale_curve_table(curves: Mapping[str, Mapping[str, Any]]) -> str:
     cols = [
         ("loss@1", "sharpness/loss_s1"),
         ("acc@1", "sharpness/acc_s1"),
-        ("min loss |s-1|>=.25", "sharpness/min_loss_off"),
+        ("min loss at \\|s-1\\| ≥ .25", "sharpness/min_loss_off"),
         ("ratio", "sharpness/off_to_nominal"),
         ("argmin s", "sharpness/s_argmin"),
         ("acc drop s=.5", "sharpness/acc_drop_s0.5"),

@@ -333,6 +333,22 @@ def test_report_figures(run):
     assert plot_step_times(bench[:1]) is None
 
 
+def test_scale_curve_table_has_one_cell_per_column():
+    import re
+
+    from mergesec.report_scale import scale_curve_table
+
+    summary = {
+        "sharpness/loss_s1": 0.05,
+        "sharpness/off_to_nominal": 5.5,
+        "sharpness/s_argmin": 1.0,
+    }
+    table = scale_curve_table({"trap2 sentiment: release": {"summary": summary}})
+    cells = [len(re.findall(r"(?<!\\)\|", line)) for line in table.strip().splitlines()]
+    assert len(cells) == 3 and len(set(cells)) == 1, table
+    assert "| 5.500 | 1.000 |" in table
+
+
 # ---------------------------------------------------------------- the nodes in a study DAG
 
 
