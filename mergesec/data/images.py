@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mergesec.data.sources import hf_parts, local_path
+from mergesec.data.sources import find_registered, hf_parts, local_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target", "variant")
@@ -483,19 +483,6 @@ def check_image_uri(uri: str) -> str | None:
     return None
 
 
-def _info_for(uri: str) -> ImageDatasetInfo | None:
-    path = local_path(uri)
-    if path is not None:
-        return info_by_name(path.name)
-    if uri.startswith("hf:"):
-        repo, config, _ = hf_parts(uri[3:])
-        for n in (repo, config or "", *reversed(repo.split("/"))):
-            info = info_by_name(n)
-            if info is not None:
-                return info
-    return None
-
-
 def _open(uri: str, info: ImageDatasetInfo | None) -> Any:
     import datasets
 
@@ -543,7 +530,7 @@ def _columns(features: Any, info: ImageDatasetInfo | None, columns: Mapping[str,
 def _load_cached(uri: str, columns: tuple[tuple[str, str], ...], seed: int) -> ImageSplits:
     import datasets
 
-    info = _info_for(uri)
+    info = find_registered(uri, info_by_name)
     if uri.startswith("builtin:"):
         info = None
     dsdict = _open(uri, info)

@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mergesec.data.sources import hf_parts, local_path
+from mergesec.data.sources import find_registered, hf_parts, local_path
 
 FINAL_MARK = "####"
 QA_SEED = 42
@@ -208,19 +208,6 @@ def _looks_qa(available: Sequence[str], columns: Mapping[str, str] | None) -> bo
     )
 
 
-def _info_for(uri: str) -> QADatasetInfo | None:
-    path = local_path(uri)
-    if path is not None:
-        return qa_info_by_name(path.stem)
-    if uri.startswith("hf:"):
-        repo, config, _ = hf_parts(uri[3:])
-        for n in (repo, config or "", *reversed(repo.split("/"))):
-            info = qa_info_by_name(n)
-            if info is not None:
-                return info
-    return None
-
-
 def _jsonl_fields(path: Path) -> list[str]:
     with path.open(encoding="utf-8-sig") as f:
         for line in f:
@@ -255,7 +242,11 @@ def _is_qa(uri: str, columns: tuple[tuple[str, str], ...]) -> bool:
             return _looks_qa(list(first.features), cols)
         return False
     if uri.startswith("hf:"):
-        return _info_for(uri) is not None or "question" in cols or "answer" in cols
+        return (
+            find_registered(uri, qa_info_by_name) is not None
+            or "question" in cols
+            or "answer" in cols
+        )
     return False
 
 
@@ -306,7 +297,7 @@ def _load_cached(uri: str, columns: tuple[tuple[str, str], ...]) -> QASplits:
         return arithmetic_splits()
     import datasets
 
-    info = _info_for(uri)
+    info = find_registered(uri, qa_info_by_name)
     path = local_path(uri)
     if path is not None and path.is_file():
         records = [

@@ -10,12 +10,14 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mergesec.data.splits import SPLIT_NAMES, DatasetSplits, Example, complete_splits
+
+T = TypeVar("T")
 
 FILE_SUFFIXES = (".csv", ".jsonl", ".tsv")
 COLUMN_KEYS = ("text", "label", "split")
@@ -86,6 +88,21 @@ def local_path(uri: str) -> Path | None:
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", uri):
         return None
     return Path(uri).expanduser()
+
+
+def find_registered(uri: str, lookup: Callable[[str], T | None]) -> T | None:
+    """The registry entry ``lookup`` finds for a dataset URI: by a local path's name (or its stem,
+    for files), else by the hub repo id, its config, or either part of the repo id."""
+    path = local_path(uri)
+    if path is not None:
+        return lookup(path.name) or lookup(path.stem)
+    if uri.startswith("hf:"):
+        repo, config, _ = hf_parts(uri[3:])
+        for name in (repo, config or "", *reversed(repo.split("/"))):
+            info = lookup(name)
+            if info is not None:
+                return info
+    return None
 
 
 def parse_hf(rest: str) -> HfRef:
