@@ -185,20 +185,16 @@ def report(
         err.print(f"--format: {format_!r} is not allowed; use md, csv or json", highlight=False)
         raise typer.Exit(2)
     s = _load(study, set_)
-    import json
 
     from mergesec.orchestrator.plan import build_plan
     from mergesec.orchestrator.store import Store
-    from mergesec.report import build_results, full_markdown, to_csv, write_reports
+    from mergesec.report import build_results, report_files, write_files
 
     p = build_plan(s)
     st = Store(store)
-    rows = build_results(p, st)
-    paths = write_reports(p, st, rows)
-    if format_ == "md":
-        text = full_markdown(p, st, rows)
-    else:
-        text = to_csv(rows) if format_ == "csv" else json.dumps(rows, indent=2)
+    files = report_files(p, st, build_results(p, st))
+    paths = write_files(p, st, files)
+    text = files[{"md": "results.md", "csv": "results.csv", "json": "results.json"}[format_]]
     sys.stdout.write(text)
     for name, path in paths.items():
         err.print(f"  {name}: {path}", highlight=False)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.store import Store
+from mergesec.report_scale import png_bytes, pyplot
 
 COLUMNS = [
     "variant",
@@ -92,16 +94,18 @@ def build_results(plan: Plan, store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def full_markdown(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> str:
+def full_markdown(
+    rows: list[dict[str, Any]],
+    monitors: Sequence[dict[str, Any]] = (),
+    curves: Mapping[str, Mapping[str, Any]] | None = None,
+) -> str:
     """The results table, then the monitors' table and the scale curves' sharpness, if any."""
-    from mergesec.report_monitor import monitor_markdown, monitor_rows
-    from mergesec.report_scale import load_scale_curves, scale_curve_table
+    from mergesec.report_monitor import monitor_markdown
+    from mergesec.report_scale import scale_curve_table
 
     text = markdown(rows)
-    mon = monitor_rows(plan, store)
-    if mon:
-        text += "\n## Monitors\n\n" + monitor_markdown(mon)
-    curves = load_scale_curves(plan, store)
+    if monitors:
+        text += "\n## Monitors\n\n" + monitor_markdown(list(monitors))
     if curves:
         text += "\n## Loss along the scaling direction\n\n" + scale_curve_table(curves)
     return text
@@ -152,14 +156,10 @@ def _short_variant(variant: str) -> str:
 
 def plot_headline(rows: list[dict[str, Any]]) -> bytes | None:
     """Grouped bars: the victim's accuracy standalone, released, and after merging, per scenario."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [r for r in rows if r["status"] == "done"]
     if not done:
         return None
+    plt = pyplot()
     labels = [f"{r['scenario']}\n{r['victim']}" + _short_variant(r["variant"]) for r in done]
     series = [
         ("clean expert", "victim_clean"),
@@ -177,39 +177,45 @@ def plot_headline(rows: list[dict[str, Any]]) -> bytes | None:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
     ax.set_title("Victim accuracy by scenario", pad=22)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
-def write_reports(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Write into ``<store>/studies/<study>/``: results.{json,csv,md}, results.png (victim by
+def report_files(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> dict[str, str | bytes]:
+    """``{file name: contents}`` of a study's report: results.{json,csv,md}, results.png (victim by
     scenario), results_by_merge.png (one panel per merge op), monitor.* when the study watches
-    models, and scale_curves.png when it draws scale curves. Returns ``{file name: location}``."""
-    from mergesec.report_monitor import write_monitor_reports
+    models, and scale_curves.png when it draws scale curves. Each source is read from the store
+    once."""
+    from mergesec.report_monitor import monitor_files, monitor_rows
     from mergesec.report_scale import load_scale_curves, plot_scale_curves, plot_scenario_merge
 
+    monitors = monitor_rows(plan, store)
+    curves = load_scale_curves(plan, store)
     files: dict[str, str | bytes | None] = {
         "results.json": json.dumps(rows, indent=2),
         "results.csv": to_csv(rows),
-        "results.md": full_markdown(plan, store, rows),
+        "results.md": full_markdown(rows, monitors, curves),
         "results.png": plot_headline(rows),
         "results_by_merge.png": plot_scenario_merge(rows),
     }
-    curves = load_scale_curves(plan, store)
     if curves:
         files["scale_curves.png"] = plot_scale_curves({k: c["curve"] for k, c in curves.items()})
+    files.update(monitor_files(monitors))
+    return {name: data for name, data in files.items() if data is not None}
+
+
+def write_files(plan: Plan, store: Store, files: Mapping[str, str | bytes]) -> dict[str, str]:
+    """Write each file into ``<store>/studies/<study>/``; returns ``{file name: location}``."""
     out = {}
     for name, data in files.items():
-        if data is None:
-            continue
         rel = store.study_rel(plan.study, name)
         if isinstance(data, bytes):
             store.write_bytes(rel, data)
         else:
             store.write_text(rel, data)
         out[name] = store.location(rel)
-    out.update(write_monitor_reports(plan, store))
     return out
+
+
+def write_reports(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Write ``report_files`` into ``<store>/studies/<study>/``; returns ``{file name: location}``."""
+    return write_files(plan, store, report_files(plan, store, rows))

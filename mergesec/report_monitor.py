@@ -9,13 +9,13 @@ trigger, and attack success and clean accuracy before and after steering.
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
 
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.store import Store
-from mergesec.report import csv_table, markdown_table
+from mergesec.report import csv_table, markdown_table, write_files
+from mergesec.report_scale import png_bytes, pyplot
 
 WATCHED = ("trained", "release", "attacked", "merged")
 METRICS = (
@@ -113,14 +113,10 @@ def _bars(ax, rows: list[dict[str, Any]], series: list[tuple[str, str]], labels:
 def plot_monitor(rows: list[dict[str, Any]]) -> bytes | None:
     """Two panels: TPR/FPR per trigger (trained experts, one bar group per scenario), and attack
     success and clean accuracy before and after steering for every watched model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     done = [r for r in rows if r["status"] == "done"]
     if not done:
         return None
+    plt = pyplot()
     # Each trained expert once (it is shared by the rows of every merge op).
     seen: set[str] = set()
     trained = []
@@ -151,35 +147,30 @@ def plot_monitor(rows: list[dict[str, Any]]) -> bytes | None:
     _bars(ax, steer, series, [_label(r, kind=True) for r in steer])
     ax.set_ylabel("share of test inputs")
     ax.set_title("Steering: attack success and clean accuracy")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
+
+
+def monitor_files(rows: list[dict[str, Any]]) -> dict[str, str | bytes]:
+    """``{file name: contents}``: monitor.{json,csv,md} and monitor.png; empty without rows."""
+    if not rows:
+        return {}
+    files: dict[str, str | bytes] = {
+        "monitor.json": json.dumps(rows, indent=2),
+        "monitor.csv": monitor_csv(rows),
+        "monitor.md": monitor_markdown(rows),
+    }
+    png = plot_monitor(rows)
+    if png is not None:
+        files["monitor.png"] = png
+    return files
 
 
 def write_monitor_reports(
     plan: Plan, store: Store, rows: list[dict[str, Any]] | None = None
 ) -> dict[str, str]:
-    """Write monitor.{json,csv,md} (and monitor.png) into ``<store>/studies/<study>/``.
+    """Write ``monitor_files`` into ``<store>/studies/<study>/``.
 
     Nothing is written when the study has no monitor; returns ``{file name: location}``.
     """
     rows = monitor_rows(plan, store) if rows is None else rows
-    if not rows:
-        return {}
-    out = {}
-    for name, text in (
-        ("monitor.json", json.dumps(rows, indent=2)),
-        ("monitor.csv", monitor_csv(rows)),
-        ("monitor.md", monitor_markdown(rows)),
-    ):
-        rel = store.study_rel(plan.study, name)
-        store.write_text(rel, text)
-        out[name] = store.location(rel)
-    png = plot_monitor(rows)
-    if png is not None:
-        rel = store.study_rel(plan.study, "monitor.png")
-        store.write_bytes(rel, png)
-        out["monitor.png"] = store.location(rel)
-    return out
+    return write_files(plan, store, monitor_files(rows))

@@ -22,7 +22,7 @@ from typing import Any
 SCALE_CURVE_FILE = "scale_curve.json"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,11 +31,11 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=120)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -45,7 +45,7 @@ def plot_scale_curves(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> by
     ``curves`` maps a label to points ``{"s", "loss", "accuracy"}``. A dashed line marks s = 1
     (the released model) and a dotted one s = 0 (the base).
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
     for label, curve in curves.items():
         pts = sorted(curve, key=lambda p: float(p["s"]))
@@ -62,7 +62,7 @@ def plot_scale_curves(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> by
     if curves:
         ax_acc.legend(fontsize=7)
     fig.suptitle("Loss landscape along the scaling direction", fontsize=10)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def load_scale_curves(plan, store) -> dict[str, dict[str, Any]]:
@@ -76,7 +76,7 @@ def load_scale_curves(plan, store) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
     for row in plan.rows:
-        for kind, node_id in getattr(row, "scale_curves", {}).items():
+        for kind, node_id in row.scale_curves.items():
             if node_id in seen or not store.is_done(node_id):
                 continue
             seen.add(node_id)
@@ -133,7 +133,7 @@ def plot_scenario_merge(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
     done = [r for r in rows if r.get("status") == "done"]
     if not done:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     ops = list(dict.fromkeys(r["merge"] for r in done))
     groups = {op: [r for r in done if r["merge"] == op] for op in ops}
     widest = max(len(g) for g in groups.values())
@@ -161,7 +161,7 @@ def plot_scenario_merge(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
         ax.set_ylabel("test accuracy")
         ax.set_title(f"merge: {op}", fontsize=9)
     axes[0, 0].legend(fontsize=7, ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.12))
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def plot_step_times(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
@@ -175,7 +175,7 @@ def plot_step_times(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
     }
     if not ratios:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4, 3))
     bars = ax.bar(list(ratios), list(ratios.values()), color="tab:orange")
     for b, (m, r) in zip(bars, ratios.items(), strict=True):
@@ -188,4 +188,4 @@ def plot_step_times(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
     ax.set_ylabel("Trap² step time / plain step time")
     ax.set_ylim(0, max(2.5, max(ratios.values()) * 1.2))
     ax.set_title("Cost of a Trap² step", fontsize=9)
-    return _png(fig)
+    return png_bytes(fig)

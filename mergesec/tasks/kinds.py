@@ -89,12 +89,6 @@ def get_kind(name: str):
     raise ValueError(f"no task kind {name!r} here; known: {IMAGE}, {QA} (text lives in tasks/)")
 
 
-def load_splits(d: str | Mapping[str, Any]):
-    """A non-text dataset's splits (``ImageSplits`` or ``QASplits``)."""
-    uri, columns = _ref(d)
-    return get_kind(dataset_kind(d)).load({"uri": uri, "columns": columns})
-
-
 # ---------------------------------------------------------------------------------------------
 # Fine-tuning
 # ---------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from mergesec.monitor.scoring import (
     Calibration,
     DirectionScores,
     direction_cosines,
-    monitor_forward,
+    score_inputs,
 )
 from mergesec.monitor.steering import SteeringHooks
 from mergesec.tasks.context import NodeContext
@@ -182,8 +182,7 @@ def score_examples(
             if steering is not None:
                 steering.reset()
                 steering.set_token_mask(batch["attention_mask"])
-            states = monitor_forward(model, batch, blocks=blocks)
-            parts.append(direction_cosines(states, directions, batch["attention_mask"]))
+            parts.append(score_inputs(model, batch, directions, blocks=blocks))
             hit = torch.zeros(b["input_ids"].shape[0], dtype=torch.bool)
             if steering is not None:
                 for rows in steering.triggered().values():
@@ -491,7 +490,8 @@ def execute(ctx: NodeContext) -> dict[str, float]:
     model, tokenizer = classifier_from_artifact(art, ctx.allow_remote_code, ctx.device)
     head = art.head_state(slug)
     model.set_head(head["weight"].to(ctx.device), head["bias"].to(ctx.device))
-    tuned = art.backbone_lazy()
+    # The watched weights are the loaded backbone's own (the artifact's keys), not a second read.
+    tuned = model.backbone.state_dict()
     base = LazyStateDict(base_weights_file(ctx.base, ctx.allow_remote_code))
     layout = detect_layout(load_config(ctx.base, ctx.allow_remote_code), list(tuned.keys()))
     blocks = layout.block_modules(model.backbone)

@@ -19,11 +19,11 @@ from torch import Tensor
 from mergesec.defenses.scale_curve import curve_sharpness, scale_curve
 from mergesec.defenses.trap2 import forward_with
 from mergesec.models.artifact import ModelArtifact
+from mergesec.report_scale import SCALE_CURVE_FILE
 from mergesec.tasks.context import NodeContext
 from mergesec.tasks.registry import register_op
 from mergesec.tasks.training import batches, to_device
 
-CURVE_FILE = "scale_curve.json"
 PLOT_FILE = "scale_curve.png"
 
 
@@ -104,7 +104,7 @@ def execute_scale_curve(ctx: NodeContext) -> dict[str, float]:
     kind = art.meta.get("protect") or art.meta.get("attack") or art.meta.get("merge") or "expert"
     label = f"{kind} ({art.meta.get('release', 'full')})"
     doc = {"dataset": datasets[0], "model": label, "curve": curve}
-    (ctx.out_dir / CURVE_FILE).write_text(json.dumps(doc, indent=2))
+    (ctx.out_dir / SCALE_CURVE_FILE).write_text(json.dumps(doc, indent=2))
     (ctx.out_dir / PLOT_FILE).write_bytes(plot_scale_curves({label: curve}))
     summary = curve_sharpness(curve)
     return {f"sharpness/{k}": v for k, v in summary.items() if math.isfinite(v)} | {
