@@ -13,6 +13,7 @@ import torch
 from mergesec.models.artifact import ModelArtifact
 from mergesec.models.hub import base_weights_file, model_identity
 from mergesec.models.state_dict import load_state_dict
+from mergesec.orchestrator.runner import executor_for
 from mergesec.tasks import attack, evaluate, finetune, merge, protect
 from mergesec.tasks.context import NodeContext
 from mergesec.tasks.merge_methods import task_arithmetic
@@ -45,7 +46,7 @@ class Runner:
         log = self.reports.setdefault(name, [])
         ctx = NodeContext(name, step, op, params, {k: self.root / v for k, v in inputs.items()},
                           out, report=lambda m, s: log.append((s, dict(m))))  # fmt: skip
-        metrics = module.execute(ctx)
+        metrics = executor_for(step, op)(ctx)  # as a trial runs it: the op's own executor if any
         (out / "metrics.json").write_text(json.dumps(metrics))
         return metrics
 

@@ -32,7 +32,6 @@ register_op("attack", "aga", fn=attack_aga)
 STAGE_MERGE = "stage:merge"
 STAGE_MERGED = "stage:merged"
 register_op("attack", "rescale", traits=(STAGE_MERGE,), fn=attack_rescale)
-register_op("attack", "finetune_after_merge", traits=(STAGE_MERGED,), fn=finetune_after_merge)
 
 
 def execute_after_merge(ctx: NodeContext, op) -> dict[str, float]:
@@ -68,12 +67,19 @@ def execute_after_merge(ctx: NodeContext, op) -> dict[str, float]:
     return metrics
 
 
+register_op(
+    "attack",
+    "finetune_after_merge",
+    traits=(STAGE_MERGED,),
+    fn=finetune_after_merge,
+    executor=lambda ctx: execute_after_merge(ctx, get_op("attack", ctx.op)),
+)
+
+
 def execute(ctx: NodeContext) -> dict[str, float]:
     op = get_op("attack", ctx.op)
     if STAGE_MERGE in op.traits:
         raise ValueError(f"attack/{op.name} acts inside the merge step; it has no attack node")
-    if STAGE_MERGED in op.traits:
-        return execute_after_merge(ctx, op)
     release = ModelArtifact.open(ctx.inputs["release"])
     sd = release.backbone_state()
     base, layout = base_and_layout(ctx, sd.keys())

@@ -85,10 +85,6 @@ def evaluate_artifact(
 
 
 def execute(ctx: NodeContext) -> dict[str, float]:
-    if ctx.op == "scale_curve":
-        from mergesec.tasks.scale_diagnostics import execute_scale_curve
-
-        return execute_scale_curve(ctx)
     art = ModelArtifact.open(ctx.inputs["model"])
     with torch.no_grad():
         metrics = evaluate_artifact(

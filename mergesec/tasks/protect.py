@@ -41,10 +41,6 @@ def task_vector_norm(sd: StateDict, base: StateDict) -> float:
 
 def execute(ctx: NodeContext) -> dict[str, float]:
     op = get_op("protect", ctx.op)
-    if "trains" in op.traits:
-        from mergesec.tasks.trap2_train import execute_training_protection
-
-        return execute_training_protection(ctx, op)
     expert = ModelArtifact.open(ctx.inputs["expert"])
     sd = expert.backbone_state()
     base, layout = base_and_layout(ctx, sd.keys())

@@ -27,7 +27,6 @@ from mergesec.tasks.training import batches, to_device
 PLOT_FILE = "scale_curve.png"
 
 
-@register_op("evaluate", "scale_curve")
 def artifact_scale_curve(
     art: ModelArtifact,
     dataset: dict,
@@ -110,3 +109,6 @@ def execute_scale_curve(ctx: NodeContext) -> dict[str, float]:
     return {f"sharpness/{k}": v for k, v in summary.items() if math.isfinite(v)} | {
         "points": float(len(curve))
     }
+
+
+register_op("evaluate", "scale_curve", fn=artifact_scale_curve, executor=execute_scale_curve)

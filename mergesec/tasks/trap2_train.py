@@ -41,7 +41,7 @@ from mergesec.tasks.finetune import (
     load_node_dataset,
     save_trained,
 )
-from mergesec.tasks.registry import Op, register_op
+from mergesec.tasks.registry import Op, get_op, register_op
 from mergesec.tasks.training import Batch, TrainConfig, train_classifier
 
 BACKBONE_PREFIX = "backbone."
@@ -175,9 +175,6 @@ def protect_trap2(
     return FinetuneResult(metrics, adapter_model=adapter, extra={"protect": "trap2"})
 
 
-register_op("protect", "trap2", traits=("trains",), fn=protect_trap2)
-
-
 def execute_training_protection(ctx: NodeContext, op: Op) -> dict[str, float]:
     """Run a protect op with the trait ``trains``: build the classifier from the base, train, save.
 
@@ -202,3 +199,12 @@ def execute_training_protection(ctx: NodeContext, op: Op) -> dict[str, float]:
     released = ModelArtifact.open(ctx.out_dir).backbone_state()
     base = load_state_dict(base_weights_file(ctx.base, ctx.allow_remote_code))
     return result.metrics | {"task_vector_norm/release": task_vector_norm(released, base)}
+
+
+register_op(
+    "protect",
+    "trap2",
+    traits=("trains",),
+    fn=protect_trap2,
+    executor=lambda ctx: execute_training_protection(ctx, get_op("protect", ctx.op)),
+)
