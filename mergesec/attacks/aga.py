@@ -31,11 +31,6 @@ from mergesec.models.layout import TransformerLayout
 from mergesec.models.state_dict import StateDict
 
 
-def check_anchor(release: Mapping[str, torch.Tensor], anchor: Mapping[str, torch.Tensor]) -> None:
-    """``ValueError`` naming the first key whose presence or shape differs between the two."""
-    T.check_same_shapes(release, anchor, "release", "anchor")
-
-
 # ---- MLP -------------------------------------------------------------------------------------
 def _unit_rows(w: torch.Tensor) -> torch.Tensor:
     w = w.to(torch.float32)
@@ -137,13 +132,6 @@ def assign_heads(
         i, j = within.get((r, a), ([0], [0]))
         q_perm[a * gs + torch.as_tensor(j)] = r * gs + torch.as_tensor(i)
     return q_perm, kv_perm
-
-
-def match_heads(
-    rel: T.LayerParts, anc: T.LayerParts, layout: TransformerLayout
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q_perm, kv_perm)`` putting released heads in the anchor's order (see ``permute_heads``)."""
-    return assign_heads(*head_scores(rel, anc, layout), layout)
 
 
 # ---- per-head solves -------------------------------------------------------------------------
@@ -253,7 +241,7 @@ def attack_aga(
     cosine to the matching cost). Solves run in float64 on ``device``; the Hungarian solves on CPU.
     Raises ``ValueError`` when ``base`` has other keys or shapes than ``release``.
     """
-    check_anchor(release, base)
+    T.check_same_shapes(release, base, "release", "anchor")
     out: StateDict = dict(release)
     for layer in range(layout.num_layers):
         rel = T.read_layer(release, layout, layer, device=device)
@@ -272,9 +260,23 @@ def attack_aga(
 
 
 # ---- diagnostics -----------------------------------------------------------------------------
-def _cos_rel(rec: torch.Tensor, true: torch.Tensor) -> tuple[float, float]:
-    cos = torch.nn.functional.cosine_similarity(rec, true, dim=0, eps=1e-30).item()
-    return cos, ((rec - true).norm() / true.norm()).item()
+class _Agreement:
+    """Running sums over tensor pairs (recovered r, true t) for cos(r, t) and ‖r − t‖ / ‖t‖ in
+    float64, so no whole-model vector is ever built."""
+
+    def __init__(self) -> None:
+        self.rt = self.rr = self.tt = self.dd = 0.0
+
+    def add(self, r: torch.Tensor, t: torch.Tensor) -> None:
+        r, t = r.double(), t.double()
+        self.rt += float((r * t).sum())
+        self.rr += float((r * r).sum())
+        self.tt += float((t * t).sum())
+        self.dd += float((r - t).pow(2).sum())
+
+    def result(self) -> tuple[float, float]:
+        cos = self.rt / max((self.rr * self.tt) ** 0.5, 1e-30)
+        return cos, (self.dd / self.tt) ** 0.5 if self.tt > 0 else float("nan")
 
 
 def recovery_diagnostics(
@@ -287,23 +289,23 @@ def recovery_diagnostics(
 
     Keys ``cos/<part>`` and ``rel_err/<part>`` for every part (q, k, v, o, mlp_in, gate,
     mlp_out; weights and biases of all layers together), and ``cos/all``, ``rel_err/all`` over
-    every floating tensor.
+    every floating tensor. Accumulated tensor by tensor, so memory holds one tensor at a time.
     """
     out: dict[str, float] = {}
     for part in layout.parts:
-        rec, true = [], []
+        agree = _Agreement()
         for layer in range(layout.num_layers):
             r, c, b = (T.read_layer(sd, layout, layer, (part,)) for sd in (recovered, clean, base))
-            rec.append((r.w[part] - b.w[part]).flatten())
-            true.append((c.w[part] - b.w[part]).flatten())
+            agree.add(r.w[part] - b.w[part], c.w[part] - b.w[part])
             if b.b[part] is not None:
-                rec.append(r.b[part] - b.b[part])
-                true.append(c.b[part] - b.b[part])
-        out[f"cos/{part}"], out[f"rel_err/{part}"] = _cos_rel(torch.cat(rec), torch.cat(true))
-    keys = [k for k in clean if clean[k].is_floating_point() and k in base and k in recovered]
-    rec_all = torch.cat([(recovered[k].double() - base[k].double()).flatten() for k in keys])
-    true_all = torch.cat([(clean[k].double() - base[k].double()).flatten() for k in keys])
-    out["cos/all"], out["rel_err/all"] = _cos_rel(rec_all, true_all)
+                agree.add(r.b[part] - b.b[part], c.b[part] - b.b[part])
+        out[f"cos/{part}"], out[f"rel_err/{part}"] = agree.result()
+    agree = _Agreement()
+    for k in clean:
+        if clean[k].is_floating_point() and k in base and k in recovered:
+            bk = base[k].double()
+            agree.add(recovered[k].double() - bk, clean[k].double() - bk)
+    out["cos/all"], out["rel_err/all"] = agree.result()
     return out
 
 

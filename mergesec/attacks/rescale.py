@@ -13,7 +13,7 @@ searches its candidates jointly with the merge op's searched parameters.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -59,7 +59,6 @@ class MergeStageCandidates:
 
     candidates: list[tuple[dict[str, float], Mapping[str, Tensor]]]
     n_val: int | None = None
-    info: dict[str, float] = field(default_factory=dict)
 
 
 def attack_rescale(
