@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergesec.data.qa import QAExample, QASplits, load_qa_splits
+from mergesec.defenses.trap2 import forward_with
 from mergesec.lm.answers import exact_match
 from mergesec.lm.generate import greedy_generate
 from mergesec.models.artifact import HeadInfo, ModelArtifact
-from mergesec.vision.loop import Batch, Precision, choose_precision, chunks, forward_with, shuffled
+from mergesec.tasks.training import Batch
+from mergesec.vision.loop import Precision, choose_precision, chunks, shuffled
 
 PROMPT = "Question: {question}\nAnswer: Let's think step by step.\n"
 IGNORE = -100

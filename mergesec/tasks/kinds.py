@@ -94,10 +94,10 @@ def get_kind(name: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def fit_config(params: Mapping[str, Any], **changes: Any) -> FitConfig:
+def fit_config(params: Mapping[str, Any]) -> FitConfig:
     """A ``FitConfig`` from finetune op params (``epochs``, ``lr``, ``batch_size``, ...)."""
     keys = ("epochs", "lr", "batch_size", "seed", "patience", "warmup_ratio", "weight_decay")
-    return FitConfig(**{k: params[k] for k in keys if k in params}, **changes)
+    return FitConfig(**{k: params[k] for k in keys if k in params})
 
 
 def _no_poison(ctx: NodeContext) -> None:

@@ -76,7 +76,7 @@ def batches(
 
 
 def to_device(batch: Batch, device: str) -> Batch:
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:

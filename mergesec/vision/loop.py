@@ -21,12 +21,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-Batch = dict[str, Tensor]
-ReportFn = Callable[[dict[str, float], int], None]
+from mergesec.tasks.context import ReportFn
+from mergesec.tasks.training import Batch, StepFn, seed_everything, to_device
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -91,10 +91,6 @@ class Trainable(Protocol):
     def score(self, split: Sequence, *, batch_size: int) -> tuple[float, float]: ...
 
 
-# A custom step: (model, optimizer, batch on device) -> metrics of that step.
-StepFn = Callable[[nn.Module, torch.optim.Optimizer, Batch], dict[str, float]]
-
-
 @dataclass(frozen=True)
 class FitConfig:
     epochs: int = 2
@@ -106,24 +102,6 @@ class FitConfig:
     weight_decay: float = 0.01
     log_every: int = 5
     clip_norm: float = 1.0
-    eval_batch_size: int | None = None
-
-
-def forward_with(model: nn.Module, overrides: dict[str, Tensor] | None, **kwargs: Any) -> Any:
-    """``model(**kwargs)``, with ``overrides`` replacing parameters (``functional_call``) when given."""
-    if overrides is None:
-        return model(**kwargs)
-    return torch.func.functional_call(model, dict(overrides), (), kwargs, strict=False)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def to_device(batch: Batch, device: str) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def shuffled(n: int, seed: int | None) -> list[int]:
@@ -214,7 +192,6 @@ def fit(
     step = step_fn or _plain_step(task, scaler, cfg.clip_norm)
     best_score, best_state, best_epoch, bad, n_steps = -1.0, None, 0, 0, 0
     sums: dict[str, float] = {}
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
     for epoch in range(cfg.epochs):
         model.train()
         for batch in task.batches(train, cfg.batch_size, shuffle_seed=cfg.seed * 1000 + epoch):
@@ -227,7 +204,7 @@ def fit(
                 report({f"train/{k}": v / cfg.log_every for k, v in sums.items()}, n_steps)
                 sums = {}
         model.eval()
-        val_loss, val_score = task.score(validation, batch_size=eval_bs)
+        val_loss, val_score = task.score(validation, batch_size=cfg.batch_size)
         if report:
             report({"val/loss": val_loss, "val/accuracy": val_score, "epoch": epoch + 1}, n_steps)
         if val_score > best_score:

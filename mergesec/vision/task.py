@@ -17,15 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergesec.data.images import ImageSet, ImageSplits, load_image_splits
+from mergesec.defenses.trap2 import forward_with
 from mergesec.models.artifact import HeadInfo, ModelArtifact
+from mergesec.tasks.training import Batch
 from mergesec.vision.clip import ImageClassifier, ZeroShotHead, load_image_processor, zero_shot_head
 from mergesec.vision.loop import (
-    Batch,
     Precision,
     choose_precision,
     chunks,
     data_workers,
-    forward_with,
     shuffled,
 )
 
