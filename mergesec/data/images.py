@@ -469,10 +469,7 @@ def is_image_uri(uri: str) -> bool:
         from mergesec.data.sources import is_saved_dataset_dir
 
         return is_saved_dataset_dir(path) and has_image_feature(_saved_features(path))
-    if uri.startswith("hf:"):
-        repo, config, _ = hf_parts(uri[3:])
-        return any(info_by_name(n) is not None for n in (repo, *repo.split("/"), config or ""))
-    return False
+    return find_registered(uri, info_by_name) is not None
 
 
 def check_image_uri(uri: str) -> str | None:
