@@ -23,7 +23,6 @@ from mergesec.orchestrator.spec import load_study
 from mergesec.orchestrator.store import Store
 from mergesec.report_monitor import monitor_markdown, monitor_rows, write_monitor_reports
 from mergesec.tasks.monitor import (
-    LazyWriterWeights,
     WatchResult,
     score_examples,
     steering_hooks,
@@ -67,8 +66,8 @@ def run_op(tiny, poison=POISON, **params) -> WatchResult:
         model,
         tok,
         blocks,
-        LazyWriterWeights(layout, base_sd),
-        LazyWriterWeights(layout, tuned_sd),
+        layout.residual_writer_weights(base_sd),
+        layout.residual_writer_weights(tuned_sd),
         small_splits(),
         poison,
         **params,
@@ -78,8 +77,9 @@ def run_op(tiny, poison=POISON, **params) -> WatchResult:
 def test_lazy_writers_match_the_layout(tiny, tmp_path):
     _, _, layout, base_sd, _ = tiny
     save_state_dict(base_sd, tmp_path / "m.safetensors")
-    lazy = LazyWriterWeights(layout, LazyStateDict(tmp_path / "m.safetensors"))
-    eager = layout.residual_writer_weights(base_sd)
+    lazy = layout.residual_writer_weights(LazyStateDict(tmp_path / "m.safetensors"))
+    parts = {"attn_out": "o", "mlp_out": "mlp_out"}
+    eager = {(i, w): layout.read(base_sd, i, p)[0] for i in range(2) for w, p in parts.items()}
     assert list(lazy) == list(eager) and len(lazy) == 4
     assert all(torch.equal(lazy[key], eager[key]) for key in eager)
     with pytest.raises(KeyError):
@@ -162,8 +162,8 @@ def test_unchanged_model_has_no_directions_and_flags_nothing(tiny):
         model,
         tok,
         layout.block_modules(model.backbone),
-        LazyWriterWeights(layout, base_sd),
-        LazyWriterWeights(layout, base_sd),
+        layout.residual_writer_weights(base_sd),
+        layout.residual_writer_weights(base_sd),
         small_splits(),
         POISON,
         calibration_size=20,
@@ -303,8 +303,8 @@ def test_backdoored_minilm_expert_is_detected_and_steered(record_property):
         model,
         tok,
         layout.block_modules(model.backbone),
-        LazyWriterWeights(layout, base),
-        LazyWriterWeights(layout, tuned),
+        layout.residual_writer_weights(base),
+        layout.residual_writer_weights(tuned),
         data,
         POISON,
         control_trigger="zq",

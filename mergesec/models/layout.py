@@ -12,7 +12,7 @@ from the state-dict keys.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -248,14 +248,11 @@ class TransformerLayout:
                 sd[bk] = bias.to(sd[bk].dtype).contiguous()
 
     def residual_writer_weights(
-        self, sd: Mapping[str, torch.Tensor]
-    ) -> dict[tuple[int, str], torch.Tensor]:
-        """Each layer's attention output and MLP output projections as ``[hidden_size, in]``."""
-        out: dict[tuple[int, str], torch.Tensor] = {}
-        for layer in range(self.num_layers):
-            out[(layer, "attn_out")] = self.read(sd, layer, "o")[0]
-            out[(layer, "mlp_out")] = self.read(sd, layer, "mlp_out")[0]
-        return out
+        self, sd: Mapping[str, torch.Tensor], device: str = "cpu"
+    ) -> ResidualWriters:
+        """Each layer's attention output and MLP output projections as ``[hidden_size, in]``,
+        keyed ``(layer, "attn_out" | "mlp_out")`` and read from ``sd`` on access."""
+        return ResidualWriters(self, sd, device)
 
     # ---- modules --------------------------------------------------------------------------
     def block_modules(self, model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -373,3 +370,31 @@ def detect_layout(config: PretrainedConfig, keys: Iterable[str]) -> TransformerL
 def layout_for_model(model: torch.nn.Module) -> TransformerLayout:
     """``detect_layout`` for an instantiated Hugging Face model."""
     return detect_layout(model.config, model.state_dict().keys())
+
+
+class ResidualWriters(Mapping[tuple[int, str], torch.Tensor]):
+    """A layout's residual writers read one matrix at a time from a (lazy) state dict.
+
+    Indexing ``(layer, "attn_out" | "mlp_out")`` reads that one weight (``[hidden, in]``, onto
+    ``device``), so ``weight_directions`` over two of these holds two matrices at a time, not two
+    models, and runs its SVDs on ``device``.
+    """
+
+    _PARTS = {"attn_out": "o", "mlp_out": "mlp_out"}
+
+    def __init__(
+        self, layout: TransformerLayout, sd: Mapping[str, torch.Tensor], device: str = "cpu"
+    ):
+        self.layout, self.sd, self.device = layout, sd, device
+
+    def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
+        layer, writer = key
+        if writer not in self._PARTS or not 0 <= layer < self.layout.num_layers:
+            raise KeyError(key)
+        return self.layout.read(self.sd, layer, self._PARTS[writer])[0].to(self.device)
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return ((layer, w) for layer in range(self.layout.num_layers) for w in self._PARTS)
+
+    def __len__(self) -> int:
+        return 2 * self.layout.num_layers

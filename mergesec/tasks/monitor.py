@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -48,9 +48,8 @@ from torch import nn
 
 from mergesec.data.splits import DatasetSplits, Example
 from mergesec.models.classifier import SequenceClassifier
-from mergesec.models.layout import TransformerLayout
 from mergesec.monitor.audit import Audit, top_activating, write_audit_markdown
-from mergesec.monitor.directions import Directions, weight_directions
+from mergesec.monitor.directions import Directions, WriterWeights, weight_directions
 from mergesec.monitor.scoring import (
     Calibration,
     DirectionScores,
@@ -61,36 +60,6 @@ from mergesec.monitor.steering import SteeringHooks
 from mergesec.tasks.context import NodeContext
 from mergesec.tasks.registry import get_op, register_op
 from mergesec.tasks.training import batches, to_device
-
-WriterWeights = Mapping[tuple[int, str], torch.Tensor]
-
-
-class LazyWriterWeights(Mapping[tuple[int, str], torch.Tensor]):
-    """``layout.residual_writer_weights`` read one matrix at a time from a (lazy) state dict.
-
-    Keys are ``(layer, "attn_out" | "mlp_out")``; indexing reads that one weight (as
-    ``[hidden, in]``, onto ``device``), so ``weight_directions`` over two of these holds two
-    matrices at a time, not two models, and runs its SVDs on ``device``.
-    """
-
-    _PARTS = {"attn_out": "o", "mlp_out": "mlp_out"}
-
-    def __init__(
-        self, layout: TransformerLayout, sd: Mapping[str, torch.Tensor], device: str = "cpu"
-    ):
-        self.layout, self.sd, self.device = layout, sd, device
-
-    def __getitem__(self, key: tuple[int, str]) -> torch.Tensor:
-        layer, writer = key
-        if writer not in self._PARTS or not 0 <= layer < self.layout.num_layers:
-            raise KeyError(key)
-        return self.layout.read(self.sd, layer, self._PARTS[writer])[0].to(self.device)
-
-    def __iter__(self) -> Iterator[tuple[int, str]]:
-        return ((layer, w) for layer in range(self.layout.num_layers) for w in self._PARTS)
-
-    def __len__(self) -> int:
-        return 2 * self.layout.num_layers
 
 
 @dataclass
@@ -501,8 +470,8 @@ def execute(ctx: NodeContext) -> dict[str, float]:
         model,
         tokenizer,
         blocks,
-        LazyWriterWeights(layout, base, ctx.device),
-        LazyWriterWeights(layout, tuned, ctx.device),
+        layout.residual_writer_weights(base, ctx.device),
+        layout.residual_writer_weights(tuned, ctx.device),
         splits,
         poison,
         ctx.device,
