@@ -29,7 +29,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mergesec.data.sources import find_registered, hf_parts, local_path
+from mergesec.data.sources import find_registered, hf_parts, local_path, saved_features
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target", "variant")
@@ -439,17 +439,6 @@ def is_image_folder(path: Path) -> bool:
     return False
 
 
-def _saved_features(path: Path) -> Any | None:
-    import datasets
-
-    try:
-        obj = datasets.load_from_disk(str(path))
-    except Exception:  # not readable as a dataset: the text loader reports it
-        return None
-    first = obj[next(iter(obj))] if isinstance(obj, datasets.DatasetDict) else obj
-    return first.features
-
-
 def has_image_feature(features: Any) -> bool:
     import datasets
 
@@ -468,7 +457,7 @@ def is_image_uri(uri: str) -> bool:
             return True
         from mergesec.data.sources import is_saved_dataset_dir
 
-        return is_saved_dataset_dir(path) and has_image_feature(_saved_features(path))
+        return is_saved_dataset_dir(path) and has_image_feature(saved_features(path))
     return find_registered(uri, info_by_name) is not None
 
 

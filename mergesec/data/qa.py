@@ -27,7 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mergesec.data.sources import find_registered, hf_parts, local_path
+from mergesec.data.sources import find_registered, hf_parts, local_path, saved_features
 
 FINAL_MARK = "####"
 QA_SEED = 42
@@ -232,14 +232,8 @@ def _is_qa(uri: str, columns: tuple[tuple[str, str], ...]) -> bool:
         if path.is_file() and path.suffix.lower() == ".jsonl":
             return _looks_qa(_jsonl_fields(path), cols)
         if is_saved_dataset_dir(path):
-            import datasets
-
-            try:
-                obj = datasets.load_from_disk(str(path))
-            except Exception:
-                return False
-            first = obj[next(iter(obj))] if isinstance(obj, datasets.DatasetDict) else obj
-            return _looks_qa(list(first.features), cols)
+            features = saved_features(path)
+            return features is not None and _looks_qa(list(features), cols)
         return False
     if uri.startswith("hf:"):
         return (

@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -122,6 +123,21 @@ def parse_hf(rest: str) -> HfRef:
     if len(parts) == 2:
         return HfRef(name=parts[0], config=parts[1], revision=revision, ambiguous=True)
     return HfRef(name=f"{parts[0]}/{parts[1]}", config=parts[2], revision=revision)
+
+
+@lru_cache(maxsize=64)
+def saved_features(path: Path) -> Any | None:
+    """The features of a ``save_to_disk`` directory's first split (None when it does not open as
+    a dataset: the loaders report that); read once per directory per process, for the checks
+    that decide a dataset's kind."""
+    import datasets
+
+    try:
+        obj = datasets.load_from_disk(str(path))
+    except Exception:
+        return None
+    first = obj[next(iter(obj))] if isinstance(obj, datasets.DatasetDict) else obj
+    return first.features
 
 
 def is_saved_dataset_dir(path: Path) -> bool:
