@@ -313,21 +313,18 @@ def _custom_step_precision(task: Any) -> None:
 def execute_training_protection(ctx: NodeContext, op: Any) -> dict[str, float]:
     """``protect/trap2`` (trait ``trains``) for a non-text dataset: fine-tune from the base like
     ``finetune/<mode>`` with every step a Trap² step; write the release like an expert."""
-    from mergesec.defenses.trap2 import base_params_of, trap2_step
+    from mergesec.defenses.trap2 import base_params_of
     from mergesec.models.hub import base_weights_file
     from mergesec.models.state_dict import load_state_dict
     from mergesec.tasks.protect import task_vector_norm
-    from mergesec.tasks.trap2_train import check_trap2_settings
+    from mergesec.tasks.trap2_train import Trap2Steps, trap2_mode
 
     if op.name != "trap2":
         raise ValueError(f"protect/{op.name} trains text classifiers only")
     _no_poison(ctx)
     p = dict(ctx.params["op"])
-    check_trap2_settings(p["s_min"], p["s_max"], p["delta"], p["weight"])
     finetune_params = dict(ctx.params["finetune"])
-    mode = finetune_params.get("mode", "full")
-    if mode not in ("full", "lora"):
-        raise ValueError(f"protect/trap2 trains full or lora releases, not finetune mode {mode!r}")
+    mode = trap2_mode(finetune_params)
     name = node_kind(ctx)
     kind = get_kind(name)
     data = kind.load(ctx.params["dataset"])
@@ -337,29 +334,14 @@ def execute_training_protection(ctx: NodeContext, op: Any) -> dict[str, float]:
     _custom_step_precision(task)
     task.model.to(ctx.device)
     base = base_params_of(task.model, mode)
-    gen = torch.Generator().manual_seed(p.get("seed", 0))
-    skipped = [0]
-
-    def forward_loss(overrides, batch):
-        return task.loss(batch, overrides)
-
-    def step(m, optimizer, batch):
-        r = trap2_step(
-            m, optimizer, batch, forward_loss, base or None, generator=gen, lam=p["lam"],
-            weight=p["weight"], mode=mode, s_min=p["s_min"], s_max=p["s_max"],
-            delta=p["delta"], clip_norm=p.get("clip_norm", 1.0),
-        )  # fmt: skip
-        if r.skipped:
-            skipped[0] += 1
-            return {"skipped": 1.0}
-        return {"loss": r.clean, "scaled_loss": r.scaled, "objective": r.total, "s": r.s,
-                "grad_norm": r.grad_norm, "skipped": 0.0}  # fmt: skip
+    step = Trap2Steps(lambda overrides, batch: task.loss(batch, overrides), base or None,
+                      mode=mode, **p)  # fmt: skip
 
     metrics = fit(
         task, data.train, data.validation, fit_config(finetune_params), device=ctx.device,
         report=ctx.report, step_fn=step, precision=task.precision,
     )  # fmt: skip
-    metrics["skipped_steps"] = float(skipped[0])
+    metrics["skipped_steps"] = float(step.skipped)
     save_expert(
         ctx, name, task, data, adapter, {"protect": "trap2", "precision": task.precision.name}
     )

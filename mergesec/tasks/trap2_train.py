@@ -114,6 +114,53 @@ def check_trap2_settings(s_min: float, s_max: float, delta: float, weight: str) 
         raise ValueError(f"unknown weight {weight!r}; known: inv, inv_sqrt, none")
 
 
+def trap2_mode(finetune: dict[str, Any]) -> str:
+    """The release mode of a Trap² node (its study's finetune mode): ``full`` or ``lora``."""
+    mode = finetune.get("mode", "full")
+    if mode not in ("full", "lora"):
+        raise ValueError(f"protect/trap2 trains full or lora releases, not finetune mode {mode!r}")
+    return mode
+
+
+class Trap2Steps:
+    """A step function for ``train_classifier`` or the image/QA ``fit``: every optimiser step is a
+    ``trap2_step`` with one s drawn from its own seeded generator; skipped steps are counted."""
+
+    def __init__(
+        self,
+        forward_loss: Callable[[dict[str, Tensor] | None, Batch], Tensor],
+        base: dict[str, Tensor] | None,
+        *,
+        mode: str,
+        lam: float,
+        s_min: float,
+        s_max: float,
+        delta: float,
+        weight: str,
+        clip_norm: float,
+        seed: int,
+    ):
+        check_trap2_settings(s_min, s_max, delta, weight)
+        self.forward_loss, self.base, self.mode = forward_loss, base, mode
+        self.settings = dict(lam=lam, s_min=s_min, s_max=s_max, delta=delta, weight=weight)
+        self.clip_norm = clip_norm
+        self.generator = torch.Generator().manual_seed(seed)
+        self.skipped = 0
+
+    def __call__(
+        self, m: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch
+    ) -> dict[str, float]:
+        r = trap2_step(
+            m, optimizer, batch, self.forward_loss, self.base, generator=self.generator,
+            mode=self.mode, clip_norm=self.clip_norm, **self.settings,
+        )  # fmt: skip
+        if r.skipped:
+            self.skipped += 1
+            return {"skipped": 1.0}
+        return {"loss": r.clean, "scaled_loss": r.scaled, "objective": r.total, "s": r.s,
+                "grad_norm": r.grad_norm, "skipped": 0.0}  # fmt: skip
+
+
 def protect_trap2(
     model: SequenceClassifier,
     tokenizer,
@@ -138,40 +185,20 @@ def protect_trap2(
     drives the draws of s only. Gradients are clipped to ``clip_norm``; steps with a non-finite
     loss or gradient are skipped and counted.
     """
-    check_trap2_settings(s_min, s_max, delta, weight)
-    mode = finetune.get("mode", "full")
-    if mode not in ("full", "lora"):
-        raise ValueError(f"protect/trap2 trains full or lora releases, not finetune mode {mode!r}")
+    mode = trap2_mode(finetune)
     cfg = train_config(finetune)
     adapter = attach_lora(model, finetune) if mode == "lora" else None
     model.to(device)
     base = backbone_snapshot(model) if mode == "full" else None
-    gen = torch.Generator().manual_seed(seed)
-    forward_loss = classifier_loss(model)
-    skipped = [0]
-
-    def step(m: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> dict[str, float]:
-        r = trap2_step(
-            m, optimizer, batch, forward_loss, base, generator=gen, lam=lam, weight=weight,
-            mode=mode, s_min=s_min, s_max=s_max, delta=delta, clip_norm=clip_norm,
-        )  # fmt: skip
-        if r.skipped:
-            skipped[0] += 1
-            return {"skipped": 1.0}
-        return {
-            "loss": r.clean,
-            "scaled_loss": r.scaled,
-            "objective": r.total,
-            "s": r.s,
-            "grad_norm": r.grad_norm,
-            "skipped": 0.0,
-        }
-
+    step = Trap2Steps(
+        classifier_loss(model), base, mode=mode, lam=lam, s_min=s_min, s_max=s_max, delta=delta,
+        weight=weight, clip_norm=clip_norm, seed=seed,
+    )  # fmt: skip
     metrics = train_classifier(
         model, tokenizer, data.train, data.validation, cfg, device=device, report=report,
         step_fn=step,
     )  # fmt: skip
-    metrics["skipped_steps"] = float(skipped[0])
+    metrics["skipped_steps"] = float(step.skipped)
     return FinetuneResult(metrics, adapter_model=adapter, extra={"protect": "trap2"})
 
 
