@@ -5,7 +5,7 @@ and a 2-class head; batches are 16 random sequences of 64 tokens. Every configur
 same process on the same data, plain and Trap² steps alternating. Trap² runs two forward and two backward passes per step, so the
 expected ratio is about 2×.
 
-    python benchmarks/trap2_step_time.py [--device cuda] [--steps 20] [--bf16]
+    python benchmarks/trap2_step_time.py [--device cuda] [--steps 20] [--bf16] [--json F] [--png F]
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward passes")
     ap.add_argument("--json", default="", help="also write the results to this file")
+    ap.add_argument("--png", default="", help="also draw the step-time ratios into this PNG")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,6 +153,13 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "args": vars(args), "rows": rows}, f, indent=2)
+    if args.png:
+        from mergesec.report_scale import plot_step_times
+
+        png = plot_step_times(rows)
+        if png is not None:
+            with open(args.png, "wb") as f:
+                f.write(png)
 
 
 if __name__ == "__main__":

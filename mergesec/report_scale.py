@@ -5,8 +5,8 @@
   study's ``evaluate/scale_curve`` nodes, read back from the store;
 - ``plot_scenario_merge``: per merge op and scenario, the victim's standalone and merged accuracy
   and the other datasets' merged accuracy;
-- ``plot_step_times``: Trap² step time relative to a plain step (``benchmarks/trap2_step_time.py
-  --json`` output).
+- ``plot_step_times``: Trap² step time relative to a plain step, from the rows of
+  ``benchmarks/trap2_step_time.py`` (which draws it with ``--png``).
 
 Every plot function returns PNG bytes (``None`` when there is nothing to draw).
 """
