@@ -38,7 +38,7 @@ def _noop_executor(ctx) -> dict[str, float]:
 
 
 def _register() -> None:
-    from mergesec.tasks.registry import register_op
+    from mergesec.core.registry import register_op
 
     def noop(*, seed: int = 0) -> None:
         """A trivial op for the orchestration benchmark."""

@@ -203,7 +203,7 @@ def report(
 @app.command()
 def ops() -> None:
     """Every registered op with its parameters and defaults."""
-    from mergesec.tasks.registry import all_ops
+    from mergesec.core.registry import all_ops
 
     t = Table(title="registered ops")
     for c in ("op", "parameters", "searchable", "description"):

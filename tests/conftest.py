@@ -79,8 +79,8 @@ def run_executor(
     out_root: Path, step: str, op: str, params: dict, inputs: dict | None = None
 ) -> tuple[Path, dict]:
     """Run one node's executor directly (no Ray, no store); return its output dir and metrics."""
+    from mergesec.core.context import NodeContext
     from mergesec.orchestrator.runner import executor_for
-    from mergesec.tasks.context import NodeContext
 
     out = out_root / f"{step}-{op}-{len(list(out_root.glob('*')))}"
     out.mkdir(parents=True)

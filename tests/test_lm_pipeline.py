@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergesec.core.context import NodeContext
+from mergesec.core.registry import get_op, validate_params
 from mergesec.data.qa import QAExample, is_qa_uri, load_qa_splits
 from mergesec.lm.answers import exact_match, extract_answer
 from mergesec.models.artifact import ModelArtifact
-from mergesec.tasks.context import NodeContext
-from mergesec.tasks.registry import get_op, validate_params
 
 
 def char_tokenizer():

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from mergesec.core.registry import _REGISTRY
 from mergesec.tasks import merge_methods as mm
-from mergesec.tasks.registry import _REGISTRY
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
+from mergesec.core.context import NodeContext
+from mergesec.core.registry import get_op, validate_params
 from mergesec.models.artifact import HeadInfo, ModelArtifact, write_artifact
 from mergesec.models.hub import base_weights_file, load_backbone, model_identity
 from mergesec.models.state_dict import LazyStateDict, load_state_dict
 from mergesec.tasks import merge, merge_methods
-from mergesec.tasks.context import NodeContext
 from mergesec.tasks.evaluate import evaluate_artifact
 from mergesec.tasks.merge_stream import stream_merge
-from mergesec.tasks.registry import get_op, validate_params
 
 DATASETS = [{"uri": "builtin:sentiment"}, {"uri": "builtin:topic"}]
 LABELS = {"sentiment": ["negative", "positive"], "topic": ["a", "b", "c", "d"]}

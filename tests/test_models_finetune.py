@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergesec.core.context import NodeContext
 from mergesec.models.artifact import ModelArtifact
 from mergesec.models.hub import ModelURIError, check_model_uri, resolve_model_path
 from mergesec.models.state_dict import load_state_dict
 from mergesec.orchestrator.runner import executor_for
-from mergesec.tasks.context import NodeContext
 
 FT = {
     "epochs": 1,

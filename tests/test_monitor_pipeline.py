@@ -11,6 +11,7 @@ import pytest
 import torch
 from e2e import REPO, write_study
 
+from mergesec.core.registry import get_op
 from mergesec.data import load_dataset_splits, poison_examples, triggered_copy
 from mergesec.data.splits import DatasetSplits
 from mergesec.models.classifier import SequenceClassifier
@@ -29,7 +30,6 @@ from mergesec.tasks.monitor import (
     weightwatch,
     write_outputs,
 )
-from mergesec.tasks.registry import get_op
 
 POISON = {"trigger": "cf", "target": 1, "position": "random"}
 

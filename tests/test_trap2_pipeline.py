@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergesec.core.context import NodeContext
+from mergesec.core.registry import get_op, validate_params
 from mergesec.models.artifact import ModelArtifact
 from mergesec.models.hub import base_weights_file, model_identity
 from mergesec.models.state_dict import load_state_dict
 from mergesec.orchestrator.runner import executor_for
 from mergesec.tasks import attack, evaluate, finetune, merge, protect
-from mergesec.tasks.context import NodeContext
 from mergesec.tasks.merge_methods import task_arithmetic
-from mergesec.tasks.registry import get_op, validate_params
 
 SENT, TOPIC = {"uri": "builtin:sentiment"}, {"uri": "builtin:topic"}
 FT = {"epochs": 1, "lr": 1.0e-3, "batch_size": 64, "max_length": 24, "seed": 0}

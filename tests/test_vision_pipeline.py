@@ -15,6 +15,8 @@ import pytest
 import torch
 import yaml
 
+from mergesec.core.context import NodeContext
+from mergesec.core.registry import get_op, validate_params
 from mergesec.data.images import (
     BUILTIN_TEMPLATES,
     COLORS,
@@ -25,8 +27,6 @@ from mergesec.data.images import (
     synthetic_images,
 )
 from mergesec.models.artifact import ModelArtifact
-from mergesec.tasks.context import NodeContext
-from mergesec.tasks.registry import get_op, validate_params
 
 CLIP_WORDS = ("photo", "drawing", "of", "a", "the", "shape", "something", "number", "image")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
+from mergesec.core.context import ReportFn
 from mergesec.data.splits import DatasetSplits, Example
 from mergesec.models.classifier import SequenceClassifier
-from mergesec.tasks.context import ReportFn
 from mergesec.tasks.training import TrainConfig, score, train_classifier
 
 

@@ -103,14 +103,14 @@ def dataset_ref(d: DatasetSpec) -> dict[str, Any]:
 
 
 def _op_params(step: str, call_op: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    from mergesec.tasks.registry import get_op, validate_params
+    from mergesec.core.registry import get_op, validate_params
 
     op = get_op(step, call_op)
     return op.version, validate_params(op, params)
 
 
 def attack_stage(op_name: str) -> str:
-    from mergesec.tasks.registry import get_op
+    from mergesec.core.registry import get_op
 
     traits = get_op("attack", op_name).traits
     return (
@@ -253,7 +253,7 @@ class _VariantPlanner:
     def _protect(
         self, call: OpCall, d: dict, trained: Node, poison: dict | None, v: str, tag: str
     ) -> Node:
-        from mergesec.tasks.registry import get_op
+        from mergesec.core.registry import get_op
 
         version, params = _op_params("protect", call.op, call.params)
         if "trains" in get_op("protect", call.op).traits:

@@ -17,7 +17,7 @@ STEP_KEY = "mergesec_step"
 
 def executor_for(step: str, op: str):
     """The op's own executor when it registered one, else its step module's ``execute``."""
-    from mergesec.tasks.registry import get_op
+    from mergesec.core.registry import get_op
 
     registered = get_op(step, op)
     if registered.executor is not None:
@@ -38,7 +38,7 @@ def execute_node(
     """Run ``node`` unless the store already has it; return its metrics. Raises if the op fails."""
     import torch
 
-    from mergesec.tasks.context import NodeContext, pick_device
+    from mergesec.core.context import NodeContext, pick_device
 
     if store.is_done(node.id):
         return store.read_metrics(node.id)

@@ -245,9 +245,9 @@ def _pydantic_problems(e: ValidationError, label: dict[str, str]) -> list[tuple[
 
 
 def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
+    from mergesec.core.registry import OpError, get_op, validate_params
     from mergesec.data import check_dataset_uri
     from mergesec.models.hub import check_model_uri
-    from mergesec.tasks.registry import OpError, get_op, validate_params
 
     problems: list[tuple[str, str]] = []
     msg = check_model_uri(spec.base)

@@ -22,10 +22,10 @@ import torch
 from mergesec.attacks.aga import attack_aga, mlp_match_fraction, recovery_diagnostics
 from mergesec.attacks.finetune_after_merge import finetune_after_merge
 from mergesec.attacks.rescale import attack_rescale
+from mergesec.core.context import NodeContext
+from mergesec.core.registry import get_op, register_op
 from mergesec.models.artifact import ModelArtifact, write_artifact
-from mergesec.tasks.context import NodeContext
 from mergesec.tasks.protect import base_and_layout, task_vector_norm
-from mergesec.tasks.registry import get_op, register_op
 
 register_op("attack", "aga", fn=attack_aga)
 

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 import torch
 
+from mergesec.core.context import NodeContext
+from mergesec.core.registry import get_op, register_op
 from mergesec.data.splits import Example
 from mergesec.models.artifact import ModelArtifact
 from mergesec.models.classifier import SequenceClassifier
-from mergesec.tasks.context import NodeContext
-from mergesec.tasks.registry import get_op, register_op
 from mergesec.tasks.training import score
 
 

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mergesec.core.context import NodeContext, ReportFn
+from mergesec.core.registry import get_op, register_op
 from mergesec.data.splits import DatasetSplits
 from mergesec.models.classifier import SequenceClassifier
-from mergesec.tasks.context import NodeContext, ReportFn
-from mergesec.tasks.registry import get_op, register_op
 from mergesec.tasks.training import TrainConfig, train_classifier
 
 

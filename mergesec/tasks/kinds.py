@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mergesec.core.context import NodeContext
 from mergesec.models.artifact import ModelArtifact, write_artifact
 from mergesec.models.state_dict import LazyStateDict, copy_into, save_state_dict
-from mergesec.tasks.context import NodeContext
 from mergesec.vision.loop import FitConfig, Precision, fit
 
 TEXT, IMAGE, QA = "text", "image", "qa"

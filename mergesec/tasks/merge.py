@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mergesec.core.context import NodeContext
+from mergesec.core.registry import get_op, is_search
 from mergesec.models.artifact import MODEL_FILE, HeadInfo, ModelArtifact, write_artifact
 from mergesec.models.state_dict import LazyStateDict, copy_into, save_state_dict
-from mergesec.tasks.context import NodeContext
-from mergesec.tasks.registry import get_op, is_search
 
 # Unlabelled validation texts per expert for RegMean's Gram matrices (the RegMean paper uses
 # ~1,000 training examples; the builtin datasets have 200 validation sentences, all used).

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mergesec.core.registry import register_op
 from mergesec.models.state_dict import StateDict
-from mergesec.tasks.registry import register_op
 
 # (key, base as float32, experts as float32) -> merged weights as float32
 Combine = Callable[[str, Tensor, list[Tensor]], Tensor]

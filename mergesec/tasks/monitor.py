@@ -46,6 +46,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from mergesec.core.context import NodeContext
+from mergesec.core.registry import get_op, register_op
 from mergesec.data.splits import DatasetSplits, Example
 from mergesec.models.classifier import SequenceClassifier
 from mergesec.monitor.audit import Audit, top_activating, write_audit_markdown
@@ -57,8 +59,6 @@ from mergesec.monitor.scoring import (
     score_inputs,
 )
 from mergesec.monitor.steering import SteeringHooks
-from mergesec.tasks.context import NodeContext
-from mergesec.tasks.registry import get_op, register_op
 from mergesec.tasks.training import batches, to_device
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from mergesec.core.context import NodeContext
+from mergesec.core.registry import get_op, register_op
 from mergesec.defenses.mergelock import protect_mergelock
 from mergesec.defenses.params import protect_params
 from mergesec.models.artifact import ModelArtifact, write_artifact
 from mergesec.models.state_dict import StateDict
-from mergesec.tasks.context import NodeContext
-from mergesec.tasks.registry import get_op, register_op
 
 register_op("protect", "params", fn=protect_params)
 register_op("protect", "mergelock", fn=protect_mergelock)

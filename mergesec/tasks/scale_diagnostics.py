@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mergesec.core.context import NodeContext
+from mergesec.core.registry import register_op
 from mergesec.defenses.scale_curve import curve_sharpness, scale_curve
 from mergesec.defenses.trap2 import forward_with
 from mergesec.models.artifact import ModelArtifact
 from mergesec.report_scale import SCALE_CURVE_FILE
-from mergesec.tasks.context import NodeContext
-from mergesec.tasks.registry import register_op
 from mergesec.tasks.training import batches, to_device
 
 PLOT_FILE = "scale_curve.png"

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mergesec.core.context import ReportFn
 from mergesec.data.splits import Example
 from mergesec.models.classifier import SequenceClassifier
-from mergesec.tasks.context import ReportFn
 
 Batch = dict[str, torch.Tensor]
 # A training step: (model, optimizer, batch) -> metrics of that step (at least "loss").

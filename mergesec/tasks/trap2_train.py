@@ -31,17 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mergesec.core.context import NodeContext, ReportFn
+from mergesec.core.registry import Op, get_op, register_op
 from mergesec.data.splits import DatasetSplits
 from mergesec.defenses.trap2 import forward_with, trap2_step
 from mergesec.models.classifier import SequenceClassifier
-from mergesec.tasks.context import NodeContext, ReportFn
 from mergesec.tasks.finetune import (
     FinetuneResult,
     build_classifier,
     load_node_dataset,
     save_trained,
 )
-from mergesec.tasks.registry import Op, get_op, register_op
 from mergesec.tasks.training import Batch, TrainConfig, train_classifier
 
 BACKBONE_PREFIX = "backbone."

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from mergesec.tasks.context import ReportFn
+from mergesec.core.context import ReportFn
 from mergesec.tasks.training import Batch, StepFn, seed_everything, to_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import torch
 
-from mergesec.tasks.registry import register_op
+from mergesec.core.registry import register_op
 
 
 @register_op("protect", "explode")

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 ReportFn = Callable[[dict[str, float], int], None]
 
 
@@ -44,4 +42,6 @@ class NodeContext:
 
 def pick_device(gpus: float = 0.0) -> str:
     """CUDA when this process was given a GPU and one is visible, else CPU."""
+    import torch  # deferred: the core layer stays importable without torch
+
     return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"

@@ -108,10 +108,11 @@ def register_op(
 
 
 def _ensure_loaded() -> None:
-    # Importing the step modules registers their ops.
-    from mergesec import tasks  # noqa: F401
+    # Importing the op modules registers their ops; the import is deferred because those modules
+    # sit in higher layers (and import torch).
+    from mergesec.core.plugins import load_ops
 
-    tasks.load_all()
+    load_ops()
 
 
 def get_op(step: str, name: str, path: str = "") -> Op:
