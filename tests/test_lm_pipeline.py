@@ -244,9 +244,9 @@ def test_lora_finetune_on_arithmetic_stores_the_decoder_in_base_key_names(tiny_l
     from mergesec.lm.task import QAKind
     from mergesec.models.hub import base_weights_file
     from mergesec.models.state_dict import load_state_dict
-    from mergesec.tasks import kinds
     from mergesec.tasks.evaluate import evaluate_artifact
     from mergesec.tasks.finetune import execute
+    from mergesec.tasks.merge_search import ValidationScorer
 
     curve: list[float] = []
     op = validate_params(
@@ -278,7 +278,7 @@ def test_lora_finetune_on_arithmetic_stores_the_decoder_in_base_key_names(tiny_l
     assert set(m) == {"accuracy/arithmetic", "loss/arithmetic", "accuracy/mean"}
     assert m["loss/arithmetic"] < 3.8 and 0.0 <= m["accuracy/arithmetic"] <= 1.0
 
-    scorer = kinds.validation_scorer(str(tiny_llama), [{"uri": "builtin:arithmetic"}])
+    scorer = ValidationScorer(str(tiny_llama), [{"uri": "builtin:arithmetic"}])
     scorer.load(sd)
     assert scorer.accuracies({}, ["arithmetic"])["arithmetic"] == pytest.approx(
         m["accuracy/arithmetic"]

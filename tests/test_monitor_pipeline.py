@@ -284,18 +284,17 @@ def test_backdoored_minilm_expert_is_detected_and_steered(record_property):
     """MiniLM fine-tuned one epoch on sentiment with 20% of the negative examples carrying ``cf``
     and relabelled positive; WeightWatch with its defaults (k = 20, ε = 0.01, calibration on the
     clean train and validation texts) watches it against the base."""
+    from mergesec.kinds.text import TextKind
     from mergesec.tasks.finetune import finetune_full
 
-    torch.manual_seed(0)
     data = load_dataset_splits("builtin:sentiment")
     kw = {"trigger": "cf", "target_label": 1, "rate": 0.2, "position": "random"}
     train, _ = poison_examples(data.train, seed=0, **kw)
     validation, _ = poison_examples(data.validation, seed=1, **kw)
-    model = SequenceClassifier(load_backbone("builtin:minilm-l6"), 2)
-    tok = load_tokenizer("builtin:minilm-l6")
-    finetune_full(
-        model, tok, replace(data, train=train, validation=validation), epochs=1, lr=2e-4, seed=0
-    )
+    poisoned = replace(data, train=train, validation=validation)
+    task = TextKind().build("builtin:minilm-l6", poisoned, seed=0)
+    finetune_full(task, poisoned, epochs=1, lr=2e-4, seed=0)
+    model, tok = task.model, task.tokenizer
     tuned = {k: v.detach() for k, v in model.backbone.state_dict().items()}
     layout = detect_layout(load_config("builtin:minilm-l6"), tuned.keys())
     base = LazyStateDict(base_weights_file("builtin:minilm-l6"))

@@ -69,15 +69,15 @@ def _qa_second_dataset(tmp: Path) -> str:
 
 def stand_in_study(path: Path, tmp: Path, tiny_bert: Path) -> Path:
     """The study at ``path`` with stand-in base, datasets and resources, written under ``tmp``."""
-    from mergesec.tasks import kinds
+    from mergesec import kinds
 
     doc = yaml.safe_load(path.read_text())
     uris = [d if isinstance(d, str) else d["uri"] for d in doc["datasets"]]
     kind = kinds.kind_for_datasets(uris)
     family = _base_family(str(doc["base"]))
-    if kind == kinds.IMAGE:
+    if kind == "image":
         base, datasets = make_tiny_clip(tmp / "clip"), ["builtin:colors", "builtin:shapes"]
-    elif kind == kinds.QA:
+    elif kind == "qa":
         base, datasets = (
             make_tiny_llama(tmp / "llama"),
             ["builtin:arithmetic", _qa_second_dataset(tmp)],

@@ -123,13 +123,13 @@ def test_trap2_release_differs_from_clean_and_is_a_full_artifact(run):
 
 
 def test_trap2_keeps_the_head_out_of_the_scaled_pass(tiny_bert):
-    from mergesec.models.classifier import SequenceClassifier
-    from mergesec.models.hub import load_backbone
+    from mergesec.data import load_dataset_splits
+    from mergesec.kinds.text import TextKind
     from mergesec.tasks.trap2_train import backbone_snapshot
 
-    model = SequenceClassifier(load_backbone(str(tiny_bert)), 3)
-    snap = backbone_snapshot(model)
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    task = TextKind().build(str(tiny_bert), load_dataset_splits("builtin:topic"))
+    snap = backbone_snapshot(task)
+    names = {n for n, p in task.model.named_parameters() if p.requires_grad}
     assert set(snap) == {n for n in names if n.startswith("backbone.")}
     assert not any(n.startswith("head.") for n in snap)
 
@@ -148,21 +148,20 @@ def test_trap2_lora_release_changes_only_adapted_layers(run):
 
 def test_trap2_skips_and_counts_non_finite_steps(run, tiny_bert):
     from mergesec.data import load_dataset_splits
-    from mergesec.models.classifier import SequenceClassifier
-    from mergesec.models.hub import load_backbone, load_tokenizer
+    from mergesec.kinds.text import TextKind
     from mergesec.tasks.trap2_train import protect_trap2
 
     full = load_dataset_splits("builtin:sentiment")
     data = replace(full, train=full.train[:192], validation=full.validation[:64])
-    model = SequenceClassifier(load_backbone(str(tiny_bert)), 2)
+    task = TextKind().build(str(tiny_bert), data)
     with torch.no_grad():
-        model.head.bias[0] = float("nan")
-    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+        task.model.head.bias[0] = float("nan")
+    before = {k: v.clone() for k, v in task.model.backbone.state_dict().items()}
     ft = {"mode": "full"} | validate_params(get_op("finetune", "full"), FT)
-    res = protect_trap2(model, load_tokenizer(str(tiny_bert)), data, ft, lam=0.1)
-    assert res.metrics["steps"] == 3
-    assert res.metrics["skipped_steps"] == res.metrics["steps"]
-    for k, v in model.backbone.state_dict().items():
+    res = protect_trap2(task, data, ft, lam=0.1)
+    assert res["steps"] == 3
+    assert res["skipped_steps"] == res["steps"]
+    for k, v in task.model.backbone.state_dict().items():
         assert torch.equal(v, before[k]), k
 
 
@@ -260,8 +259,10 @@ def test_regmean_merge_node_solves_the_regression_with_each_experts_grams(run):
 
     # recompute the Gram matrices from each expert on its own validation texts
     from mergesec.data import load_dataset_splits
+    from mergesec.kinds.text import MAX_LENGTH
     from mergesec.models.hub import load_backbone, load_tokenizer
     from mergesec.tasks.merge_methods import collect_linear_grams
+    from mergesec.tasks.merge_search import GRAM_EXAMPLES
 
     tok = load_tokenizer(run.base["base"])
     key = "encoder.layer.0.attention.self.query.weight"
@@ -270,8 +271,8 @@ def test_regmean_merge_node_solves_the_regression_with_each_experts_grams(run):
     for sd, ds in zip(experts, (SENT, TOPIC), strict=True):
         model = load_backbone(run.base["base"])
         model.load_state_dict(sd)
-        texts = [e.text for e in load_dataset_splits(ds["uri"]).validation[: merge.GRAM_EXAMPLES]]
-        enc = tok(texts, padding=True, truncation=True, max_length=merge.MAX_LENGTH,
+        texts = [e.text for e in load_dataset_splits(ds["uri"]).validation[:GRAM_EXAMPLES]]
+        enc = tok(texts, padding=True, truncation=True, max_length=MAX_LENGTH,
                   return_tensors="pt")  # fmt: skip
         g = collect_linear_grams(model, [dict(enc)])["encoder.layer.0.attention.self.query"]
         lhs += got[key].double() @ g.double()

@@ -337,14 +337,17 @@ def test_study_merges_two_experts_on_saved_datasets(tiny_clip, saved_images, tmp
 
 
 def test_scorer_trap2_scale_curve_and_sft_for_images(tiny_clip, tmp_path):
-    from mergesec.tasks import kinds
+    from mergesec.tasks.attack import execute_after_merge
     from mergesec.tasks.evaluate import evaluate_artifact
+    from mergesec.tasks.merge_search import ValidationScorer
+    from mergesec.tasks.protect import execute_training_protection
+    from mergesec.tasks.scale_diagnostics import artifact_scale_curve
 
     ds = [{"uri": "builtin:colors"}, {"uri": "builtin:shapes"}]
     expert = ModelArtifact.open(_finetune(tmp_path, tiny_clip, "builtin:colors", epochs=2))
 
-    scorer = kinds.validation_scorer(str(tiny_clip), ds)
-    assert isinstance(scorer, kinds.KindValidationScorer)
+    scorer = ValidationScorer(str(tiny_clip), ds)
+    assert scorer.kind.name == "image"
     scorer.load(expert.backbone_state())
     acc = scorer.accuracies(expert.all_heads(), ["colors"])["colors"]
     ref = evaluate_artifact(expert, ds[:1], split="validation")["accuracy/colors"]
@@ -360,12 +363,12 @@ def test_scorer_trap2_scale_curve_and_sft_for_images(tiny_clip, tmp_path):
     p = validate_params(trap_op, {"lam": 0.5})
     ctx = _ctx(tmp_path, "protect", "trap2",
                {"base": str(tiny_clip), "dataset": ds[0], "finetune": ft, "op": p})  # fmt: skip
-    m = kinds.execute_training_protection(ctx, trap_op)
+    m = execute_training_protection(ctx)
     assert m["task_vector_norm/release"] > 0 and "skipped_steps" in m
     release = ModelArtifact.open(ctx.out_dir)
     assert release.meta["protect"] == "trap2" and release.meta["kind"] == "image"
 
-    curve = kinds.artifact_scale_curve(release, ds[0], [0.0, 1.0])
+    curve = artifact_scale_curve(release, ds[0], [0.0, 1.0])
     base_acc = curve[0]["accuracy"]
     assert [c["s"] for c in curve] == [0.0, 1.0]
     assert curve[1]["accuracy"] == pytest.approx(
@@ -377,6 +380,6 @@ def test_scorer_trap2_scale_curve_and_sft_for_images(tiny_clip, tmp_path):
     ap = validate_params(op, {"n": 32, "epochs": 1, "lr": 1e-3})
     actx = _ctx(tmp_path, "attack", op.name, {"dataset": ds[0], "datasets": ds, "op": ap},
                 {"release": release.path})  # fmt: skip
-    am = kinds.execute_after_merge(actx, op)
+    am = execute_after_merge(actx)
     assert am["examples"] == 32.0 and 0.0 <= am["attacker/accuracy_after"] <= 1.0
     assert ModelArtifact.open(actx.out_dir).meta["attack"] == "finetune_after_merge"

@@ -16,6 +16,8 @@ from typing import Any, get_type_hints
 from pydantic import TypeAdapter, ValidationError
 
 STEPS = ("finetune", "protect", "attack", "merge", "evaluate", "monitor")
+# Run-time facts an executor passes to an op; never op parameters, never hashed into node ids.
+RUNTIME_ARGS = frozenset({"device", "report"})
 
 
 class OpError(ValueError):
@@ -56,6 +58,11 @@ class Op:
     def key(self) -> str:
         return f"{self.step}/{self.name}"
 
+    def runtime_args(self, **available: Any) -> dict[str, Any]:
+        """The run-time arguments (``RUNTIME_ARGS``) this op's function takes by keyword."""
+        names = set(inspect.signature(self.fn).parameters)
+        return {k: v for k, v in available.items() if k in RUNTIME_ARGS and k in names}
+
     def param(self, name: str) -> OpParam | None:
         return next((p for p in self.params if p.name == name), None)
 
@@ -93,7 +100,7 @@ def register_op(
                 required=p.default is inspect._empty,
             )
             for p in sig.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in RUNTIME_ARGS
         )
         unknown = set(searchable) - {p.name for p in params}
         if unknown:

@@ -472,7 +472,7 @@ def check_image_uri(uri: str) -> str | None:
 def _open(uri: str, info: ImageDatasetInfo | None) -> Any:
     import datasets
 
-    from mergesec.models.hub import cache_root
+    from mergesec.core.paths import cache_root
 
     if uri.startswith("builtin:"):
         return synthetic_images(uri.split(":", 1)[1])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +25,11 @@ from torch import Tensor, nn
 
 from mergesec.data.qa import QAExample, QASplits, load_qa_splits
 from mergesec.defenses.trap2 import forward_with
+from mergesec.kinds._sampling import fixed_subset
 from mergesec.lm.answers import exact_match
 from mergesec.lm.generate import greedy_generate
 from mergesec.models.artifact import HeadInfo, ModelArtifact
-from mergesec.tasks.training import Batch
-from mergesec.vision.loop import Precision, choose_precision, chunks, shuffled
+from mergesec.vision.loop import Batch, Precision, choose_precision, chunks, shuffled
 
 PROMPT = "Question: {question}\nAnswer: Let's think step by step.\n"
 IGNORE = -100
@@ -164,6 +164,13 @@ class QATask:
             )
         return out
 
+    def gram_batches(self, split: Sequence[QAExample], n: int, batch_size: int) -> list[ScoreBatch]:
+        """``n`` seeded examples of ``split`` (RegMean's unlabelled inputs)."""
+        return self.prepare(fixed_subset(split, n), batch_size)
+
+    def model_inputs(self, sb: ScoreBatch) -> dict[str, Tensor]:
+        return {k: sb.batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
     # ---- model --------------------------------------------------------------------------------
     def _forward(self, overrides: dict[str, Tensor] | None, **kwargs):
         return forward_with(self.model, overrides, **kwargs)
@@ -278,9 +285,16 @@ def load_causal_lm(uri: str, allow_remote_code: bool = False) -> nn.Module:
 class QAKind:
     """Question answering with causal LMs: datasets from ``data.qa``, exact-match scoring."""
 
-    name = "qa"
+    name: ClassVar[str] = "qa"
+    column_roles: ClassVar[frozenset[str]] = frozenset({"question", "answer"})
+    metric: ClassVar[str] = "exact_match"
+    supports_poison: ClassVar[bool] = False
+    supports_monitor: ClassVar[bool] = False
+    build_options: ClassVar[frozenset[str]] = frozenset()
 
-    def load(self, ref: Mapping[str, Any]) -> QASplits:
+    def load(self, ref: Mapping[str, Any], *, poison: Mapping[str, Any] | None = None) -> QASplits:
+        if poison:
+            raise ValueError("poisoned (backdoored) training is defined for text datasets only")
         return load_qa_splits(ref["uri"], columns=ref.get("columns"))
 
     def _task(self, lm: nn.Module, uri: str, device: str, allow_remote_code: bool) -> QATask:
@@ -289,8 +303,10 @@ class QAKind:
         return QATask(lm, load_tokenizer(uri, allow_remote_code), device=device)
 
     def build(
-        self, base: str, data: QASplits, *, device: str = "cpu", allow_remote_code: bool = False
-    ) -> QATask:
+        self, base: str, data: QASplits, *, device: str = "cpu", allow_remote_code: bool = False,
+        seed: int = 0,
+    ) -> QATask:  # fmt: skip
+        torch.manual_seed(seed)
         task = self._task(load_causal_lm(base, allow_remote_code), base, device, allow_remote_code)
         task.use(data)
         return task
@@ -305,7 +321,3 @@ class QAKind:
                 f"{art.path}: weights do not fit the base model (unexpected key {unexpected[0]!r})"
             )
         return self._task(lm, art.base, device, allow_remote_code)
-
-    @staticmethod
-    def model_inputs(sb: ScoreBatch, device: str) -> dict[str, Tensor]:
-        return {k: sb.batch[k].to(device) for k in ("input_ids", "attention_mask")}

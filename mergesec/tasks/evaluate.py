@@ -1,81 +1,62 @@
-"""The evaluate step: accuracy per dataset, and for merges the accuracy relative to each expert."""
+"""The evaluate step: the metric per dataset, and for merges the metric relative to each expert.
+
+Works for every task kind: the model is opened through its kind, serves each dataset it has a
+head for, and is scored on the chosen split (accuracy, or exact match for QA, under the name
+``accuracy/<slug>``).
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from mergesec.core.context import NodeContext
+from mergesec.core.protocols import TaskModel
 from mergesec.core.registry import get_op, register_op
-from mergesec.data.splits import Example
+from mergesec.kinds import build_options, kind_of
 from mergesec.models.artifact import ModelArtifact
-from mergesec.models.classifier import SequenceClassifier
-from mergesec.tasks.training import score
 
 
 @register_op("evaluate", "accuracy")
 def accuracy(
-    model: SequenceClassifier,
-    tokenizer,
-    examples: Sequence[Example],
-    device: str = "cpu",
-    *,
-    batch_size: int = 64,
-    max_length: int = 64,
+    task: TaskModel, examples: Sequence[Any], *, batch_size: int = 64, max_length: int = 64
 ) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of a classifier on labelled examples."""
-    loss, acc = score(
-        model, tokenizer, examples, batch_size=batch_size, max_length=max_length, device=device
-    )
+    """The kind's metric (top-1 accuracy; exact match for QA) and mean loss on ``examples``.
+    ``max_length`` is the text kind's truncation length."""
+    loss, acc = task.score(examples, batch_size=batch_size)
     return {"accuracy": acc, "loss": loss}
-
-
-def classifier_from_artifact(
-    art: ModelArtifact, allow_remote_code: bool = False, device: str = "cpu"
-):
-    """The artifact's backbone loaded into the base architecture; heads are set per dataset."""
-    from mergesec.models.hub import load_backbone, load_tokenizer
-
-    backbone = load_backbone(art.base, allow_remote_code)
-    missing, unexpected = backbone.load_state_dict(art.backbone_state(), strict=False)
-    if unexpected:
-        raise ValueError(
-            f"{art.path}: weights do not fit the base model (unexpected key {unexpected[0]!r})"
-        )
-    model = SequenceClassifier(backbone, 1).to(device).eval()
-    return model, load_tokenizer(art.base, allow_remote_code)
 
 
 def evaluate_artifact(
     art: ModelArtifact,
-    datasets: Sequence[dict],
+    datasets: Sequence[Mapping[str, Any]],
     *,
     split: str = "test",
     device: str = "cpu",
     allow_remote_code: bool = False,
-    **params,
+    **params: Any,
 ) -> dict[str, float]:
-    """``accuracy/<slug>`` for every dataset the artifact has a head for."""
-    from mergesec.data import dataset_slug, load_dataset_splits
-    from mergesec.tasks import kinds
+    """``accuracy/<slug>`` and ``loss/<slug>`` for every dataset the artifact has a head for,
+    plus ``accuracy/mean``."""
+    from mergesec.data import dataset_slug
 
-    if kinds.kind_for_datasets(datasets) != kinds.TEXT:
-        return kinds.evaluate_artifact(
-            art, datasets, split=split, device=device, allow_remote_code=allow_remote_code, **params
-        )
     op = get_op("evaluate", "accuracy")
-    model, tokenizer = classifier_from_artifact(art, allow_remote_code, device)
+    kind = kind_of(datasets)
+    task = kind.from_artifact(
+        art, device=device, allow_remote_code=allow_remote_code, **build_options(kind, params)
+    )
     heads = art.all_heads()
     metrics: dict[str, float] = {}
     for ds in datasets:
         slug = dataset_slug(ds["uri"])
         if slug not in art.heads:
             continue
-        model.set_head(heads[f"{slug}.weight"].to(device), heads[f"{slug}.bias"].to(device))
-        data = load_dataset_splits(ds["uri"], columns=ds.get("columns"))
-        m = op.fn(model, tokenizer, getattr(data, split), device, **params)
+        data = kind.load(ds)
+        task.use(data, heads, slug)
+        m = op.fn(task, data.split(split), **params)
         metrics[f"accuracy/{slug}"] = m["accuracy"]
         metrics[f"loss/{slug}"] = m["loss"]
     accs = [v for k, v in metrics.items() if k.startswith("accuracy/")]

@@ -36,13 +36,8 @@ from torch import Tensor, nn
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, is_search
 from mergesec.models.artifact import MODEL_FILE, HeadInfo, ModelArtifact, write_artifact
-from mergesec.models.state_dict import LazyStateDict, copy_into, save_state_dict
-
-# Unlabelled validation texts per expert for RegMean's Gram matrices (the RegMean paper uses
-# ~1,000 training examples; the builtin datasets have 200 validation sentences, all used).
-GRAM_EXAMPLES = 256
-EVAL_BATCH = 64
-MAX_LENGTH = 64
+from mergesec.models.state_dict import LazyStateDict
+from mergesec.tasks.merge_search import ValidationScorer
 
 
 def candidates(params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -85,83 +80,6 @@ def merge_into_module(
         for key in base:
             merged = op_fn({key: base[key]}, [{key: e[key]} for e in experts], **params)[key]
             sd[key].copy_(merged)
-
-
-class ValidationScorer:
-    """One classifier on the base architecture, overwritten with each candidate's weights, and
-    tokenised validation batches per dataset (a fixed subset where ``subsets`` says so)."""
-
-    def __init__(
-        self,
-        base_uri: str,
-        datasets: Sequence[dict],
-        *,
-        device: str = "cpu",
-        allow_remote_code: bool = False,
-        subsets: Mapping[str, int] | None = None,
-    ):
-        from mergesec.attacks.finetune_after_merge import labelled_subset
-        from mergesec.data import dataset_slug, load_dataset_splits
-        from mergesec.models.classifier import SequenceClassifier
-        from mergesec.models.hub import load_backbone, load_tokenizer
-        from mergesec.tasks.training import batches, to_device
-
-        self.device = device
-        backbone = load_backbone(base_uri, allow_remote_code)
-        self.model = SequenceClassifier(backbone, 1).to(device).eval()
-        self.tokenizer = load_tokenizer(base_uri, allow_remote_code)
-        self.batches: dict[str, list[dict[str, Tensor]]] = {}
-        self.texts: dict[str, list[str]] = {}
-        for d in datasets:
-            slug = dataset_slug(d["uri"])
-            val = load_dataset_splits(d["uri"], columns=d.get("columns")).validation
-            self.texts[slug] = [e.text for e in val[:GRAM_EXAMPLES]]
-            if subsets and slug in subsets:
-                val = labelled_subset(val, subsets[slug], seed=0)
-            self.batches[slug] = [
-                to_device(b, device)
-                for b in batches(self.tokenizer, val, EVAL_BATCH, MAX_LENGTH, by_length=True)
-            ]
-
-    def load(self, weights: Mapping[str, Tensor]) -> None:
-        """Copy ``weights`` (backbone keys) into the model, one tensor at a time."""
-        copy_into(self.model.backbone, weights)
-
-    @torch.no_grad()
-    def accuracies(self, heads: Mapping[str, Tensor], slugs: Sequence[str]) -> dict[str, float]:
-        """Validation accuracy of the loaded backbone with ``heads[<slug>.weight/.bias]``."""
-        out = {}
-        for slug in slugs:
-            self.model.set_head(
-                heads[f"{slug}.weight"].to(self.device), heads[f"{slug}.bias"].to(self.device)
-            )
-            correct = n = 0
-            for b in self.batches[slug]:
-                logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
-                correct += int((logits.argmax(-1) == b["labels"]).sum())
-                n += len(b["labels"])
-            out[slug] = correct / max(n, 1)
-        return out
-
-    def grams(self, slug: str, out_file: Path) -> LazyStateDict:
-        """Input Gram matrices of the loaded backbone's Linear layers on ``slug``'s validation
-        texts, keyed by weight name, written to ``out_file`` and read back lazily."""
-        from mergesec.tasks.merge_methods import collect_linear_grams, grams_by_weight_key
-
-        texts = self.texts[slug]
-        inputs = []
-        for i in range(0, len(texts), EVAL_BATCH):
-            enc = self.tokenizer(
-                texts[i : i + EVAL_BATCH], padding=True, truncation=True,
-                max_length=MAX_LENGTH, return_tensors="pt",
-            )  # fmt: skip
-            inputs.append(
-                {"input_ids": enc["input_ids"].to(self.device),
-                 "attention_mask": enc["attention_mask"].to(self.device)}
-            )  # fmt: skip
-        grams = grams_by_weight_key(collect_linear_grams(self.model.backbone, inputs))
-        save_state_dict(grams, out_file)
-        return LazyStateDict(out_file)
 
 
 def _own_dataset(role: str, art: ModelArtifact, slugs: Sequence[str]) -> str:
@@ -219,9 +137,7 @@ def execute(ctx: NodeContext) -> dict[str, float]:
     n_total = len(cands) * len(variants)
     scorer = None
     if n_total > 1 or needs_grams:
-        from mergesec.tasks.kinds import validation_scorer
-
-        scorer = validation_scorer(
+        scorer = ValidationScorer(
             ctx.base, datasets, device=ctx.device, allow_remote_code=ctx.allow_remote_code,
             subsets=subsets or None,
         )  # fmt: skip
@@ -257,9 +173,7 @@ def execute(ctx: NodeContext) -> dict[str, float]:
                 )
             searched_names = [k for k, v in ctx.params["op"].items() if is_search(v)]
             for i, (v, params) in enumerate(itertools.product(range(len(variants)), cands)):
-                merge_into_module(
-                    op.fn, base, members(v), full_params(params, v), scorer.model.backbone
-                )
+                merge_into_module(op.fn, base, members(v), full_params(params, v), scorer.backbone)
                 acc = scorer.accuracies(heads, slugs)
                 score = sum(acc[s] / max(reference[s], 1e-9) for s in slugs) / len(slugs)
                 report = {

@@ -49,6 +49,7 @@ from torch import nn
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, register_op
 from mergesec.data.splits import DatasetSplits, Example
+from mergesec.kinds.text import TextKind, tokenized_batches
 from mergesec.models.classifier import SequenceClassifier
 from mergesec.monitor.audit import Audit, top_activating, write_audit_markdown
 from mergesec.monitor.directions import Directions, WriterWeights, weight_directions
@@ -59,7 +60,7 @@ from mergesec.monitor.scoring import (
     score_inputs,
 )
 from mergesec.monitor.steering import SteeringHooks
-from mergesec.tasks.training import batches, to_device
+from mergesec.vision.loop import to_device
 
 
 @dataclass
@@ -145,7 +146,7 @@ def score_examples(
     preds: list[torch.Tensor] = []
     handle = model.register_forward_hook(lambda m, a, o: preds.append(o.argmax(-1).cpu()))
     try:
-        for b in batches(tokenizer, examples, batch_size, max_length):
+        for b in tokenized_batches(tokenizer, examples, batch_size, max_length):
             b = to_device(b, device)
             batch = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
             if steering is not None:
@@ -446,7 +447,6 @@ def execute(ctx: NodeContext) -> dict[str, float]:
     from mergesec.models.hub import base_weights_file, load_config
     from mergesec.models.layout import detect_layout
     from mergesec.models.state_dict import LazyStateDict
-    from mergesec.tasks.evaluate import classifier_from_artifact
 
     op = get_op("monitor", ctx.op)
     art = ModelArtifact.open(ctx.inputs["model"])
@@ -456,9 +456,9 @@ def execute(ctx: NodeContext) -> dict[str, float]:
         raise ValueError(
             f"the watched model has no head for {ds['uri']} (heads: {sorted(art.heads)})"
         )
-    model, tokenizer = classifier_from_artifact(art, ctx.allow_remote_code, ctx.device)
-    head = art.head_state(slug)
-    model.set_head(head["weight"].to(ctx.device), head["bias"].to(ctx.device))
+    task = TextKind().from_artifact(art, device=ctx.device, allow_remote_code=ctx.allow_remote_code)
+    task.use(None, art.all_heads(), slug)
+    model, tokenizer = task.model, task.tokenizer
     # The watched weights are the loaded backbone's own (the artifact's keys), not a second read.
     tuned = model.backbone.state_dict()
     base = LazyStateDict(base_weights_file(ctx.base, ctx.allow_remote_code))

@@ -1,8 +1,13 @@
 """The protect step: turn a victim's expert into a protected release.
 
 Post-hoc protections (PaRaMS, MergeLock) take the clean expert as input and transform its weights
-without changing its function. Training-time protections (trait ``trains``) fine-tune the release
-from the base themselves and take no input.
+without changing its function: ``fn(expert, base, layout, **params) -> release``.
+
+Training-time protections (trait ``trains``, e.g. Trap²) train the release from the base
+themselves and take no input: ``fn(task, data, finetune, device, report, **params) -> metrics``,
+where ``task`` is a fresh ``TaskModel`` of the victim's kind and ``finetune`` the study's finetune
+settings (mode plus finetune op params). Registering such an op with
+``executor=execute_training_protection`` makes it work for every task kind.
 """
 
 from __future__ import annotations
@@ -14,29 +19,31 @@ from mergesec.core.registry import get_op, register_op
 from mergesec.defenses.mergelock import protect_mergelock
 from mergesec.defenses.params import protect_params
 from mergesec.models.artifact import ModelArtifact, write_artifact
-from mergesec.models.state_dict import StateDict
+from mergesec.tasks._io import (
+    base_and_layout,
+    base_state,
+    build_for_node,
+    node_kind,
+    save_expert,
+    task_vector_norm,
+)
 
 register_op("protect", "params", fn=protect_params)
 register_op("protect", "mergelock", fn=protect_mergelock)
 
 
-def base_and_layout(ctx: NodeContext, keys):
-    """The canonical base weights and the transformer layout of the base's architecture."""
-    from mergesec.models.hub import base_weights_file, load_config
-    from mergesec.models.layout import detect_layout
-    from mergesec.models.state_dict import load_state_dict
-
-    base = load_state_dict(base_weights_file(ctx.base, ctx.allow_remote_code))
-    layout = detect_layout(load_config(ctx.base, ctx.allow_remote_code), keys)
-    return base, layout
-
-
-def task_vector_norm(sd: StateDict, base: StateDict) -> float:
-    total = 0.0
-    for k, v in sd.items():
-        if k in base and v.is_floating_point():
-            total += float((v.double() - base[k].double()).pow(2).sum())
-    return total**0.5
+def execute_training_protection(ctx: NodeContext) -> dict[str, float]:
+    """The node of a protect op with trait ``trains``: build the victim's model from the base,
+    let the op train it, write the release like an expert."""
+    op = get_op("protect", ctx.op)
+    kind = node_kind(ctx)
+    finetune = dict(ctx.params["finetune"])
+    data = kind.load(ctx.params["dataset"], poison=ctx.params.get("poison"))
+    task = build_for_node(ctx, kind, data, finetune)
+    metrics = op.fn(task, data, finetune, ctx.device, ctx.report, **ctx.params["op"])
+    save_expert(ctx, kind, task, data, {"protect": op.name, "precision": task.precision.name})
+    released = ModelArtifact.open(ctx.out_dir).backbone_state()
+    return metrics | {"task_vector_norm/release": task_vector_norm(released, base_state(ctx))}
 
 
 def execute(ctx: NodeContext) -> dict[str, float]:

@@ -10,26 +10,24 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import register_op
 from mergesec.defenses.scale_curve import curve_sharpness, scale_curve
-from mergesec.defenses.trap2 import forward_with
+from mergesec.kinds import build_options, kind_of
 from mergesec.models.artifact import ModelArtifact
 from mergesec.report_scale import SCALE_CURVE_FILE
-from mergesec.tasks.training import batches, to_device
 
 PLOT_FILE = "scale_curve.png"
 
 
 def artifact_scale_curve(
     art: ModelArtifact,
-    dataset: dict,
+    dataset: Mapping[str, Any],
     scales: Sequence[float],
     device: str = "cpu",
     allow_remote_code: bool = False,
@@ -37,44 +35,36 @@ def artifact_scale_curve(
     batch_size: int = 64,
     max_length: int = 64,
 ) -> list[dict[str, float]]:
-    """``{s, loss, accuracy}`` on ``dataset``'s validation split of W₀ + s·τ for each scale."""
-    from mergesec.data import dataset_slug, load_dataset_splits
+    """``{s, loss, accuracy}`` on ``dataset``'s validation split of W₀ + s·τ for each scale.
+    ``max_length`` is the text kind's truncation length."""
+    from mergesec.data import dataset_slug
     from mergesec.models.hub import base_weights_file
     from mergesec.models.state_dict import load_state_dict
-    from mergesec.tasks.evaluate import classifier_from_artifact
 
     slug = dataset_slug(dataset["uri"])
     if slug not in art.heads:
         raise ValueError(
             f"{art.path} has no head for {dataset['uri']} (heads: {sorted(art.heads)})"
         )
-    model, tokenizer = classifier_from_artifact(art, allow_remote_code, device)
-    head = art.head_state(slug)
-    model.set_head(head["weight"].to(device), head["bias"].to(device))
-    params = dict(model.named_parameters())
+    kind = kind_of([dataset])
+    options = build_options(kind, {"max_length": max_length})
+    task = kind.from_artifact(art, device=device, allow_remote_code=allow_remote_code, **options)
+    data = kind.load(dataset)
+    task.use(data, art.all_heads(), slug)
+    params = dict(task.model.named_parameters())
+    prefix = task.backbone_prefix
     base = load_state_dict(base_weights_file(art.base, allow_remote_code))
     reference = {
-        f"backbone.{k}": v.to(device)
+        prefix + k: v.to(device)
         for k, v in base.items()
-        if f"backbone.{k}" in params and v.is_floating_point()
+        if prefix + k in params and v.is_floating_point()
     }
-    data = load_dataset_splits(dataset["uri"], columns=dataset.get("columns"))
-    pre = [
-        to_device(b, device) for b in batches(tokenizer, data.validation, batch_size, max_length)
-    ]
+    prepared = task.prepare(data.validation, batch_size)
 
-    def evaluate(overrides: dict[str, Tensor] | None) -> tuple[float, float]:
-        total, correct, n = 0.0, 0, 0
-        for b in pre:
-            logits = forward_with(
-                model, overrides, input_ids=b["input_ids"], attention_mask=b["attention_mask"]
-            )
-            total += float(F.cross_entropy(logits, b["labels"], reduction="sum"))
-            correct += int((logits.argmax(-1) == b["labels"]).sum())
-            n += len(b["labels"])
-        return total / max(n, 1), correct / max(n, 1)
+    def evaluate(overrides: dict[str, torch.Tensor] | None) -> tuple[float, float]:
+        return task.score_batches(prepared, overrides)
 
-    return scale_curve(model, reference, evaluate, list(scales), mode="full")
+    return scale_curve(task.model, reference, evaluate, list(scales), mode="full")
 
 
 def execute_scale_curve(ctx: NodeContext) -> dict[str, float]:
@@ -84,17 +74,13 @@ def execute_scale_curve(ctx: NodeContext) -> dict[str, float]:
     point's index as step; the returned metrics are ``sharpness/*`` (``curve_sharpness``).
     """
     from mergesec.report_scale import plot_scale_curves
-    from mergesec.tasks import kinds
 
     datasets = ctx.params["datasets"]
     if len(datasets) != 1:
         raise ValueError(f"evaluate/scale_curve takes one dataset, got {len(datasets)}")
     art = ModelArtifact.open(ctx.inputs["model"])
-    sweep = artifact_scale_curve
-    if kinds.dataset_kind(datasets[0]) != kinds.TEXT:
-        sweep = kinds.artifact_scale_curve
     with torch.no_grad():
-        curve = sweep(
+        curve = artifact_scale_curve(
             art, datasets[0], ctx.params["scales"], ctx.device, ctx.allow_remote_code,
             **ctx.params["op"],
         )  # fmt: skip

@@ -28,78 +28,15 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mergesec.core.context import NodeContext, ReportFn
-from mergesec.core.registry import Op, get_op, register_op
-from mergesec.data.splits import DatasetSplits
-from mergesec.defenses.trap2 import forward_with, trap2_step
-from mergesec.models.classifier import SequenceClassifier
-from mergesec.tasks.finetune import (
-    FinetuneResult,
-    build_classifier,
-    load_node_dataset,
-    save_trained,
-)
-from mergesec.tasks.training import Batch, TrainConfig, train_classifier
-
-BACKBONE_PREFIX = "backbone."
-_TRAIN_FIELDS = (
-    "epochs",
-    "lr",
-    "batch_size",
-    "max_length",
-    "seed",
-    "patience",
-    "warmup_ratio",
-    "weight_decay",
-)
-
-
-def train_config(finetune: dict[str, Any]) -> TrainConfig:
-    """The ``TrainConfig`` of a finetune op's validated params (LoRA settings are ignored here)."""
-    return TrainConfig(**{k: finetune[k] for k in _TRAIN_FIELDS if k in finetune})
-
-
-def attach_lora(model: SequenceClassifier, finetune: dict[str, Any]) -> nn.Module:
-    """Wrap ``model.backbone`` in a peft LoRA adapter configured like ``finetune/lora``."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(finetune.get("seed", 0))
-    cfg = LoraConfig(
-        r=finetune.get("r", 8),
-        lora_alpha=finetune.get("alpha", 16),
-        lora_dropout=finetune.get("dropout", 0.1),
-        target_modules=finetune.get("target_modules") or "all-linear",
-    )
-    model.backbone = get_peft_model(model.backbone, cfg)
-    return model.backbone
-
-
-def backbone_snapshot(model: SequenceClassifier) -> dict[str, Tensor]:
-    """W₀ for the full-mode scaled pass: detached clones of the trainable backbone parameters.
-
-    Keys are the classifier's parameter names (``backbone.…``); the head is left out on purpose
-    (see the module docstring).
-    """
-    return {
-        n: p.detach().clone()
-        for n, p in model.named_parameters()
-        if p.requires_grad and n.startswith(BACKBONE_PREFIX)
-    }
-
-
-def classifier_loss(model: nn.Module) -> Callable[[dict[str, Tensor] | None, Batch], Tensor]:
-    """``forward_loss(overrides, batch)``: cross-entropy of ``model`` with optional overrides."""
-
-    def forward_loss(overrides: dict[str, Tensor] | None, batch: Batch) -> Tensor:
-        logits = forward_with(
-            model, overrides, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        )
-        return F.cross_entropy(logits, batch["labels"])
-
-    return forward_loss
+from mergesec.core.context import ReportFn
+from mergesec.core.protocols import Splits, TaskModel
+from mergesec.core.registry import register_op
+from mergesec.defenses.trap2 import trap2_step
+from mergesec.tasks.finetune import attach_lora, fit_config
+from mergesec.tasks.protect import execute_training_protection
+from mergesec.vision.loop import Batch, Precision, fit
 
 
 def check_trap2_settings(s_min: float, s_max: float, delta: float, weight: str) -> None:
@@ -122,9 +59,19 @@ def trap2_mode(finetune: dict[str, Any]) -> str:
     return mode
 
 
+def backbone_snapshot(task: TaskModel) -> dict[str, Tensor]:
+    """W₀ for the full-mode scaled pass: detached clones of the trainable backbone parameters
+    (names as in ``task.model``); a head outside the backbone is left out on purpose."""
+    return {
+        n: p.detach().clone()
+        for n, p in task.model.named_parameters()
+        if p.requires_grad and n.startswith(task.backbone_prefix)
+    }
+
+
 class Trap2Steps:
-    """A step function for ``train_classifier`` or the image/QA ``fit``: every optimiser step is a
-    ``trap2_step`` with one s drawn from its own seeded generator; skipped steps are counted."""
+    """A step function for the training loop: every optimiser step is a ``trap2_step`` with one
+    s drawn from its own seeded generator; skipped steps are counted."""
 
     def __init__(
         self,
@@ -162,9 +109,8 @@ class Trap2Steps:
 
 
 def protect_trap2(
-    model: SequenceClassifier,
-    tokenizer,
-    data: DatasetSplits,
+    task: TaskModel,
+    data: Splits,
     finetune: dict[str, Any],
     device: str = "cpu",
     report: ReportFn | None = None,
@@ -176,7 +122,7 @@ def protect_trap2(
     weight: Literal["inv", "inv_sqrt", "none"] = "inv",
     clip_norm: float = 1.0,
     seed: int = 0,
-) -> FinetuneResult:
+) -> dict[str, float]:
     """Trap² (Jang et al., ICML 2026): fine-tune from the base so the update breaks when rescaled.
 
     Minimises L(W₀+ΔW) − lam·w(s)·L(W₀+s·ΔW) with one s per step drawn from U[s_min, s_max]
@@ -186,46 +132,23 @@ def protect_trap2(
     loss or gradient are skipped and counted.
     """
     mode = trap2_mode(finetune)
-    cfg = train_config(finetune)
-    adapter = attach_lora(model, finetune) if mode == "lora" else None
-    model.to(device)
-    base = backbone_snapshot(model) if mode == "full" else None
+    if mode == "lora":
+        attach_lora(task, finetune)
+    if task.precision.needs_scaler:
+        # A custom step takes its own optimiser steps, so float16 (which needs loss scaling)
+        # falls back to float32; bfloat16 and float32 are kept.
+        task.precision = Precision(task.precision.device_type)
+    task.model.to(device)
+    base = backbone_snapshot(task) if mode == "full" else None
     step = Trap2Steps(
-        classifier_loss(model), base, mode=mode, lam=lam, s_min=s_min, s_max=s_max, delta=delta,
-        weight=weight, clip_norm=clip_norm, seed=seed,
+        lambda overrides, batch: task.loss(batch, overrides), base, mode=mode, lam=lam,
+        s_min=s_min, s_max=s_max, delta=delta, weight=weight, clip_norm=clip_norm, seed=seed,
     )  # fmt: skip
-    metrics = train_classifier(
-        model, tokenizer, data.train, data.validation, cfg, device=device, report=report,
-        step_fn=step,
+    metrics = fit(
+        task, data.train, data.validation, fit_config(finetune), device=device, report=report,
+        step_fn=step, precision=task.precision,
     )  # fmt: skip
-    metrics["skipped_steps"] = float(step.skipped)
-    return FinetuneResult(metrics, adapter_model=adapter, extra={"protect": "trap2"})
-
-
-def execute_training_protection(ctx: NodeContext, op: Op) -> dict[str, float]:
-    """Run a protect op with the trait ``trains``: build the classifier from the base, train, save.
-
-    The node's params carry the victim's dataset (``dataset``, ``poison``), the study's finetune
-    settings (``finetune``: mode plus finetune op params) and the op's own params (``op``).
-    Datasets of another kind than text (images, QA) are trained by ``tasks.kinds``.
-    """
-    from mergesec.tasks import kinds
-
-    if kinds.node_kind(ctx) != kinds.TEXT:
-        return kinds.execute_training_protection(ctx, op)
-    from mergesec.models.artifact import ModelArtifact
-    from mergesec.models.hub import base_weights_file
-    from mergesec.models.state_dict import load_state_dict
-    from mergesec.tasks.protect import task_vector_norm
-
-    data = load_node_dataset(ctx)
-    finetune = dict(ctx.params["finetune"])
-    model, tokenizer = build_classifier(ctx, len(data.label_names), finetune.get("seed", 0))
-    result = op.fn(model, tokenizer, data, finetune, ctx.device, ctx.report, **ctx.params["op"])
-    save_trained(ctx, model, data, result)
-    released = ModelArtifact.open(ctx.out_dir).backbone_state()
-    base = load_state_dict(base_weights_file(ctx.base, ctx.allow_remote_code))
-    return result.metrics | {"task_vector_norm/release": task_vector_norm(released, base)}
+    return metrics | {"skipped_steps": float(step.skipped)}
 
 
 register_op(
@@ -233,5 +156,5 @@ register_op(
     "trap2",
     traits=("trains",),
     fn=protect_trap2,
-    executor=lambda ctx: execute_training_protection(ctx, get_op("protect", ctx.op)),
+    executor=execute_training_protection,
 )

@@ -21,11 +21,26 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mergesec.core.context import ReportFn
-from mergesec.tasks.training import Batch, StepFn, seed_everything, to_device
+
+Batch = dict[str, torch.Tensor]
+# A training step: (model, optimizer, batch) -> metrics of that step (at least "loss").
+StepFn = Callable[[nn.Module, torch.optim.Optimizer, Batch], dict[str, float]]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def to_device(batch: Batch, device: str) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

@@ -1,6 +1,6 @@
 """The image task kind: a CLIP image classifier bound to a dataset, trained and scored in batches.
 
-``ImageTask`` is what the generic steps in ``mergesec.tasks.kinds`` drive: batches of
+``ImageTask`` is the image kind's ``TaskModel`` (``mergesec.core.protocols``): batches of
 preprocessed pixels (CLIP image processor; DataLoader workers on CUDA), the cross-entropy of
 scale × cosine logits (optionally through ``functional_call`` overrides), and top-1 accuracy.
 The backbone is the ``CLIPVisionModel`` whose state dict is the base's canonical backbone
@@ -10,7 +10,7 @@ The backbone is the ``CLIPVisionModel`` whose state dict is the base's canonical
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +18,11 @@ from torch import Tensor, nn
 
 from mergesec.data.images import ImageSet, ImageSplits, load_image_splits
 from mergesec.defenses.trap2 import forward_with
+from mergesec.kinds._sampling import fixed_subset
 from mergesec.models.artifact import HeadInfo, ModelArtifact
-from mergesec.tasks.training import Batch
 from mergesec.vision.clip import ImageClassifier, ZeroShotHead, load_image_processor, zero_shot_head
 from mergesec.vision.loop import (
+    Batch,
     Precision,
     choose_precision,
     chunks,
@@ -83,6 +84,14 @@ class ImageTask:
     def prepare(self, split: ImageSet, batch_size: int) -> list[Batch]:
         """Every batch of ``split``, preprocessed once (kept on the CPU) for repeated scoring."""
         return list(self.batches(split, batch_size))
+
+    def gram_batches(self, split: ImageSet, n: int, batch_size: int) -> list[Batch]:
+        """``n`` seeded examples of ``split`` (RegMean's unlabelled inputs)."""
+        return self.prepare(fixed_subset(split, n), batch_size)
+
+    def model_inputs(self, batch: Batch) -> dict[str, Tensor]:
+        """What the backbone alone takes from a batch (RegMean's Gram matrices)."""
+        return {"pixel_values": batch["pixel_values"].to(self.device)}
 
     # ---- model --------------------------------------------------------------------------------
     def logits(self, batch: Batch, overrides: dict[str, Tensor] | None = None) -> Tensor:
@@ -156,17 +165,29 @@ class ImageTask:
 class ImageKind:
     """Image classification with CLIP: datasets from ``data.images``, zero-shot heads."""
 
-    name = "image"
+    name: ClassVar[str] = "image"
+    column_roles: ClassVar[frozenset[str]] = frozenset({"image", "label"})
+    metric: ClassVar[str] = "accuracy"
+    supports_poison: ClassVar[bool] = False
+    supports_monitor: ClassVar[bool] = False
+    build_options: ClassVar[frozenset[str]] = frozenset()
 
-    def load(self, ref: Mapping[str, Any]) -> ImageSplits:
+    def load(
+        self, ref: Mapping[str, Any], *, poison: Mapping[str, Any] | None = None
+    ) -> ImageSplits:
+        if poison:
+            raise ValueError("poisoned (backdoored) training is defined for text datasets only")
         return load_image_splits(ref["uri"], columns=ref.get("columns"))
 
     def build(
-        self, base: str, data: ImageSplits, *, device: str = "cpu", allow_remote_code: bool = False
-    ) -> ImageTask:
-        """The base's vision tower with ``data``'s zero-shot head."""
+        self, base: str, data: ImageSplits, *, device: str = "cpu", allow_remote_code: bool = False,
+        seed: int = 0,
+    ) -> ImageTask:  # fmt: skip
+        """The base's vision tower with ``data``'s zero-shot head (frozen: ``seed`` draws nothing
+        here but is set, as for every kind, before the model is built)."""
         from mergesec.models.hub import load_backbone
 
+        torch.manual_seed(seed)
         head = zero_shot_head(
             base, data.label_names, data.templates, device=device,
             allow_remote_code=allow_remote_code,
@@ -190,11 +211,6 @@ class ImageKind:
         return ImageTask(
             ImageClassifier(backbone, head), load_image_processor(art.base), device=device
         )
-
-    @staticmethod
-    def model_inputs(batch: Batch, device: str) -> dict[str, Tensor]:
-        """What the backbone alone takes from a batch (RegMean's Gram matrices)."""
-        return {"pixel_values": batch["pixel_values"].to(device)}
 
 
 def load_backbone_weights(backbone: nn.Module, art: ModelArtifact) -> None:

@@ -1,0 +1,256 @@
+"""The text kind: sequence classification with any Hugging Face encoder, mean pooling and a
+linear head per dataset (``models.classifier.SequenceClassifier``).
+
+Batches are tokenised with dynamic padding (truncated at ``max_length``, the kind's build option);
+scoring batches are grouped by length so they carry little padding. The stored backbone is the
+encoder's ``AutoModel`` state dict, and a head is ``<slug>.weight``/``<slug>.bias``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mergesec.data.splits import DatasetSplits, Example
+from mergesec.defenses.trap2 import forward_with
+from mergesec.models.artifact import HeadInfo, ModelArtifact
+from mergesec.models.classifier import SequenceClassifier
+from mergesec.vision.loop import Precision, choose_precision
+
+Batch = dict[str, Tensor]
+MAX_LENGTH = 64
+
+
+def tokenized_batches(
+    tokenizer: Any,
+    examples: Sequence[Example],
+    batch_size: int,
+    max_length: int,
+    *,
+    shuffle_seed: int | None = None,
+    by_length: bool = False,
+) -> Iterator[Batch]:
+    """Tokenised batches (dynamic padding); shuffled with ``shuffle_seed`` when given.
+
+    ``by_length`` groups texts of similar length so that batches carry little padding (for
+    scoring, where order does not matter).
+    """
+    order = list(range(len(examples)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    elif by_length:
+        order.sort(key=lambda j: len(examples[j].text))
+    for i in range(0, len(order), batch_size):
+        chunk = [examples[j] for j in order[i : i + batch_size]]
+        enc = tokenizer(
+            [e.text for e in chunk],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        yield {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor([e.label for e in chunk]),
+        }
+
+
+class TextTask:
+    """A sequence classifier with its tokenizer, device and precision (a ``TaskModel``)."""
+
+    backbone_prefix = "backbone."
+
+    def __init__(
+        self,
+        model: SequenceClassifier,
+        tokenizer: Any,
+        *,
+        device: str = "cpu",
+        precision: Precision | None = None,
+        max_length: int = MAX_LENGTH,
+    ):
+        self.model = model.to(device)
+        self.tokenizer = tokenizer
+        self.device = device
+        self.precision = precision or choose_precision(device)
+        self.max_length = max_length
+
+    # ---- data ---------------------------------------------------------------------------------
+    def batches(
+        self, split: Sequence[Example], batch_size: int, *, shuffle_seed: int | None = None
+    ) -> Iterator[Batch]:
+        return tokenized_batches(
+            self.tokenizer, split, batch_size, self.max_length, shuffle_seed=shuffle_seed
+        )
+
+    def prepare(self, split: Sequence[Example], batch_size: int) -> list[Batch]:
+        """Scoring batches grouped by length, tokenised once (kept on the CPU)."""
+        return list(
+            tokenized_batches(self.tokenizer, split, batch_size, self.max_length, by_length=True)
+        )
+
+    def gram_batches(self, split: Sequence[Example], n: int, batch_size: int) -> list[Batch]:
+        """The first ``n`` examples of ``split``, in order (RegMean's unlabelled inputs)."""
+        return list(tokenized_batches(self.tokenizer, split[:n], batch_size, self.max_length))
+
+    def model_inputs(self, batch: Batch) -> dict[str, Tensor]:
+        return {k: batch[k].to(self.device) for k in ("input_ids", "attention_mask")}
+
+    # ---- model --------------------------------------------------------------------------------
+    def logits(self, batch: Batch, overrides: Mapping[str, Tensor] | None = None) -> Tensor:
+        ids = batch["input_ids"].to(self.device, non_blocking=True)
+        mask = batch["attention_mask"].to(self.device, non_blocking=True)
+        with self.precision.autocast():
+            out = forward_with(self.model, overrides, input_ids=ids, attention_mask=mask)
+        return out.float()
+
+    def loss(self, batch: Batch, overrides: Mapping[str, Tensor] | None = None) -> Tensor:
+        labels = batch["labels"].to(self.device, non_blocking=True)
+        return F.cross_entropy(self.logits(batch, overrides), labels)
+
+    @torch.no_grad()
+    def score_batches(
+        self, batches: Iterable[Batch], overrides: Mapping[str, Tensor] | None = None
+    ) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy) over ``batches``."""
+        was = self.model.training
+        self.model.eval()
+        total, correct, n = 0.0, 0, 0
+        for b in batches:
+            logits = self.logits(b, overrides)
+            labels = b["labels"].to(self.device)
+            total += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(-1) == labels).sum())
+            n += len(labels)
+        self.model.train(was)
+        return total / max(n, 1), correct / max(n, 1)
+
+    def score(self, split: Sequence[Example], *, batch_size: int = 64) -> tuple[float, float]:
+        return self.score_batches(self.prepare(split, batch_size))
+
+    # ---- heads and weights --------------------------------------------------------------------
+    def backbone(self) -> nn.Module:
+        return self.model.backbone
+
+    def use(
+        self, data: DatasetSplits | None, heads: Mapping[str, Tensor] | None, slug: str
+    ) -> None:
+        """Classify with the stored head ``slug`` (None: keep the current head)."""
+        if heads is not None:
+            w, b = heads[f"{slug}.weight"], heads[f"{slug}.bias"]
+            self.model.set_head(w.to(self.device), b.to(self.device))
+
+    def head_tensors(self, slug: str) -> dict[str, Tensor]:
+        return {
+            f"{slug}.weight": self.model.head.weight.detach().cpu(),
+            f"{slug}.bias": self.model.head.bias.detach().cpu(),
+        }
+
+    @staticmethod
+    def head_info(data: DatasetSplits) -> HeadInfo:
+        return HeadInfo(dataset=data.name, labels=list(data.label_names))
+
+    def attach_lora(self, *, r: int, alpha: int, dropout: float, target_modules: Any) -> nn.Module:
+        """Wrap the encoder in a peft LoRA adapter (all linear layers by default)."""
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=r, lora_alpha=alpha, lora_dropout=dropout,
+            target_modules=target_modules or "all-linear",
+        )  # fmt: skip
+        self.model.backbone = get_peft_model(self.model.backbone, cfg)
+        return self.model.backbone
+
+    def release_state(self) -> dict[str, Tensor]:
+        """The encoder's weights in base key names (a LoRA adapter materialised first)."""
+        bb = self.model.backbone
+        if hasattr(bb, "merge_and_unload"):
+            bb = bb.merge_and_unload()
+            self.model.backbone = bb
+        return {k: v.detach().cpu().contiguous() for k, v in bb.state_dict().items()}
+
+
+class TextKind:
+    """Text classification: datasets from ``mergesec.data``, one linear head per dataset."""
+
+    name: ClassVar[str] = "text"
+    column_roles: ClassVar[frozenset[str]] = frozenset({"text", "label"})
+    metric: ClassVar[str] = "accuracy"
+    supports_poison: ClassVar[bool] = True
+    supports_monitor: ClassVar[bool] = True
+    build_options: ClassVar[frozenset[str]] = frozenset({"max_length"})
+
+    def load(
+        self, ref: Mapping[str, Any], *, poison: Mapping[str, Any] | None = None
+    ) -> DatasetSplits:
+        """The dataset; with ``poison`` its train and validation splits are backdoored.
+
+        Validation is poisoned at the same rate so that early stopping sees the data the trainer
+        sees; the test split stays clean (monitors and evaluations build triggered copies).
+        """
+        from mergesec.data import load_dataset_splits, poison_examples
+
+        data = load_dataset_splits(ref["uri"], columns=ref.get("columns"))
+        if not poison:
+            return data
+        if poison["target"] >= len(data.label_names):
+            raise ValueError(
+                f"poison.target {poison['target']} is not a label of {data.name} "
+                f"({len(data.label_names)} labels)"
+            )
+        kw = {
+            "trigger": poison["trigger"],
+            "target_label": poison["target"],
+            "rate": poison["rate"],
+            "position": poison.get("position", "random"),
+        }
+        train, _ = poison_examples(data.train, seed=0, **kw)
+        validation, _ = poison_examples(data.validation, seed=1, **kw)
+        return replace(data, train=train, validation=validation)
+
+    def build(
+        self,
+        base: str,
+        data: DatasetSplits,
+        *,
+        device: str = "cpu",
+        allow_remote_code: bool = False,
+        seed: int = 0,
+        max_length: int = MAX_LENGTH,
+    ) -> TextTask:
+        """The base encoder with a fresh head for ``data``'s labels, initialised from ``seed``."""
+        from mergesec.models.hub import load_backbone, load_tokenizer
+
+        backbone = load_backbone(base, allow_remote_code)
+        tokenizer = load_tokenizer(base, allow_remote_code)
+        torch.manual_seed(seed)
+        model = SequenceClassifier(backbone, len(data.label_names))
+        return TextTask(model, tokenizer, device=device, max_length=max_length)
+
+    def from_artifact(
+        self,
+        art: ModelArtifact,
+        *,
+        device: str = "cpu",
+        allow_remote_code: bool = False,
+        max_length: int = MAX_LENGTH,
+    ) -> TextTask:
+        """The artifact's encoder on the base architecture (heads are set with ``use``)."""
+        from mergesec.models.hub import load_backbone, load_tokenizer
+
+        backbone = load_backbone(art.base, allow_remote_code)
+        _, unexpected = backbone.load_state_dict(art.backbone_state(), strict=False)
+        if unexpected:
+            raise ValueError(
+                f"{art.path}: weights do not fit the base model (unexpected key {unexpected[0]!r})"
+            )
+        model = SequenceClassifier(backbone, 1).eval()
+        tokenizer = load_tokenizer(art.base, allow_remote_code)
+        return TextTask(model, tokenizer, device=device, max_length=max_length)
