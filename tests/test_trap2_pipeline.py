@@ -12,12 +12,12 @@ import torch
 
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, validate_params
+from mergesec.merging.methods.linear import task_arithmetic
 from mergesec.models.artifact import ModelArtifact
 from mergesec.models.hub import base_weights_file, model_identity
 from mergesec.models.state_dict import load_state_dict
 from mergesec.orchestrator.runner import executor_for
 from mergesec.tasks import attack, evaluate, finetune, merge, protect
-from mergesec.tasks.merge_methods import task_arithmetic
 
 SENT, TOPIC = {"uri": "builtin:sentiment"}, {"uri": "builtin:topic"}
 FT = {"epochs": 1, "lr": 1.0e-3, "batch_size": 64, "max_length": 24, "seed": 0}
@@ -260,8 +260,8 @@ def test_regmean_merge_node_solves_the_regression_with_each_experts_grams(run):
 
     # recompute the Gram matrices from each expert on its own validation texts
     from mergesec.data import load_dataset_splits
+    from mergesec.merging.grams import collect_linear_grams
     from mergesec.models.hub import load_backbone, load_tokenizer
-    from mergesec.tasks.merge_methods import collect_linear_grams
 
     tok = load_tokenizer(run.base["base"])
     key = "encoder.layer.0.attention.self.query.weight"

@@ -266,7 +266,7 @@ class KindValidationScorer:
 
     def grams(self, slug: str, out_file: Path) -> LazyStateDict:
         """Input Gram matrices of the backbone's Linear layers on ``slug``'s validation inputs."""
-        from mergesec.tasks.merge_methods import collect_linear_grams, grams_by_weight_key
+        from mergesec.merging.grams import collect_linear_grams, grams_by_weight_key
 
         data = self.data[slug]
         self.task.use(data, None, slug)
