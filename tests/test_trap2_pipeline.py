@@ -316,8 +316,23 @@ def test_rescale_has_no_node_of_its_own(run, tmp_path):
 # ---------------------------------------------------------------- figures
 
 
+def _benchmark(name: str):
+    """A script of ``benchmarks/`` imported as a module (it is no package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_report_figures(run):
-    from mergesec.report_scale import plot_scale_curves, plot_scenario_merge, plot_step_times
+    from mergesec.plots import plot_scale_curves
+    from mergesec.report.scale import plot_scenario_merge
+
+    plot_step_times = _benchmark("trap2_step_time").plot_step_times
 
     curve = [{"s": s, "loss": 1 + (s - 1) ** 2, "accuracy": 1 - abs(s - 1) / 3} for s in (0, 1, 2)]
     assert plot_scale_curves({"a": curve, "b": curve[::-1]})[:4] == b"\x89PNG"
@@ -337,7 +352,7 @@ def test_report_figures(run):
 def test_scale_curve_table_has_one_cell_per_column():
     import re
 
-    from mergesec.report_scale import scale_curve_table
+    from mergesec.report.scale import scale_curve_table
 
     summary = {
         "sharpness/loss_s1": 0.05,
@@ -362,7 +377,9 @@ def test_trap2_study_runs_every_new_node_through_ray(tmp_path, tiny_bert):
     from mergesec.orchestrator.plan import build_plan
     from mergesec.orchestrator.spec import load_study
     from mergesec.orchestrator.store import Store
-    from mergesec.report_scale import load_scale_curves, plot_scale_curves
+    from mergesec.plots import plot_scale_curves
+    from mergesec.report import build_results, write_reports
+    from mergesec.report.scale import load_scale_curves
 
     trap = {"op": "trap2", "lam": 0.1}
     f = write_study(
@@ -381,9 +398,11 @@ def test_trap2_study_runs_every_new_node_through_ray(tmp_path, tiny_bert):
     assert {("protect", "trap2"), ("evaluate", "scale_curve"), ("merge", "regmean"),
             ("attack", "finetune_after_merge")} <= ops  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = run_study(study, store_uri=str(tmp_path / "store"), tracking_uri=uri)
+    summary = run_study(
+        study, store_uri=str(tmp_path / "store"), tracking_uri=uri, on_finish=write_reports
+    )
     assert summary.ok and summary.ran == len(plan.nodes)
-    rows = {(r["scenario"], r["merge"]): r for r in summary.rows}
+    rows = {(r["scenario"], r["merge"]): r for r in build_results(plan, summary.store)}
     assert len(rows) == 3 and all(r["status"] == "done" for r in rows.values())
     assert rows[("trap2-rescale", "regmean")]["chosen_scale"] in (0.5, 1.0, 2.0)
     assert rows[("trap2-sft", "regmean")]["victim_merged"] is not None

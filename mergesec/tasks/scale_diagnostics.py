@@ -21,9 +21,10 @@ from mergesec.core.registry import register_op
 from mergesec.defenses.scale_curve import curve_sharpness, scale_curve
 from mergesec.defenses.trap2 import forward_with
 from mergesec.models.artifact import ModelArtifact
-from mergesec.report_scale import SCALE_CURVE_FILE
+from mergesec.plots import plot_scale_curves
 from mergesec.tasks.training import batches, to_device
 
+SCALE_CURVE_FILE = "scale_curve.json"
 PLOT_FILE = "scale_curve.png"
 
 
@@ -83,7 +84,6 @@ def execute_scale_curve(ctx: NodeContext) -> dict[str, float]:
     Per point ``scale/s``, ``scale/loss`` and ``scale/accuracy`` go to ``ctx.report`` with the
     point's index as step; the returned metrics are ``sharpness/*`` (``curve_sharpness``).
     """
-    from mergesec.report_scale import plot_scale_curves
     from mergesec.tasks import kinds
 
     datasets = ctx.params["datasets"]
