@@ -114,6 +114,8 @@ def test_stream_merge_equals_in_memory_merge(models, tmp_path, op):
     expected = merge_in_memory(op.fn, base, experts, params)
     merged = LazyStateDict(merged_files(out))
     assert len(stats.files) > 1, "the output was meant to be sharded"
+    assert stats.tensors == len(base)
+    assert stats.bytes_written == sum(t.numel() * t.element_size() for t in base.values())
     assert sorted(merged) == sorted(base) == sorted(expected)
     for k in base:
         assert torch.equal(merged[k], expected[k]), k
