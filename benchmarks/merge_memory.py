@@ -61,12 +61,12 @@ def _child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import torch
 
+    from mergesec.core.registry import get_op
+    from mergesec.merging.stream import merge_in_memory, stream_merge
     from mergesec.models.state_dict import LazyStateDict, load_state_dict, save_state_dict
-    from mergesec.tasks import merge_methods
-    from mergesec.tasks.merge_stream import merge_in_memory, stream_merge
 
     torch.set_num_threads(args.threads)
-    op = getattr(merge_methods, args.method)
+    op = get_op("merge", args.method).fn
     tiny = {"w": torch.randn(8, 8)}
     op(tiny, [{"w": tiny["w"] + 1}, {"w": tiny["w"] - 1}])  # warm up kernels and the allocator
     gc.collect()

@@ -14,7 +14,8 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from mergesec.defenses.trap2 import base_params_of, forward_with, trainable_parameters, trap2_step
+from mergesec.plots import png_bytes, pyplot
 
 
 class Classifier(nn.Module):
@@ -116,6 +118,33 @@ def bench(mode: str, args, batch) -> list[dict]:
     ]
 
 
+def plot_step_times(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
+    """Bars of Trap² step time relative to a plain step, per mode (full, lora), from the rows of
+    ``--json`` (``{"mode", "method", "ms_median"}``); ``None`` without a plain/Trap² pair."""
+    by_mode: dict[str, dict[str, float]] = {}
+    for r in rows:
+        by_mode.setdefault(r["mode"], {})[r["method"]] = float(r["ms_median"])
+    ratios = {
+        m: t["trap2"] / t["plain"] for m, t in by_mode.items() if {"trap2", "plain"} <= set(t)
+    }
+    if not ratios:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4, 3))
+    bars = ax.bar(list(ratios), list(ratios.values()), color="tab:orange")
+    for b, (m, r) in zip(bars, ratios.items(), strict=True):
+        ax.annotate(
+            f"{r:.2f}× ({by_mode[m]['plain']:.0f}→{by_mode[m]['trap2']:.0f} ms)",
+            (b.get_x() + b.get_width() / 2, r), ha="center", va="bottom", fontsize=7,
+        )  # fmt: skip
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.axhline(2.0, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_ylabel("Trap² step time / plain step time")
+    ax.set_ylim(0, max(2.5, max(ratios.values()) * 1.2))
+    ax.set_title("Cost of a Trap² step", fontsize=9)
+    return png_bytes(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -154,8 +183,6 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"device": name, "args": vars(args), "rows": rows}, f, indent=2)
     if args.png:
-        from mergesec.report_scale import plot_step_times
-
         png = plot_step_times(rows)
         if png is not None:
             with open(args.png, "wb") as f:

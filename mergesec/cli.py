@@ -47,26 +47,16 @@ def _load(study: Path, overrides: list[str] | None):
 
 
 def _results_table(rows: list[dict]) -> Table:
-    from mergesec.report import COLUMNS
+    from mergesec.report.results import COLUMNS, ROW_COLUMNS
+    from mergesec.report.tables import fmt_cell
 
     cols = [c for c in COLUMNS if c != "variant" or any(r["variant"] for r in rows)]
+    left = {*ROW_COLUMNS, "status"}
     t = Table(title="results (test accuracy)")
     for c in cols:
-        t.add_column(
-            c,
-            justify="right"
-            if c not in {"variant", "scenario", "victim", "merge", "status"}
-            else "left",
-        )
+        t.add_column(c, justify="left" if c in left else "right")
     for r in rows:
-        t.add_row(
-            *(
-                f"{r[c]:.3f}"
-                if isinstance(r.get(c), float)
-                else ("-" if r.get(c) is None else str(r[c]))
-                for c in cols
-            )
-        )
+        t.add_row(*(fmt_cell(r.get(c)) for c in cols))
     return t
 
 
@@ -89,6 +79,7 @@ def run(
     """Validate, plan and run a study; resume by running the same command again."""
     s = _load(study, set_)
     from mergesec.orchestrator.engine import run_study
+    from mergesec.report import build_results, write_reports
 
     try:
         summary = run_study(
@@ -98,11 +89,13 @@ def run(
             tracking_uri=tracking_uri,
             max_concurrent=max_concurrent,
             console=err,
+            on_finish=write_reports,
         )
     except ValueError as e:  # bad store URI, unreachable cluster address, ...
         err.print(f"{study}: {e}", highlight=False, markup=False)
         raise typer.Exit(2) from None
-    out.print(_results_table(summary.rows))
+    assert summary.plan is not None and summary.store is not None
+    out.print(_results_table(build_results(summary.plan, summary.store)))
     out.print(
         f"nodes: {summary.total} total, {summary.cached} already in the store, {summary.ran} ran, "
         f"{len(summary.failed)} failed, {len(summary.skipped)} skipped; {summary.wall_time_s:.1f}s"
@@ -188,7 +181,8 @@ def report(
 
     from mergesec.orchestrator.plan import build_plan
     from mergesec.orchestrator.store import Store
-    from mergesec.report import build_results, report_files, write_files
+    from mergesec.report import build_results, report_files
+    from mergesec.report.tables import write_files
 
     p = build_plan(s)
     st = Store(store)

@@ -9,12 +9,14 @@ import torch
 
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, validate_params
+from mergesec.merging.methods.linear import task_arithmetic
+from mergesec.merging.search import merge_into_module
+from mergesec.merging.stream import stream_merge
 from mergesec.models.artifact import HeadInfo, ModelArtifact, write_artifact
 from mergesec.models.hub import base_weights_file, load_backbone, model_identity
 from mergesec.models.state_dict import LazyStateDict, load_state_dict
-from mergesec.tasks import merge, merge_methods
+from mergesec.tasks import merge
 from mergesec.tasks.evaluate import evaluate_artifact
-from mergesec.tasks.merge_stream import stream_merge
 
 DATASETS = [{"uri": "builtin:sentiment"}, {"uri": "builtin:topic"}]
 LABELS = {"sentiment": ["negative", "positive"], "topic": ["a", "b", "c", "d"]}
@@ -48,7 +50,7 @@ def test_merge_into_module_equals_the_streamed_file(tmp_path, tiny_bert, experts
     params = validate_params(get_op("merge", op), {"coefficient": 0.8})
     stream_merge(get_op("merge", op).fn, base, lazies, params, tmp_path / "m.safetensors")
     model = load_backbone(str(tiny_bert))
-    merge.merge_into_module(get_op("merge", op).fn, base, lazies, params, model)
+    merge_into_module(get_op("merge", op).fn, base, lazies, params, model)
     want = load_state_dict(tmp_path / "m.safetensors")
     got = model.state_dict()
     for k, v in want.items():
@@ -78,7 +80,7 @@ def test_coefficient_search_up_to_ten_keeps_the_best_and_its_score(tmp_path, tin
     # the written merge is task arithmetic at the chosen coefficient ...
     base = load_state_dict(base_weights_file(str(tiny_bert)))
     sds = [ModelArtifact.open(d).backbone_state() for d in experts.values()]
-    want = merge_methods.task_arithmetic(base, sds, coefficient=m["chosen/coefficient"])
+    want = task_arithmetic(base, sds, coefficient=m["chosen/coefficient"])
     got = ModelArtifact.open(out).backbone_state()
     for k in want:
         torch.testing.assert_close(got[k], want[k])

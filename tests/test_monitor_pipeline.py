@@ -22,7 +22,7 @@ from mergesec.monitor import Calibration, Directions
 from mergesec.orchestrator.plan import build_plan
 from mergesec.orchestrator.spec import load_study
 from mergesec.orchestrator.store import Store
-from mergesec.report_monitor import monitor_markdown, monitor_rows, write_monitor_reports
+from mergesec.report.monitor import monitor_markdown, monitor_rows, write_monitor_reports
 from mergesec.tasks.monitor import (
     WatchResult,
     score_examples,
@@ -229,6 +229,7 @@ def test_study_files_plan_monitor_nodes():
 @pytest.mark.slow
 def test_monitor_nodes_run_inside_a_study(tmp_path, tiny_bert):
     from mergesec.orchestrator.engine import run_study
+    from mergesec.report import write_reports
 
     scenarios = {
         "backdoor": {
@@ -247,7 +248,10 @@ def test_monitor_nodes_run_inside_a_study(tmp_path, tiny_bert):
     plan = build_plan(study)
     store_dir = tmp_path / "store"
     summary = run_study(
-        study, store_uri=str(store_dir), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"
+        study,
+        store_uri=str(store_dir),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        on_finish=write_reports,
     )
     assert summary.ok, summary.failed
     (row,) = plan.rows
@@ -266,7 +270,7 @@ def test_monitor_nodes_run_inside_a_study(tmp_path, tiny_bert):
         node_dir = store_dir / "nodes" / node_id
         assert Directions.load(node_dir / "directions.safetensors").num_layers == 2
         assert (node_dir / "audit.md").read_text().startswith("# Weight-direction audit: sentiment")
-    # run_study already wrote the monitor reports next to the results.
+    # on_finish already wrote the monitor reports next to the results.
     study_dir = store_dir / "studies" / study.name
     assert (study_dir / "monitor.png").read_bytes()[:4] == b"\x89PNG"
     assert "## Monitors" in (study_dir / "results.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from e2e import child_runs, write_study
@@ -10,6 +11,7 @@ from e2e import child_runs, write_study
 from mergesec.orchestrator.engine import run_study
 from mergesec.orchestrator.plan import build_plan
 from mergesec.orchestrator.spec import load_study
+from mergesec.report import build_results, write_reports
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +22,7 @@ def test_study_runs_tracks_lineage_and_reruns_nothing(tmp_path, tiny_bert):
     store = tmp_path / "store"
     plan = build_plan(study)
 
-    first = run_study(study, store_uri=str(store), tracking_uri=uri)
+    first = run_study(study, store_uri=str(store), tracking_uri=uri, on_finish=write_reports)
     assert first.ok and first.ran == len(plan.nodes) == first.total and first.cached == 0
 
     runs = child_runs(uri, "smoke")
@@ -50,14 +52,19 @@ def test_study_runs_tracks_lineage_and_reruns_nothing(tmp_path, tiny_bert):
     merge = next(r for r in runs if r.data.tags["mergesec.step"] == "merge")
     assert merge.data.metrics["chosen/coefficient"] in (0.5, 1.0)
 
-    rows = first.rows
+    rows = build_results(first.plan, first.store)
     assert len(rows) == 1 and rows[0]["status"] == "done"
     assert 0.0 <= rows[0]["victim_merged"] <= 1.0 and rows[0]["victim_clean"] > 0.5
     assert (store / "studies" / "smoke" / "results.csv").read_text().count("\n") == 2
     assert (store / "studies" / "smoke" / "results.png").stat().st_size > 1000
+    # the report written at the end of the run goes to the study's parent run
+    assert Path(first.reports["results.csv"]).samefile(store / "studies" / "smoke" / "results.csv")
+    parent_files = {a.path for a in MlflowClient(uri).list_artifacts(first.parent_run_id)}
+    assert {"results.csv", "results.md", "results.png"} <= parent_files
 
     second = run_study(study, store_uri=str(store), tracking_uri=uri)
     assert second.ran == 0 and second.cached == len(plan.nodes) and second.ok
     assert second.parent_run_id is None, "nothing to do starts no Ray and no run"
     assert len(child_runs(uri, "smoke")) == len(plan.nodes)
-    assert second.rows[0]["victim_merged"] == rows[0]["victim_merged"]
+    assert second.reports == {}, "without on_finish the orchestrator writes no report"
+    assert build_results(second.plan, second.store) == rows

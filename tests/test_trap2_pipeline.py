@@ -12,12 +12,12 @@ import torch
 
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, validate_params
+from mergesec.merging.methods.linear import task_arithmetic
 from mergesec.models.artifact import ModelArtifact
 from mergesec.models.hub import base_weights_file, model_identity
 from mergesec.models.state_dict import load_state_dict
 from mergesec.orchestrator.runner import executor_for
 from mergesec.tasks import attack, evaluate, finetune, merge, protect
-from mergesec.tasks.merge_methods import task_arithmetic
 
 SENT, TOPIC = {"uri": "builtin:sentiment"}, {"uri": "builtin:topic"}
 FT = {"epochs": 1, "lr": 1.0e-3, "batch_size": 64, "max_length": 24, "seed": 0}
@@ -260,8 +260,8 @@ def test_regmean_merge_node_solves_the_regression_with_each_experts_grams(run):
     # recompute the Gram matrices from each expert on its own validation texts
     from mergesec.data import load_dataset_splits
     from mergesec.kinds.text import MAX_LENGTH
+    from mergesec.merging.grams import collect_linear_grams
     from mergesec.models.hub import load_backbone, load_tokenizer
-    from mergesec.tasks.merge_methods import collect_linear_grams
     from mergesec.tasks.merge_search import GRAM_EXAMPLES
 
     tok = load_tokenizer(run.base["base"])
@@ -317,8 +317,23 @@ def test_rescale_has_no_node_of_its_own(run, tmp_path):
 # ---------------------------------------------------------------- figures
 
 
+def _benchmark(name: str):
+    """A script of ``benchmarks/`` imported as a module (it is no package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_report_figures(run):
-    from mergesec.report_scale import plot_scale_curves, plot_scenario_merge, plot_step_times
+    from mergesec.plots import plot_scale_curves
+    from mergesec.report.scale import plot_scenario_merge
+
+    plot_step_times = _benchmark("trap2_step_time").plot_step_times
 
     curve = [{"s": s, "loss": 1 + (s - 1) ** 2, "accuracy": 1 - abs(s - 1) / 3} for s in (0, 1, 2)]
     assert plot_scale_curves({"a": curve, "b": curve[::-1]})[:4] == b"\x89PNG"
@@ -338,7 +353,7 @@ def test_report_figures(run):
 def test_scale_curve_table_has_one_cell_per_column():
     import re
 
-    from mergesec.report_scale import scale_curve_table
+    from mergesec.report.scale import scale_curve_table
 
     summary = {
         "sharpness/loss_s1": 0.05,
@@ -363,7 +378,9 @@ def test_trap2_study_runs_every_new_node_through_ray(tmp_path, tiny_bert):
     from mergesec.orchestrator.plan import build_plan
     from mergesec.orchestrator.spec import load_study
     from mergesec.orchestrator.store import Store
-    from mergesec.report_scale import load_scale_curves, plot_scale_curves
+    from mergesec.plots import plot_scale_curves
+    from mergesec.report import build_results, write_reports
+    from mergesec.report.scale import load_scale_curves
 
     trap = {"op": "trap2", "lam": 0.1}
     f = write_study(
@@ -382,9 +399,11 @@ def test_trap2_study_runs_every_new_node_through_ray(tmp_path, tiny_bert):
     assert {("protect", "trap2"), ("evaluate", "scale_curve"), ("merge", "regmean"),
             ("attack", "finetune_after_merge")} <= ops  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = run_study(study, store_uri=str(tmp_path / "store"), tracking_uri=uri)
+    summary = run_study(
+        study, store_uri=str(tmp_path / "store"), tracking_uri=uri, on_finish=write_reports
+    )
     assert summary.ok and summary.ran == len(plan.nodes)
-    rows = {(r["scenario"], r["merge"]): r for r in summary.rows}
+    rows = {(r["scenario"], r["merge"]): r for r in build_results(plan, summary.store)}
     assert len(rows) == 3 and all(r["status"] == "done" for r in rows.values())
     assert rows[("trap2-rescale", "regmean")]["chosen_scale"] in (0.5, 1.0, 2.0)
     assert rows[("trap2-sft", "regmean")]["victim_merged"] is not None

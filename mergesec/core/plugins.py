@@ -15,7 +15,7 @@ OP_MODULES: tuple[str, ...] = (
     "mergesec.tasks.protect",
     "mergesec.tasks.trap2_train",
     "mergesec.tasks.attack",
-    "mergesec.tasks.merge_methods",
+    "mergesec.merging.methods",
     "mergesec.tasks.merge",
     "mergesec.tasks.evaluate",
     "mergesec.tasks.scale_diagnostics",

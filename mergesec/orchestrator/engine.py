@@ -6,8 +6,8 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from rich.console import Console
 
@@ -18,6 +18,10 @@ from mergesec.orchestrator.spec import STEP_NAMES, Study
 from mergesec.orchestrator.store import Store, safe_name
 
 DEFAULT_STORE = "mergesec-store"
+
+# Called with the plan and store when a run ends (the CLI writes the report); returns the files it
+# wrote, ``{name: location}``, which go to the study's parent run.
+OnFinish = Callable[[Plan, Store], Mapping[str, str]]
 
 
 @dataclass
@@ -30,10 +34,11 @@ class RunSummary:
         default_factory=list
     )  # (node title, last line of the error)
     skipped: list[str] = field(default_factory=list)
-    rows: list[dict[str, Any]] = field(default_factory=list)
     reports: dict[str, str] = field(default_factory=dict)
     wall_time_s: float = 0.0
     parent_run_id: str | None = None
+    plan: Plan | None = None
+    store: Store | None = None
 
     @property
     def ok(self) -> bool:
@@ -94,6 +99,7 @@ def run_study(
     tracking_uri: str | None = None,
     max_concurrent: int | None = None,
     console: Console | None = None,
+    on_finish: OnFinish | None = None,
 ) -> RunSummary:
     console = console or Console(stderr=True)
     started = time.time()
@@ -102,15 +108,14 @@ def run_study(
     states = node_states(plan, store)
     todo = [n for n in plan.topological() if states[n.id] != "done"]
     summary = RunSummary(study.name, len(plan.nodes), len(plan.nodes) - len(todo))
+    summary.plan, summary.store = plan, store
     tracked = None
     if todo:
         tracked = _run_nodes(
             plan, study, store, todo, summary, address, tracking_uri, max_concurrent, console
         )
-    from mergesec.report import build_results, write_reports
-
-    summary.rows = build_results(plan, store)
-    summary.reports = write_reports(plan, store, summary.rows)
+    if on_finish is not None:
+        summary.reports = dict(on_finish(plan, store))
     if tracked is not None:
         tracker, status = tracked
         local = [p for p in summary.reports.values() if os.path.exists(p)]

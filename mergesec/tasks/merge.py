@@ -31,26 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, is_search
+from mergesec.merging.search import candidates, merge_into_module
+from mergesec.merging.stream import stream_merge
 from mergesec.models.artifact import MODEL_FILE, HeadInfo, ModelArtifact, write_artifact
 from mergesec.models.state_dict import LazyStateDict
 from mergesec.tasks.merge_search import ValidationScorer
-
-
-def candidates(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every combination of the searched parameters, the fixed ones filled in."""
-    searched = {k: v["search"] for k, v in params.items() if is_search(v)}
-    fixed = {k: v for k, v in params.items() if not is_search(v)}
-    if not searched:
-        return [fixed]
-    names = list(searched)
-    return [
-        fixed | dict(zip(names, combo, strict=True))
-        for combo in itertools.product(*searched.values())
-    ]
 
 
 def merged_heads(
@@ -62,24 +51,6 @@ def merged_heads(
         heads.update(art.all_heads())
         info.update(art.heads)
     return heads, info
-
-
-def merge_into_module(
-    op_fn, base: Mapping[str, Tensor], experts: Sequence[Mapping[str, Tensor]],
-    params: dict[str, Any], module: nn.Module,
-) -> None:  # fmt: skip
-    """Merge key by key (as ``stream_merge`` does) and copy each result into ``module``'s weights.
-
-    ``module``'s state dict must have every key of ``base``; memory holds one tensor per expert.
-    """
-    sd = module.state_dict()
-    missing = [k for k in base if k not in sd]
-    if missing:
-        raise ValueError(f"key {missing[0]!r} of the base is not a weight of the model")
-    with torch.no_grad():
-        for key in base:
-            merged = op_fn({key: base[key]}, [{key: e[key]} for e in experts], **params)[key]
-            sd[key].copy_(merged)
 
 
 def _own_dataset(role: str, art: ModelArtifact, slugs: Sequence[str]) -> str:
@@ -95,7 +66,6 @@ def _own_dataset(role: str, art: ModelArtifact, slugs: Sequence[str]) -> str:
 def execute(ctx: NodeContext) -> dict[str, float]:
     from mergesec.data import dataset_slug
     from mergesec.models.hub import base_weights_file
-    from mergesec.tasks.merge_stream import stream_merge
 
     op = get_op("merge", ctx.op)
     roles = ctx.inputs_with_prefix("expert")

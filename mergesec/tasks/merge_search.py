@@ -72,7 +72,7 @@ class ValidationScorer:
     def grams(self, slug: str, out_file: Path) -> LazyStateDict:
         """Input Gram matrices of the loaded backbone's Linear layers on ``slug``'s validation
         inputs, keyed by weight name, written to ``out_file`` and read back lazily."""
-        from mergesec.tasks.merge_methods import collect_linear_grams, grams_by_weight_key
+        from mergesec.merging.grams import collect_linear_grams, grams_by_weight_key
 
         batches = self.task.gram_batches(self.data[slug].validation, GRAM_EXAMPLES, EVAL_BATCH)
         inputs = [self.task.model_inputs(b) for b in batches]

@@ -20,8 +20,9 @@ from mergesec.core.registry import register_op
 from mergesec.defenses.scale_curve import curve_sharpness, scale_curve
 from mergesec.kinds import build_options, kind_of
 from mergesec.models.artifact import ModelArtifact
-from mergesec.report_scale import SCALE_CURVE_FILE
+from mergesec.plots import plot_scale_curves
 
+SCALE_CURVE_FILE = "scale_curve.json"
 PLOT_FILE = "scale_curve.png"
 
 
@@ -73,8 +74,6 @@ def execute_scale_curve(ctx: NodeContext) -> dict[str, float]:
     Per point ``scale/s``, ``scale/loss`` and ``scale/accuracy`` go to ``ctx.report`` with the
     point's index as step; the returned metrics are ``sharpness/*`` (``curve_sharpness``).
     """
-    from mergesec.report_scale import plot_scale_curves
-
     datasets = ctx.params["datasets"]
     if len(datasets) != 1:
         raise ValueError(f"evaluate/scale_curve takes one dataset, got {len(datasets)}")

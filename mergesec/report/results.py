@@ -1,22 +1,20 @@
-"""Results of a study read back from the store: tables (Markdown, CSV, JSON) and plots."""
+"""The study's results: one row per (variant, scenario, victim) read back from the store, as a
+table and as a figure."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mergesec.data import dataset_slug
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.store import Store
-from mergesec.report_scale import png_bytes, pyplot
+from mergesec.plots import png_bytes, pyplot
+from mergesec.report.tables import csv_table, markdown_table
 
+# The columns that name a plan row, first in every table of the report.
+ROW_COLUMNS = ["variant", "scenario", "victim", "merge"]
 COLUMNS = [
-    "variant",
-    "scenario",
-    "victim",
-    "merge",
+    *ROW_COLUMNS,
     "coefficient",
     "victim_clean",
     "victim_release",
@@ -33,8 +31,6 @@ def _metrics(store: Store, node_id: str) -> dict[str, Any] | None:
 
 def build_results(plan: Plan, store: Store) -> list[dict[str, Any]]:
     """One row per (variant, scenario, victim): accuracies before and after merging."""
-    from mergesec.data import dataset_slug
-
     rows = []
     for r in plan.rows:
         v = dataset_slug(r.victim)
@@ -94,55 +90,13 @@ def build_results(plan: Plan, store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def full_markdown(
-    rows: list[dict[str, Any]],
-    monitors: Sequence[dict[str, Any]] = (),
-    curves: Mapping[str, Mapping[str, Any]] | None = None,
-) -> str:
-    """The results table, then the monitors' table and the scale curves' sharpness, if any."""
-    from mergesec.report_monitor import monitor_markdown
-    from mergesec.report_scale import scale_curve_table
-
-    text = markdown(rows)
-    if monitors:
-        text += "\n## Monitors\n\n" + monitor_markdown(list(monitors))
-    if curves:
-        text += "\n## Loss along the scaling direction\n\n" + scale_curve_table(curves)
-    return text
-
-
-def fmt_cell(x: Any) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.3f}"
-    return str(x)
-
-
-def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """``rows`` as a Markdown table of ``columns``; the ``variant`` column only when some row has
-    a variant."""
-    cols = [c for c in columns if c != "variant" or any(r.get("variant") for r in rows)]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt_cell(r.get(c)) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def csv_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: r.get(c) for c in columns})
-    return buf.getvalue()
-
-
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """The results as a Markdown table."""
     return markdown_table(rows, COLUMNS)
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
+    """The results as CSV."""
     return csv_table(rows, COLUMNS)
 
 
@@ -178,44 +132,3 @@ def plot_headline(rows: list[dict[str, Any]]) -> bytes | None:
     ax.legend(fontsize=7, ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
     ax.set_title("Victim accuracy by scenario", pad=22)
     return png_bytes(fig)
-
-
-def report_files(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> dict[str, str | bytes]:
-    """``{file name: contents}`` of a study's report: results.{json,csv,md}, results.png (victim by
-    scenario), results_by_merge.png (one panel per merge op), monitor.* when the study watches
-    models, and scale_curves.png when it draws scale curves. Each source is read from the store
-    once."""
-    from mergesec.report_monitor import monitor_files, monitor_rows
-    from mergesec.report_scale import load_scale_curves, plot_scale_curves, plot_scenario_merge
-
-    monitors = monitor_rows(plan, store)
-    curves = load_scale_curves(plan, store)
-    files: dict[str, str | bytes | None] = {
-        "results.json": json.dumps(rows, indent=2),
-        "results.csv": to_csv(rows),
-        "results.md": full_markdown(rows, monitors, curves),
-        "results.png": plot_headline(rows),
-        "results_by_merge.png": plot_scenario_merge(rows),
-    }
-    if curves:
-        files["scale_curves.png"] = plot_scale_curves({k: c["curve"] for k, c in curves.items()})
-    files.update(monitor_files(monitors))
-    return {name: data for name, data in files.items() if data is not None}
-
-
-def write_files(plan: Plan, store: Store, files: Mapping[str, str | bytes]) -> dict[str, str]:
-    """Write each file into ``<store>/studies/<study>/``; returns ``{file name: location}``."""
-    out = {}
-    for name, data in files.items():
-        rel = store.study_rel(plan.study, name)
-        if isinstance(data, bytes):
-            store.write_bytes(rel, data)
-        else:
-            store.write_text(rel, data)
-        out[name] = store.location(rel)
-    return out
-
-
-def write_reports(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> dict[str, str]:
-    """Write ``report_files`` into ``<store>/studies/<study>/``; returns ``{file name: location}``."""
-    return write_files(plan, store, report_files(plan, store, rows))

@@ -1,77 +1,35 @@
-"""Figures and tables for scaling-sensitive protections (Trap²) and the attacks on them.
+"""Report sections for scaling-sensitive protections (Trap²) and the attacks on them.
 
-- ``plot_scale_curves``: validation loss and accuracy of W₀ + s·τ against s, one line per model;
 - ``load_scale_curves`` / ``scale_curve_table``: the curves and their sharpness summaries of a
-  study's ``evaluate/scale_curve`` nodes, read back from the store;
+  study's ``evaluate/scale_curve`` nodes, read back from the store (``plots.plot_scale_curves``
+  draws them);
 - ``plot_scenario_merge``: per merge op and scenario, the victim's standalone and merged accuracy
-  and the other datasets' merged accuracy;
-- ``plot_step_times``: Trap² step time relative to a plain step, from the rows of
-  ``benchmarks/trap2_step_time.py`` (which draws it with ``--png``).
-
-Every plot function returns PNG bytes (``None`` when there is nothing to draw).
+  and the other datasets' merged accuracy (PNG bytes, ``None`` when there is nothing to draw).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-SCALE_CURVE_FILE = "scale_curve.json"
+from mergesec.data import dataset_slug
+from mergesec.orchestrator.plan import Plan
+from mergesec.orchestrator.store import Store
+from mergesec.plots import png_bytes, pyplot
 
 
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def png_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=120)
-    pyplot().close(fig)
-    return buf.getvalue()
-
-
-def plot_scale_curves(curves: Mapping[str, Sequence[Mapping[str, float]]]) -> bytes:
-    """Loss (left) and accuracy (right) against the scale s of the task vector, one line per label.
-
-    ``curves`` maps a label to points ``{"s", "loss", "accuracy"}``. A dashed line marks s = 1
-    (the released model) and a dotted one s = 0 (the base).
-    """
-    plt = pyplot()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for label, curve in curves.items():
-        pts = sorted(curve, key=lambda p: float(p["s"]))
-        xs = [float(p["s"]) for p in pts]
-        ax_loss.plot(xs, [float(p["loss"]) for p in pts], marker=".", label=label)
-        ax_acc.plot(xs, [float(p["accuracy"]) for p in pts], marker=".", label=label)
-    for ax, name in ((ax_loss, "validation loss"), (ax_acc, "validation accuracy")):
-        ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
-        ax.axvline(0.0, color="grey", linestyle=":", linewidth=0.8)
-        ax.set_xlabel("scale s of the task vector (W₀ + s·τ)")
-        ax.set_ylabel(name)
-    ax_loss.set_yscale("log")
-    ax_acc.set_ylim(0, 1.02)
-    if curves:
-        ax_acc.legend(fontsize=7)
-    fig.suptitle("Loss landscape along the scaling direction", fontsize=10)
-    return png_bytes(fig)
-
-
-def load_scale_curves(plan, store) -> dict[str, dict[str, Any]]:
+def load_scale_curves(plan: Plan, store: Store) -> dict[str, dict[str, Any]]:
     """``label -> {"curve", "summary", "scenario", "victim", "kind"}`` for every finished
     scale-curve node of the plan's rows; the label is ``<scenario> <victim>: <kind>``.
 
     A model shared by several rows (the clean expert) appears once, under its first label.
     """
-    from mergesec.data import dataset_slug
+    if not any(row.scale_curves for row in plan.rows):
+        return {}
+    # Deferred: the producing step's module imports torch, which a report without curves skips.
+    from mergesec.tasks.scale_diagnostics import SCALE_CURVE_FILE
 
     out: dict[str, dict[str, Any]] = {}
     seen: set[str] = set()
@@ -161,31 +119,4 @@ def plot_scenario_merge(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
         ax.set_ylabel("test accuracy")
         ax.set_title(f"merge: {op}", fontsize=9)
     axes[0, 0].legend(fontsize=7, ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.12))
-    return png_bytes(fig)
-
-
-def plot_step_times(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
-    """Bars of Trap² step time relative to a plain step, per mode (full, lora), from the rows of
-    ``benchmarks/trap2_step_time.py --json`` (``{"mode", "method", "ms_median"}``)."""
-    by_mode: dict[str, dict[str, float]] = {}
-    for r in rows:
-        by_mode.setdefault(r["mode"], {})[r["method"]] = float(r["ms_median"])
-    ratios = {
-        m: t["trap2"] / t["plain"] for m, t in by_mode.items() if {"trap2", "plain"} <= set(t)
-    }
-    if not ratios:
-        return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(4, 3))
-    bars = ax.bar(list(ratios), list(ratios.values()), color="tab:orange")
-    for b, (m, r) in zip(bars, ratios.items(), strict=True):
-        ax.annotate(
-            f"{r:.2f}× ({by_mode[m]['plain']:.0f}→{by_mode[m]['trap2']:.0f} ms)",
-            (b.get_x() + b.get_width() / 2, r), ha="center", va="bottom", fontsize=7,
-        )  # fmt: skip
-    ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.axhline(2.0, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_ylabel("Trap² step time / plain step time")
-    ax.set_ylim(0, max(2.5, max(ratios.values()) * 1.2))
-    ax.set_title("Cost of a Trap² step", fontsize=9)
     return png_bytes(fig)

@@ -1,6 +1,6 @@
 """Out-of-core merging: read, merge and write one tensor at a time.
 
-``stream_merge`` calls a merge op (see ``merge_methods``) on one-key state dicts, so memory holds
+``stream_merge`` calls a merge op (see ``merging.methods``) on one-key state dicts, so memory holds
 one tensor of the base and of each expert plus the result, never whole models. Output goes to
 safetensors files written sequentially: the header is computed up front from the base's shapes
 and dtypes (an op returns the base's shape and dtype for every key), then each merged tensor's

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from mergesec.data import dataset_slug
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.store import Store
-from mergesec.report import csv_table, markdown_table, write_files
-from mergesec.report_scale import png_bytes, pyplot
+from mergesec.plots import png_bytes, pyplot
+from mergesec.report.results import ROW_COLUMNS
+from mergesec.report.tables import csv_table, markdown_table, write_files
 
 WATCHED = ("trained", "release", "attacked", "merged")
 METRICS = (
@@ -29,11 +31,8 @@ METRICS = (
     "clean_accuracy_after",
     "n_directions",
 )
-COLUMNS = [
-    "variant",
-    "scenario",
-    "victim",
-    "merge",
+MONITOR_COLUMNS = [
+    *ROW_COLUMNS,
     "watched",
     "trigger",
     "rate",
@@ -48,8 +47,6 @@ def monitor_rows(plan: Plan, store: Store) -> list[dict[str, Any]]:
     A watched model shared by several plan rows (the trained expert of one scenario under every
     merge op) appears once per plan row, so each row stays next to its own merge.
     """
-    from mergesec.data import dataset_slug
-
     rows = []
     for r in plan.rows:
         for kind in sorted(r.monitors, key=lambda k: WATCHED.index(k) if k in WATCHED else 99):
@@ -79,11 +76,11 @@ def monitor_rows(plan: Plan, store: Store) -> list[dict[str, Any]]:
 
 def monitor_markdown(rows: list[dict[str, Any]]) -> str:
     """The rows as a Markdown table (the variant column only when the study has variants)."""
-    return markdown_table(rows, COLUMNS)
+    return markdown_table(rows, MONITOR_COLUMNS)
 
 
 def monitor_csv(rows: list[dict[str, Any]]) -> str:
-    return csv_table(rows, COLUMNS)
+    return csv_table(rows, MONITOR_COLUMNS)
 
 
 def _label(r: dict[str, Any], *, kind: bool) -> str:

@@ -1,0 +1,29 @@
+"""Linear merges: weight averaging (model soup) and task arithmetic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from mergesec.core.registry import register_op
+from mergesec.merging.per_key import accumulate, mean, merge_per_key
+from mergesec.models.state_dict import StateDict
+
+
+@register_op("merge", "weight_average")
+def weight_average(base: StateDict, experts: Sequence[StateDict]) -> StateDict:
+    """Mean of the expert weights (model soup / uniform averaging)."""
+    return merge_per_key(base, experts, lambda _k, _b, ts: mean(ts))
+
+
+@register_op("merge", "task_arithmetic", searchable=("coefficient",))
+def task_arithmetic(
+    base: StateDict, experts: Sequence[StateDict], *, coefficient: float = 1.0
+) -> StateDict:
+    """Task arithmetic: θ_0 + coefficient · Σ_i τ_i."""
+
+    def combine(_key: str, b: Tensor, ts: list[Tensor]) -> Tensor:
+        return accumulate((t - b for t in ts), fresh=True).mul_(coefficient).add_(b)
+
+    return merge_per_key(base, experts, combine)
