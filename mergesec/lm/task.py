@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergesec.data.qa import QAExample, QASplits, load_qa_splits
-from mergesec.defenses.trap2 import forward_with
 from mergesec.lm.answers import exact_match
 from mergesec.lm.generate import greedy_generate
 from mergesec.models.artifact import HeadInfo, ModelArtifact
-from mergesec.tasks.training import Batch
-from mergesec.vision.loop import Precision, choose_precision, chunks, shuffled
+from mergesec.models.functional import forward_with
+from mergesec.training.batch import Batch, chunks, shuffled
+from mergesec.training.precision import Precision, choose_precision
 
 PROMPT = "Question: {question}\nAnswer: Let's think step by step.\n"
 IGNORE = -100

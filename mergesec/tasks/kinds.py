@@ -313,11 +313,11 @@ def _custom_step_precision(task: Any) -> None:
 def execute_training_protection(ctx: NodeContext, op: Any) -> dict[str, float]:
     """``protect/trap2`` (trait ``trains``) for a non-text dataset: fine-tune from the base like
     ``finetune/<mode>`` with every step a Trap² step; write the release like an expert."""
-    from mergesec.defenses.trap2 import base_params_of
+    from mergesec.defenses.trap2 import Trap2Steps, base_params_of
     from mergesec.models.hub import base_weights_file
     from mergesec.models.state_dict import load_state_dict
     from mergesec.tasks.protect import task_vector_norm
-    from mergesec.tasks.trap2_train import Trap2Steps, trap2_mode
+    from mergesec.tasks.trap2_train import trap2_mode
 
     if op.name != "trap2":
         raise ValueError(f"protect/{op.name} trains text classifiers only")

@@ -19,8 +19,8 @@ from torch import Tensor
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import register_op
 from mergesec.defenses.scale_curve import curve_sharpness, scale_curve
-from mergesec.defenses.trap2 import forward_with
 from mergesec.models.artifact import ModelArtifact
+from mergesec.models.functional import forward_with
 from mergesec.report_scale import SCALE_CURVE_FILE
 from mergesec.tasks.training import batches, to_device
 

@@ -1,24 +1,31 @@
-"""Supervised training and scoring of sequence classifiers, shared by every step that trains."""
+"""Batches, scoring and training of sequence classifiers (the text kind).
+
+``train_classifier`` trains through the one training loop (``mergesec.training.loop``) with the
+text kind's settings; ``Batch``, ``seed_everything`` and ``to_device`` are re-exported from
+``mergesec.training.batch`` for the modules that still import them from here.
+"""
 
 from __future__ import annotations
 
-import copy
-import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 from mergesec.core.context import ReportFn
 from mergesec.data.splits import Example
 from mergesec.models.classifier import SequenceClassifier
+from mergesec.models.functional import forward_with
+from mergesec.training.batch import Batch as Batch
+from mergesec.training.batch import seed_everything as seed_everything
+from mergesec.training.batch import to_device
+from mergesec.training.loop import FitConfig, StepFn, fit
+from mergesec.training.precision import Precision
 
-Batch = dict[str, torch.Tensor]
-# A training step: (model, optimizer, batch) -> metrics of that step (at least "loss").
-StepFn = Callable[[nn.Module, torch.optim.Optimizer, Batch], dict[str, float]]
+# Validation is scored at this batch size (sorted by length), whatever the training batch.
+SCORE_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -32,12 +39,6 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     log_every: int = 5
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def batches(
@@ -75,33 +76,13 @@ def batches(
         }
 
 
-def to_device(batch: Batch, device: str) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def classification_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    return nn.functional.cross_entropy(logits, batch["labels"])
-
-
-def plain_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch
-) -> dict[str, float]:
-    loss = classification_loss(model, batch)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    optimizer.step()
-    return {"loss": float(loss.detach())}
-
-
 @torch.inference_mode()
 def score(
     model: nn.Module,
     tokenizer,
     examples: Sequence[Example],
     *,
-    batch_size: int = 64,
+    batch_size: int = SCORE_BATCH,
     max_length: int = 64,
     device: str = "cpu",
 ) -> tuple[float, float]:
@@ -119,6 +100,35 @@ def score(
     return total_loss / max(n, 1), correct / max(n, 1)
 
 
+class ClassifierTrainable:
+    """A sequence classifier with its tokenizer as a ``training.loop.Trainable``: tokenised batches,
+    cross-entropy (optionally under parameter overrides) and ``score`` at ``max_length``."""
+
+    def __init__(self, model: nn.Module, tokenizer, *, max_length: int, device: str = "cpu"):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.device = max_length, device
+
+    def batches(
+        self, split: Sequence[Example], batch_size: int, *, shuffle_seed: int | None = None
+    ) -> Iterator[Batch]:
+        return batches(
+            self.tokenizer, split, batch_size, self.max_length, shuffle_seed=shuffle_seed
+        )
+
+    def loss(self, batch: Batch, overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        logits = forward_with(
+            self.model, overrides, input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+        )  # fmt: skip
+        return nn.functional.cross_entropy(logits, batch["labels"])
+
+    def score(self, split: Sequence[Example], *, batch_size: int) -> tuple[float, float]:
+        return score(
+            self.model, self.tokenizer, split, batch_size=batch_size,
+            max_length=self.max_length, device=self.device,
+        )  # fmt: skip
+
+
 def train_classifier(
     model: SequenceClassifier,
     tokenizer,
@@ -128,57 +138,27 @@ def train_classifier(
     *,
     device: str = "cpu",
     report: ReportFn | None = None,
-    step_fn: StepFn = plain_step,
+    step_fn: StepFn | None = None,
     params: Sequence[nn.Parameter] | None = None,
 ) -> dict[str, float]:
     """Train with AdamW and linear warm-up/decay; early-stop on validation accuracy.
 
-    The model ends holding its best-validation weights. Returns summary metrics.
+    The text entry point of ``training.loop.fit``: validation is scored at batch 64 (sorted by
+    length) and the best checkpoint is the whole state dict. A ``step_fn`` with a ``clip_norm``
+    attribute (``Trap2Steps``) sets the clipping threshold and gets ``skipped`` set. The model ends
+    holding its best-validation weights. Returns summary metrics.
     """
-    seed_everything(cfg.seed)
-    model.to(device).train()
-    trainable = (
-        list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
-    )
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = max(1, steps_per_epoch * cfg.epochs)
-    warmup = int(cfg.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / max(1, warmup)
-            if s < warmup
-            else max(0.0, (total - s) / max(1, total - warmup))
-        ),
-    )
-    best_acc, best_state, best_epoch, bad_epochs, step = -1.0, None, 0, 0, 0
-    sums: dict[str, float] = {}
-    for epoch in range(cfg.epochs):
-        for b in batches(
-            tokenizer, train, cfg.batch_size, cfg.max_length, shuffle_seed=cfg.seed * 1000 + epoch
-        ):
-            m = step_fn(model, optimizer, to_device(b, device))
-            sched.step()
-            step += 1
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            if report and step % cfg.log_every == 0:
-                report({f"train/{k}": v / cfg.log_every for k, v in sums.items()}, step)
-                sums = {}
-        val_loss, val_acc = score(
-            model, tokenizer, validation, max_length=cfg.max_length, device=device
-        )
-        if report:
-            report({"val/loss": val_loss, "val/accuracy": val_acc, "epoch": epoch + 1}, step)
-        if val_acc > best_acc:
-            best_acc, best_epoch, bad_epochs = val_acc, epoch + 1, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        else:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return {"val_accuracy": best_acc, "best_epoch": float(best_epoch), "steps": float(step)}
+    fit_cfg = FitConfig(
+        epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+        patience=cfg.patience, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        log_every=cfg.log_every, clip_norm=getattr(step_fn, "clip_norm", 1.0),
+        eval_batch_size=SCORE_BATCH, keep="state",
+    )  # fmt: skip
+    task = ClassifierTrainable(model, tokenizer, max_length=cfg.max_length, device=device)
+    m = fit(
+        task, train, validation, fit_cfg, device=device, report=report, step_fn=step_fn,
+        precision=Precision(torch.device(device).type), params=params,
+    )  # fmt: skip
+    if hasattr(step_fn, "skipped"):
+        step_fn.skipped = int(m["skipped_steps"])
+    return {k: m[k] for k in ("val_accuracy", "best_epoch", "steps")}

@@ -34,8 +34,9 @@ from torch import Tensor, nn
 from mergesec.core.context import NodeContext, ReportFn
 from mergesec.core.registry import Op, get_op, register_op
 from mergesec.data.splits import DatasetSplits
-from mergesec.defenses.trap2 import forward_with, trap2_step
+from mergesec.defenses.trap2 import Trap2Steps
 from mergesec.models.classifier import SequenceClassifier
+from mergesec.models.functional import forward_with
 from mergesec.tasks.finetune import (
     FinetuneResult,
     build_classifier,
@@ -102,63 +103,12 @@ def classifier_loss(model: nn.Module) -> Callable[[dict[str, Tensor] | None, Bat
     return forward_loss
 
 
-def check_trap2_settings(s_min: float, s_max: float, delta: float, weight: str) -> None:
-    """``ValueError`` for settings that ``sample_scale``/``scale_weight`` would refuse mid-run."""
-    if not 0 < s_min < s_max:
-        raise ValueError(f"need 0 < s_min < s_max, got s_min={s_min}, s_max={s_max}")
-    if delta < 0:
-        raise ValueError(f"delta must be >= 0, got {delta}")
-    if s_min >= 1 - delta and s_max <= 1 + delta:
-        raise ValueError(f"[{s_min}, {s_max}] lies inside the excluded band 1 ± {delta}")
-    if weight not in ("inv", "inv_sqrt", "none"):
-        raise ValueError(f"unknown weight {weight!r}; known: inv, inv_sqrt, none")
-
-
 def trap2_mode(finetune: dict[str, Any]) -> str:
     """The release mode of a Trap² node (its study's finetune mode): ``full`` or ``lora``."""
     mode = finetune.get("mode", "full")
     if mode not in ("full", "lora"):
         raise ValueError(f"protect/trap2 trains full or lora releases, not finetune mode {mode!r}")
     return mode
-
-
-class Trap2Steps:
-    """A step function for ``train_classifier`` or the image/QA ``fit``: every optimiser step is a
-    ``trap2_step`` with one s drawn from its own seeded generator; skipped steps are counted."""
-
-    def __init__(
-        self,
-        forward_loss: Callable[[dict[str, Tensor] | None, Batch], Tensor],
-        base: dict[str, Tensor] | None,
-        *,
-        mode: str,
-        lam: float,
-        s_min: float,
-        s_max: float,
-        delta: float,
-        weight: str,
-        clip_norm: float,
-        seed: int,
-    ):
-        check_trap2_settings(s_min, s_max, delta, weight)
-        self.forward_loss, self.base, self.mode = forward_loss, base, mode
-        self.settings = dict(lam=lam, s_min=s_min, s_max=s_max, delta=delta, weight=weight)
-        self.clip_norm = clip_norm
-        self.generator = torch.Generator().manual_seed(seed)
-        self.skipped = 0
-
-    def __call__(
-        self, m: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch
-    ) -> dict[str, float]:
-        r = trap2_step(
-            m, optimizer, batch, self.forward_loss, self.base, generator=self.generator,
-            mode=self.mode, clip_norm=self.clip_norm, **self.settings,
-        )  # fmt: skip
-        if r.skipped:
-            self.skipped += 1
-            return {"skipped": 1.0}
-        return {"loss": r.clean, "scaled_loss": r.scaled, "objective": r.total, "s": r.s,
-                "grad_norm": r.grad_norm, "skipped": 0.0}  # fmt: skip
 
 
 def protect_trap2(

@@ -17,17 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergesec.data.images import ImageSet, ImageSplits, load_image_splits
-from mergesec.defenses.trap2 import forward_with
 from mergesec.models.artifact import HeadInfo, ModelArtifact
-from mergesec.tasks.training import Batch
+from mergesec.models.functional import forward_with
+from mergesec.training.batch import Batch, chunks, shuffled
+from mergesec.training.precision import Precision, choose_precision, data_workers
 from mergesec.vision.clip import ImageClassifier, ZeroShotHead, load_image_processor, zero_shot_head
-from mergesec.vision.loop import (
-    Precision,
-    choose_precision,
-    chunks,
-    data_workers,
-    shuffled,
-)
 
 
 class _Collate:
