@@ -241,12 +241,13 @@ class _Run:
             math.isfinite(float(v)) for m in micro_metrics for v in m.values()
         )
         if finite:
+            lr = float(self.optimizer.param_groups[0]["lr"])
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
             else:
                 self.optimizer.step()
             self.sched.step()
-            logged = _mean_metrics(micro_metrics) | {"grad_norm": norm, "skipped": 0.0}
+            logged = _mean_metrics(micro_metrics) | {"grad_norm": norm, "lr": lr, "skipped": 0.0}
         else:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
