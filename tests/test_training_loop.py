@@ -16,6 +16,7 @@ from mergesec.defenses.trap2 import Trap2Steps, base_params_of, sample_scale
 from mergesec.models.functional import forward_with
 from mergesec.training.batch import Batch, shuffled
 from mergesec.training.loop import FitConfig, MicroStep, fit, trainable_state
+from mergesec.training.precision import Precision
 from mergesec.training.sampling import fixed_subset
 from mergesec.training.schedule import lr_factor, warmup_length
 
@@ -300,6 +301,43 @@ def test_a_non_finite_step_is_skipped_and_the_schedule_does_not_advance():
     # Taken steps 1, 3, 4 are scheduler steps 0, 1, 2 of 4.
     assert [lrs[1], lrs[3], lrs[4]] == pytest.approx([0.1, 0.1 * 3 / 4, 0.1 * 2 / 4])
     assert all(torch.isfinite(v).all() for v in params_of(task).values())
+
+
+class HalfMLPTask(MLPTask):
+    """The MLP under float16 autocast (on the CPU), its loss multiplied by ``factor``."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor, self.precision = factor, Precision("cpu", torch.float16)
+
+    def loss(self, batch: Batch, overrides: dict[str, Tensor] | None = None) -> Tensor:
+        with self.precision.autocast():
+            logits = forward_with(self.model, overrides, batch["x"])
+        return F.cross_entropy(logits.float(), batch["labels"]) * self.factor
+
+
+def test_float16_loss_scaling_unscales_before_clipping_and_skips_overflows():
+    cfg = FitConfig(epochs=3, batch_size=16, lr=0.01, log_every=1)
+    fp32, fp16 = Log(), Log()
+    fit(MLPTask(), TRAIN, VAL, cfg, report=fp32)
+    task = HalfMLPTask(1.0)
+    m = fit(task, TRAIN, VAL, cfg, report=fp16, precision=task.precision)
+    assert m["skipped_steps"] == 0
+    # The gradient norm is that of the unscaled gradient (the loss scale is 2**16).
+    assert fp16.train("grad_norm")[1] == pytest.approx(fp32.train("grad_norm")[1], rel=2e-2)
+    # A loss 1000x larger overflows float16 gradients at scale 2**16: those steps are skipped
+    # (the scaler halves its scale each time) until the scale fits, then training proceeds.
+    task, log = HalfMLPTask(1000.0), Log()
+    m = fit(task, TRAIN, VAL, cfg, report=log, precision=task.precision)
+    skipped = log.train("skipped")
+    assert 0 < m["skipped_steps"] < m["steps"] == 12
+    assert skipped[1] == 1.0 and skipped[12] == 0.0
+    taken = sorted(s for s, v in skipped.items() if v == 0.0)
+    lrs = log.train("lr")
+    assert [lrs[s] for s in taken] == pytest.approx(
+        [0.01 * lr_factor(i, total=12, warmup=1) for i in range(len(taken))]
+    )
+    assert all(torch.isfinite(p).all() for p in task.model.parameters())
 
 
 def test_fit_refuses_bad_settings():
