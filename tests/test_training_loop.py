@@ -345,6 +345,13 @@ def test_fit_refuses_bad_settings():
         FitConfig(grad_accumulation=0)
     with pytest.raises(ValueError, match="keep"):
         FitConfig(keep="all")
+    with pytest.raises(ValueError, match="betas"):
+        FitConfig(betas=(0.9, 1.0))
+    # Trap²'s released settings, with betas as a YAML list.
+    released = FitConfig(max_steps=100_000, eval_every=2000, patience=5, min_delta=0.001,
+                         lr_schedule="cosine", warmup_steps=500, betas=[0.9, 0.98], eps=1e-6,
+                         weight_decay=0.0)  # fmt: skip
+    assert released.betas == (0.9, 0.98)
     task = MLPTask()
     for p in task.model.parameters():
         p.requires_grad_(False)

@@ -15,6 +15,11 @@ float16 loss scaling; call it once per backward pass, as often as needed), and r
 micro-batch's metrics. ``micro.first`` tells it that a new optimizer step begins, so per-step
 draws (Trap²'s scale s) stay fixed across the step's micro-batches.
 
+Every ``log_every`` optimizer steps the loop reports ``train/<name>`` for each metric of the step
+function (the mean over a step's micro-batches), ``grad_norm`` (before clipping), ``lr`` and
+``skipped``, summed over the window and divided by ``log_every``; every evaluation reports
+``val/loss``, ``val/accuracy`` (the score) and ``epoch``.
+
 An optimizer step is skipped when its gradient norm or any metric a micro-batch returned is not
 finite: the gradients are dropped and neither the optimizer nor the learning-rate schedule
 advances. Skipped steps still count towards ``max_steps``, ``eval_every`` and ``log_every`` (so a
@@ -115,6 +120,10 @@ class FitConfig:
             raise ValueError(
                 f"FitConfig.lr_schedule {self.lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}"
             )
+        betas = tuple(float(b) for b in self.betas)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas) or self.eps <= 0:
+            raise ValueError(f"FitConfig needs two betas in [0, 1) and eps > 0, got {self.betas}")
+        object.__setattr__(self, "betas", betas)  # a YAML list becomes the tuple AdamW expects
         if self.keep not in KEEP:
             raise ValueError(f"FitConfig.keep {self.keep!r}; known: {', '.join(KEEP)}")
 
