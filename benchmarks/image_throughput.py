@@ -30,8 +30,8 @@ import torch
 def build_task(device: str, precision: str, lora: bool, seed: int = 0):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+    from mergesec.training.precision import choose_precision
     from mergesec.vision.clip import ImageClassifier, ZeroShotHead
-    from mergesec.vision.loop import choose_precision
     from mergesec.vision.task import ImageTask
 
     torch.manual_seed(seed)

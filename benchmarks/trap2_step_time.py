@@ -23,7 +23,8 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from mergesec.defenses.trap2 import base_params_of, forward_with, trainable_parameters, trap2_step
+from mergesec.defenses.trap2 import base_params_of, trainable_parameters, trap2_step
+from mergesec.models.functional import forward_with
 from mergesec.plots import png_bytes, pyplot
 
 

@@ -16,13 +16,13 @@ from mergesec.defenses.scale_curve import curve_sharpness, interpolate, scale_cu
 from mergesec.defenses.trap2 import (
     RngState,
     base_params_of,
-    forward_with,
     sample_scale,
     scale_weight,
     scaled_overrides,
     trap2_loss,
     trap2_step,
 )
+from mergesec.models.functional import forward_with
 
 ATOL, RTOL = 1e-6, 1e-5
 

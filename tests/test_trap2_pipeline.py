@@ -124,8 +124,8 @@ def test_trap2_release_differs_from_clean_and_is_a_full_artifact(run):
 
 def test_trap2_keeps_the_head_out_of_the_scaled_pass(tiny_bert):
     from mergesec.data import load_dataset_splits
+    from mergesec.defenses.trap2 import backbone_snapshot
     from mergesec.kinds.text import TextKind
-    from mergesec.tasks.trap2_train import backbone_snapshot
 
     task = TextKind().build(str(tiny_bert), load_dataset_splits("builtin:topic"))
     snap = backbone_snapshot(task)
@@ -148,8 +148,8 @@ def test_trap2_lora_release_changes_only_adapted_layers(run):
 
 def test_trap2_skips_and_counts_non_finite_steps(run, tiny_bert):
     from mergesec.data import load_dataset_splits
+    from mergesec.defenses.trap2 import protect_trap2
     from mergesec.kinds.text import TextKind
-    from mergesec.tasks.trap2_train import protect_trap2
 
     full = load_dataset_splits("builtin:sentiment")
     data = replace(full, train=full.train[:192], validation=full.validation[:64])

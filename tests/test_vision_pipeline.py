@@ -218,7 +218,7 @@ def test_zero_shot_head_reproduces_clip_logits(tiny_clip):
 
 
 def test_precision_is_chosen_at_run_time(tiny_clip, monkeypatch):
-    from mergesec.vision.loop import choose_precision
+    from mergesec.training.precision import choose_precision
     from mergesec.vision.task import ImageKind
 
     data = load_image_splits("builtin:colors")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from mergesec.core.context import ReportFn
 from mergesec.core.protocols import Splits, TaskModel
-from mergesec.kinds._sampling import fixed_subset
-from mergesec.vision.loop import FitConfig, fit
+from mergesec.training.loop import FitConfig, fit
+from mergesec.training.sampling import fixed_subset
 
 EVAL_BATCH = 64
 
@@ -37,7 +37,7 @@ def finetune_after_merge(
     _, before = task.score(subset, batch_size=EVAL_BATCH)
     cfg = FitConfig(
         epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, patience=epochs,
-        weight_decay=0.0, log_every=1,
+        weight_decay=0.0, log_every=1, eval_batch_size=task.eval_batch_size,
     )  # fmt: skip
     m = fit(task, subset, subset, cfg, device=device, report=report, precision=task.precision)
     return {

@@ -13,7 +13,7 @@ import os
 OP_MODULES: tuple[str, ...] = (
     "mergesec.tasks.finetune",
     "mergesec.tasks.protect",
-    "mergesec.tasks.trap2_train",
+    "mergesec.defenses.trap2",
     "mergesec.tasks.attack",
     "mergesec.merging.methods",
     "mergesec.tasks.merge",

@@ -41,6 +41,8 @@ class TaskModel(Protocol):
     model: nn.Module
     precision: Any
     backbone_prefix: str
+    # Batch size of validation scoring during training (None: the training batch size).
+    eval_batch_size: int | None
 
     def backbone(self) -> nn.Module:
         """The backbone module (the base architecture's ``AutoModel`` or vision tower)."""

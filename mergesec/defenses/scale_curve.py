@@ -37,7 +37,7 @@ def scale_curve(
     """Evaluate the model with its update at each scale; one ``{s, loss, accuracy}`` dict per scale.
 
     ``evaluate_fn(overrides)`` must evaluate the same model with ``overrides`` replacing parameters
-    (None: live parameters; see ``trap2.forward_with``) and return ``(loss, accuracy)``.
+    (None: live parameters; see ``models.functional.forward_with``) and return ``(loss, accuracy)``.
 
     full, ``reference_kind="base"``: the live model is the fine-tuned W and ``reference`` holds W₀;
     evaluates W₀ + s·(W − W₀). full, ``"task_vector"``: the live model is the base W₀ and

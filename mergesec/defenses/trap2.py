@@ -12,19 +12,30 @@ second model object exists and gradients of both passes reach the live parameter
 
 The forward contract used throughout is ``forward_loss(overrides, batch) -> scalar loss``: run the
 model on ``batch`` at its live parameters when ``overrides`` is None, otherwise with those
-parameters replaced (``forward_with`` does exactly that), and return the mean task loss.
+parameters replaced (``models.functional.forward_with`` does exactly that), and return the mean
+task loss.
+
+``trap2_backward`` computes one batch's gradient of J; ``Trap2Steps`` is the step function of the
+training loop (``mergesec.training.loop``), with one s per optimizer step; ``trap2_step`` is a
+self-contained optimizer step for use outside the loop.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+
+from mergesec.core.context import ReportFn
+from mergesec.core.protocols import Splits, TaskModel
+from mergesec.core.registry import register_op
+from mergesec.training.batch import Batch
+from mergesec.training.loop import MicroStep, Trainable, fit, fit_config, grad_norm
+from mergesec.training.lora import attach_lora
 
 Overrides = dict[str, Tensor]
 ForwardLoss = Callable[[Overrides | None, Any], Tensor]
@@ -35,16 +46,6 @@ MODES: tuple[str, ...] = ("full", "lora")
 WEIGHT_KINDS: tuple[str, ...] = ("inv", "inv_sqrt", "none")
 # peft names the B factor of a LoRA layer `lora_B` (linear/conv) or `lora_embedding_B` (embeddings).
 LORA_B_MARKERS: tuple[str, ...] = (".lora_B.", ".lora_embedding_B.")
-
-
-def forward_with(model: nn.Module, overrides: Mapping[str, Tensor] | None, /, *args, **kwargs):
-    """Call ``model(*args, **kwargs)``, with ``overrides`` replacing parameters when given.
-
-    Parameters and buffers not named in ``overrides`` keep their live values.
-    """
-    if overrides is None:
-        return model(*args, **kwargs)
-    return functional_call(model, dict(overrides), args, kwargs, strict=False)
 
 
 def sample_scale(
@@ -188,6 +189,48 @@ def trap2_loss(
 
 
 @dataclass(frozen=True)
+class Trap2Grads:
+    """The losses of one Trap² backward (floats); the gradients are in the parameters' ``.grad``."""
+
+    s: float
+    clean: float
+    scaled: float
+    total: float
+
+
+def trap2_backward(
+    model: nn.Module,
+    batch: Any,
+    forward_loss: ForwardLoss,
+    base_params: Mapping[str, Tensor] | None,
+    *,
+    s: float,
+    lam: float,
+    weight: str = "inv",
+    mode: str = "full",
+    backward: Callable[[Tensor], None] = Tensor.backward,
+) -> Trap2Grads:
+    """Accumulate the gradient of J = L_clean − lam·w(s)·L_scaled on ``batch`` at scale ``s``.
+
+    The clean loss is back-propagated (through ``backward``) before the scaled pass is built, so
+    only one pass's activations are alive at a time; the accumulated gradient equals that of
+    ``trap2_loss(...).total``. Both passes see the same dropout randomness. ``lam = 0`` is plain
+    fine-tuning (the scaled pass runs without a graph, so its loss is still reported).
+    """
+    w = scale_weight(s, weight)
+    state = RngState.capture()
+    clean = forward_loss(None, batch)
+    backward(clean)
+    state.restore()
+    with torch.set_grad_enabled(lam != 0 and torch.is_grad_enabled()):
+        scaled = forward_loss(scaled_overrides(model, base_params, s, mode=mode), batch)
+    if scaled.requires_grad:
+        backward(-lam * w * scaled)
+    clean_f, scaled_f = float(clean.detach()), float(scaled.detach())
+    return Trap2Grads(s=s, clean=clean_f, scaled=scaled_f, total=clean_f - lam * w * scaled_f)
+
+
+@dataclass(frozen=True)
 class StepResult:
     """What one Trap² step did; losses are floats, ``skipped`` means no optimiser step was taken."""
 
@@ -215,46 +258,141 @@ def trap2_step(
     delta: float = 0.05,
     clip_norm: float | None = 1.0,
 ) -> StepResult:
-    """One optimisation step on the Trap² objective with a freshly sampled scale.
+    """One optimisation step on the Trap² objective with a freshly sampled scale, outside the
+    training loop (benchmarks, tests).
 
-    The clean loss is back-propagated before the scaled pass is built, so only one pass's activations
-    are alive at a time; the accumulated gradient equals that of ``trap2_loss(...).total``. Gradients
-    are clipped to ``clip_norm`` (None: no clipping). A non-finite loss or gradient zeroes the
-    gradients and skips the optimiser step. ``lam = 0`` is plain fine-tuning (the scaled pass is
-    still run, without a graph, so the scaled loss is reported).
+    Gradients come from ``trap2_backward`` and are clipped to ``clip_norm`` (None: no clipping).
+    A non-finite loss or gradient zeroes the gradients and skips the optimiser step.
     """
     s = sample_scale(generator, s_min=s_min, s_max=s_max, delta=delta)
-    w = scale_weight(s, weight)
-    params = list(trainable_parameters(model).values())
     optimizer.zero_grad(set_to_none=True)
-
-    state = RngState.capture()
-    clean = forward_loss(None, batch)
-    clean.backward()
-    state.restore()
-    with torch.set_grad_enabled(lam != 0 and torch.is_grad_enabled()):
-        scaled = forward_loss(scaled_overrides(model, base_params, s, mode=mode), batch)
-    if scaled.requires_grad:
-        (-lam * w * scaled).backward()
-
-    clean_f, scaled_f = float(clean.detach()), float(scaled.detach())
-    total_f = clean_f - lam * w * scaled_f
-    norm = float(_grad_norm(params, clip_norm))
-    skipped = not (math.isfinite(clean_f) and math.isfinite(scaled_f) and math.isfinite(norm))
+    g = trap2_backward(
+        model, batch, forward_loss, base_params, s=s, lam=lam, weight=weight, mode=mode
+    )
+    norm = grad_norm(list(trainable_parameters(model).values()), clip_norm)
+    skipped = not (math.isfinite(g.clean) and math.isfinite(g.scaled) and math.isfinite(norm))
     if skipped:
         optimizer.zero_grad(set_to_none=True)
     else:
         optimizer.step()
     return StepResult(
-        s=s, clean=clean_f, scaled=scaled_f, total=total_f, skipped=skipped, grad_norm=norm
+        s=s, clean=g.clean, scaled=g.scaled, total=g.total, skipped=skipped, grad_norm=norm
     )
 
 
-def _grad_norm(params: Iterable[Tensor], clip_norm: float | None) -> Tensor:
-    # Total L2 norm of the gradients: NaN/inf when any gradient is non-finite.
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return torch.tensor(0.0)
-    if clip_norm is None:
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
-    return torch.nn.utils.clip_grad_norm_(params, clip_norm)
+def check_trap2_settings(s_min: float, s_max: float, delta: float, weight: str) -> None:
+    """``ValueError`` for settings that ``sample_scale``/``scale_weight`` would refuse mid-run."""
+    if not 0 < s_min < s_max:
+        raise ValueError(f"need 0 < s_min < s_max, got s_min={s_min}, s_max={s_max}")
+    if delta < 0:
+        raise ValueError(f"delta must be >= 0, got {delta}")
+    if s_min >= 1 - delta and s_max <= 1 + delta:
+        raise ValueError(f"[{s_min}, {s_max}] lies inside the excluded band 1 ± {delta}")
+    if weight not in WEIGHT_KINDS:
+        raise ValueError(f"unknown weight {weight!r}; known: {', '.join(WEIGHT_KINDS)}")
+
+
+class Trap2Steps:
+    """The training loop's step function for Trap² (see ``mergesec.training.loop``): every
+    optimizer step draws one s from its own seeded generator, kept for all of that step's
+    micro-batches, and each micro-batch back-propagates J at that s.
+
+    ``clip_norm`` is the op's clipping threshold, for the loop's ``FitConfig.clip_norm`` (the loop
+    clips); ``skipped`` is set by the callers from the loop's ``skipped_steps``.
+    """
+
+    def __init__(
+        self,
+        forward_loss: ForwardLoss,
+        base: Mapping[str, Tensor] | None,
+        *,
+        mode: str,
+        lam: float,
+        s_min: float,
+        s_max: float,
+        delta: float,
+        weight: str,
+        clip_norm: float | None,
+        seed: int,
+    ):
+        check_trap2_settings(s_min, s_max, delta, weight)
+        _check_mode(mode)
+        self.forward_loss, self.base, self.mode = forward_loss, base, mode
+        self.lam, self.weight = lam, weight
+        self.range = dict(s_min=s_min, s_max=s_max, delta=delta)
+        self.clip_norm = clip_norm
+        self.generator = torch.Generator().manual_seed(seed)
+        self.s: float | None = None
+        self.skipped = 0
+
+    def __call__(self, task: Trainable, batch: Batch, micro: MicroStep) -> dict[str, float]:
+        if micro.first or self.s is None:
+            self.s = sample_scale(self.generator, **self.range)
+        g = trap2_backward(
+            task.model, batch, self.forward_loss, self.base, s=self.s, lam=self.lam,
+            weight=self.weight, mode=self.mode, backward=micro.backward,
+        )  # fmt: skip
+        return {"loss": g.clean, "scaled_loss": g.scaled, "objective": g.total, "s": g.s}
+
+
+# ---- the protect/trap2 op --------------------------------------------------------------------
+
+
+def trap2_mode(finetune: Mapping[str, Any]) -> str:
+    """The release mode of a Trap² node (its study's finetune mode): ``full`` or ``lora``."""
+    mode = finetune.get("mode", "full")
+    if mode not in MODES:
+        raise ValueError(f"protect/trap2 trains full or lora releases, not finetune mode {mode!r}")
+    return mode
+
+
+def backbone_snapshot(task: TaskModel) -> dict[str, Tensor]:
+    """W₀ for the full-mode scaled pass: detached clones of the trainable backbone parameters
+    (names as in ``task.model``). A head outside the backbone is left out on purpose: the released
+    task vector is the backbone's, and merging rescales only that (each expert keeps its own head),
+    so the head must learn to read the backbone at s = 1, not to be brittle itself."""
+    return {
+        n: p.detach().clone()
+        for n, p in task.model.named_parameters()
+        if p.requires_grad and n.startswith(task.backbone_prefix)
+    }
+
+
+@register_op("protect", "trap2", traits=("trains",))
+def protect_trap2(
+    task: TaskModel,
+    data: Splits,
+    finetune: dict[str, Any],
+    device: str = "cpu",
+    report: ReportFn | None = None,
+    *,
+    lam: float = 0.005,
+    s_min: float = 0.05,
+    s_max: float = 2.0,
+    delta: float = 0.05,
+    weight: Literal["inv", "inv_sqrt", "none"] = "inv",
+    clip_norm: float = 1.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Trap² (Jang et al., ICML 2026): fine-tune from the base so the update breaks when rescaled.
+
+    Minimises L(W₀+ΔW) − lam·w(s)·L(W₀+s·ΔW) with one s per optimizer step drawn from
+    U[s_min, s_max] outside (1−delta, 1+delta); w(s) is 1/s (``inv``), 1/√s (``inv_sqrt``) or 1
+    (``none``). Training follows ``finetune`` (``{"mode": "full"|"lora", ...finetune op
+    params}``) exactly as the matching finetune run would; ``seed`` drives the draws of s only.
+    Gradients are clipped to ``clip_norm``; steps with a non-finite loss or gradient are skipped
+    and counted. Works for every task kind.
+    """
+    mode = trap2_mode(finetune)
+    if mode == "lora":
+        attach_lora(task, finetune)
+    task.model.to(device)
+    base = backbone_snapshot(task) if mode == "full" else None
+    step = Trap2Steps(
+        lambda overrides, batch: task.loss(batch, overrides), base, mode=mode, lam=lam,
+        s_min=s_min, s_max=s_max, delta=delta, weight=weight, clip_norm=clip_norm, seed=seed,
+    )  # fmt: skip
+    cfg = fit_config(finetune, clip_norm=clip_norm, eval_batch_size=task.eval_batch_size)
+    metrics = fit(task, data.train, data.validation, cfg, device=device, report=report,
+                  step_fn=step, precision=task.precision)  # fmt: skip
+    return metrics

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergesec.data.splits import DatasetSplits, Example
-from mergesec.defenses.trap2 import forward_with
 from mergesec.models.artifact import HeadInfo, ModelArtifact
 from mergesec.models.classifier import SequenceClassifier
-from mergesec.vision.loop import Precision, choose_precision
+from mergesec.models.functional import forward_with
+from mergesec.training.precision import Precision, choose_precision
 
 Batch = dict[str, Tensor]
 MAX_LENGTH = 64
@@ -66,6 +66,9 @@ class TextTask:
     """A sequence classifier with its tokenizer, device and precision (a ``TaskModel``)."""
 
     backbone_prefix = "backbone."
+    # Validation during training scores in batches of 64 grouped by length, whatever the
+    # training batch size (the text pipeline has always done so).
+    eval_batch_size: int | None = 64
 
     def __init__(
         self,

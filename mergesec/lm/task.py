@@ -24,12 +24,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergesec.data.qa import QAExample, QASplits, load_qa_splits
-from mergesec.defenses.trap2 import forward_with
-from mergesec.kinds._sampling import fixed_subset
 from mergesec.lm.answers import exact_match
 from mergesec.lm.generate import greedy_generate
 from mergesec.models.artifact import HeadInfo, ModelArtifact
-from mergesec.vision.loop import Batch, Precision, choose_precision, chunks, shuffled
+from mergesec.models.functional import forward_with
+from mergesec.training.batch import Batch, chunks, shuffled
+from mergesec.training.precision import Precision, choose_precision
+from mergesec.training.sampling import fixed_subset
 
 PROMPT = "Question: {question}\nAnswer: Let's think step by step.\n"
 IGNORE = -100
@@ -111,7 +112,9 @@ def _unwrapped(lm: nn.Module) -> nn.Module:
 
 
 class QATask:
-    """A causal LM with its tokenizer, device, precision and length settings (a ``loop.Trainable``)."""
+    """A causal LM with its tokenizer, device, precision and length settings (a ``TaskModel``)."""
+
+    eval_batch_size: int | None = None  # validation during training: the training batch size
 
     def __init__(
         self,

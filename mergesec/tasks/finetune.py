@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
 from mergesec.core.context import NodeContext, ReportFn
 from mergesec.core.protocols import Splits, TaskModel
 from mergesec.core.registry import get_op, register_op
 from mergesec.tasks._io import build_for_node, node_kind, save_expert
-from mergesec.vision.loop import FitConfig, fit
-
-# Op parameters that configure the training loop (the rest are LoRA settings or kind options).
-FIT_FIELDS = ("epochs", "lr", "batch_size", "seed", "patience", "warmup_ratio", "weight_decay")
-
-
-def fit_config(params: dict[str, Any], **overrides: Any) -> FitConfig:
-    """The loop's settings from a finetune op's validated params."""
-    return FitConfig(**{k: params[k] for k in FIT_FIELDS if k in params} | overrides)
-
-
-def attach_lora(task: TaskModel, params: dict[str, Any]) -> None:
-    """Wrap the task's backbone in a LoRA adapter configured like ``finetune/lora``."""
-    torch.manual_seed(params.get("seed", 0))
-    task.attach_lora(
-        r=params.get("r", 8),
-        alpha=params.get("alpha", 16),
-        dropout=params.get("dropout", 0.1),
-        target_modules=params.get("target_modules"),
-    )
+from mergesec.training.loop import fit, fit_config
+from mergesec.training.lora import attach_lora
 
 
 @register_op("finetune", "full")
@@ -51,7 +29,7 @@ def finetune_full(
     """Fine-tune every backbone weight and the head; early stopping on the validation metric.
 
     ``max_length`` is the text kind's truncation length (other kinds set their own)."""
-    cfg = fit_config(locals())
+    cfg = fit_config(locals(), eval_batch_size=task.eval_batch_size)
     return fit(task, data.train, data.validation, cfg, device=device, report=report,
                precision=task.precision)  # fmt: skip
 
@@ -81,8 +59,9 @@ def finetune_lora(
     W₀ + (α/r)·BA."""
     params = locals()
     attach_lora(task, params)
-    return fit(task, data.train, data.validation, fit_config(params), device=device,
-               report=report, precision=task.precision)  # fmt: skip
+    cfg = fit_config(params, eval_batch_size=task.eval_batch_size)
+    return fit(task, data.train, data.validation, cfg, device=device, report=report,
+               precision=task.precision)  # fmt: skip
 
 
 def execute(ctx: NodeContext) -> dict[str, float]:

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from mergesec.kinds import kind_of
-from mergesec.kinds._sampling import fixed_subset
 from mergesec.models.state_dict import LazyStateDict, copy_into, save_state_dict
+from mergesec.training.sampling import fixed_subset
 
 # Unlabelled validation examples per expert for RegMean's Gram matrices (the RegMean paper uses
 # ~1,000 training examples; the builtin text datasets have 200 validation sentences, all used).

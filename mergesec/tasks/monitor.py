@@ -60,7 +60,7 @@ from mergesec.monitor.scoring import (
     score_inputs,
 )
 from mergesec.monitor.steering import SteeringHooks
-from mergesec.vision.loop import to_device
+from mergesec.training.batch import to_device
 
 
 @dataclass

@@ -6,8 +6,8 @@ without changing its function: ``fn(expert, base, layout, **params) -> release``
 Training-time protections (trait ``trains``, e.g. Trap²) train the release from the base
 themselves and take no input: ``fn(task, data, finetune, device, report, **params) -> metrics``,
 where ``task`` is a fresh ``TaskModel`` of the victim's kind and ``finetune`` the study's finetune
-settings (mode plus finetune op params). Registering such an op with
-``executor=execute_training_protection`` makes it work for every task kind.
+settings (mode plus finetune op params). The trait is all it takes: ``execute`` runs such an op
+for every task kind.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ register_op("protect", "params", fn=protect_params)
 register_op("protect", "mergelock", fn=protect_mergelock)
 
 
+TRAINS = "trains"
+
+
 def execute_training_protection(ctx: NodeContext) -> dict[str, float]:
     """The node of a protect op with trait ``trains``: build the victim's model from the base,
     let the op train it, write the release like an expert."""
@@ -48,6 +51,8 @@ def execute_training_protection(ctx: NodeContext) -> dict[str, float]:
 
 def execute(ctx: NodeContext) -> dict[str, float]:
     op = get_op("protect", ctx.op)
+    if TRAINS in op.traits:
+        return execute_training_protection(ctx)
     expert = ModelArtifact.open(ctx.inputs["expert"])
     sd = expert.backbone_state()
     base, layout = base_and_layout(ctx, sd.keys())

@@ -17,18 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergesec.data.images import ImageSet, ImageSplits, load_image_splits
-from mergesec.defenses.trap2 import forward_with
-from mergesec.kinds._sampling import fixed_subset
 from mergesec.models.artifact import HeadInfo, ModelArtifact
+from mergesec.models.functional import forward_with
+from mergesec.training.batch import Batch, chunks, shuffled
+from mergesec.training.precision import Precision, choose_precision, data_workers
+from mergesec.training.sampling import fixed_subset
 from mergesec.vision.clip import ImageClassifier, ZeroShotHead, load_image_processor, zero_shot_head
-from mergesec.vision.loop import (
-    Batch,
-    Precision,
-    choose_precision,
-    chunks,
-    data_workers,
-    shuffled,
-)
 
 
 class _Collate:
@@ -49,6 +43,7 @@ class ImageTask:
     """A CLIP image classifier with its processor, device and precision (a ``loop.Trainable``)."""
 
     backbone_prefix = "backbone."
+    eval_batch_size: int | None = None  # validation during training: the training batch size
 
     def __init__(
         self,

@@ -1,0 +1,18 @@
+"""Calling a model with some of its parameters replaced (``torch.func.functional_call``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+def forward_with(model: nn.Module, overrides: Mapping[str, Tensor] | None, /, *args, **kwargs):
+    """Call ``model(*args, **kwargs)``, with ``overrides`` replacing parameters when given.
+
+    Parameters and buffers not named in ``overrides`` keep their live values.
+    """
+    if overrides is None:
+        return model(*args, **kwargs)
+    return functional_call(model, dict(overrides), args, kwargs, strict=False)
