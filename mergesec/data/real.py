@@ -44,6 +44,7 @@ class RealSpec:
     read: Callable[[], RawRows]
     sizes: tuple[int, int, int]
     num_classes: int
+    licence: str = ""
     kind: str = "text"
 
 
@@ -122,6 +123,7 @@ REAL_DATASETS: dict[str, RealSpec] = {
             _rotten_tomatoes,
             (8927, 1275, 2550),
             2,
+            licence="research use",
         ),
         RealSpec(
             "20newsgroups",
@@ -130,6 +132,7 @@ REAL_DATASETS: dict[str, RealSpec] = {
             _orange_pair("20newsgroups"),
             (10136, 1126, 7519),
             20,
+            licence="research use",
         ),
         RealSpec(
             "reuters_r8",
@@ -138,6 +141,7 @@ REAL_DATASETS: dict[str, RealSpec] = {
             _orange_pair("reuters-r8"),
             (4873, 542, 2176),
             8,
+            licence="research use",
         ),
         RealSpec(
             "reuters_r52",
@@ -146,6 +150,7 @@ REAL_DATASETS: dict[str, RealSpec] = {
             _orange_pair("reuters-r52"),
             (5796, 644, 2553),
             52,
+            licence="research use",
         ),
         RealSpec(
             "election_tweets",
@@ -154,6 +159,7 @@ REAL_DATASETS: dict[str, RealSpec] = {
             _election_tweets,
             (4504, 643, 1287),
             2,
+            licence="research use (tweets)",
         ),
         RealSpec(
             "bbc_news",
@@ -162,6 +168,7 @@ REAL_DATASETS: dict[str, RealSpec] = {
             _bbc_news,
             (1487, 213, 425),
             5,
+            licence="non-commercial research",
         ),
         RealSpec(
             "vader_tweets",
@@ -170,6 +177,7 @@ REAL_DATASETS: dict[str, RealSpec] = {
             _vader("tweets"),
             (2937, 420, 839),
             2,
+            licence="MIT",
         ),
         RealSpec(
             "vader_amazon",
@@ -178,6 +186,7 @@ REAL_DATASETS: dict[str, RealSpec] = {
             _vader("amazonReviewSnippets"),
             (2520, 360, 720),
             2,
+            licence="MIT",
         ),
         RealSpec(
             "vader_nyt",
@@ -186,6 +195,7 @@ REAL_DATASETS: dict[str, RealSpec] = {
             _vader("nytEditorialSnippets"),
             (3414, 488, 976),
             2,
+            licence="MIT",
         ),
     )
 }

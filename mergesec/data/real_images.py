@@ -28,6 +28,7 @@ class RealImageSpec:
     templates: tuple[str, ...]
     sizes: tuple[int, int, int]
     num_classes: int
+    licence: str = ""
     kind: str = "image"
 
 
@@ -40,6 +41,7 @@ REAL_IMAGE_DATASETS: dict[str, RealImageSpec] = {
         NUMBER_TEMPLATES,
         (3600, 400, 1000),
         10,
+        licence="CC BY-SA 3.0",
     )
 }
 
