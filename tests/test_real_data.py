@@ -96,3 +96,17 @@ def test_mnist_is_the_real_image_subset():
     assert not (pixels[0] & pixels[1] or pixels[0] & pixels[2] or pixels[1] & pixels[2])
     counts = [d.train.labels.count(c) for c in range(10)]
     assert min(counts) > 300 and sum(counts) == 3600
+
+
+@pytest.mark.slow
+def test_a_real_dataset_trains_a_text_expert(tmp_path, tiny_bert):
+    """The finetune step reads a real builtin like any other dataset, and it carries signal."""
+    from tests.conftest import FINETUNE_FAST, run_executor
+
+    params = {
+        "base": str(tiny_bert),
+        "dataset": {"uri": "builtin:bbc_news"},
+        "op": {**FINETUNE_FAST, "lr": 1e-3},
+    }
+    _, metrics = run_executor(tmp_path, "finetune", "full", params)
+    assert metrics["val_accuracy"] > 0.5  # five topics, the largest is 24% of validation
