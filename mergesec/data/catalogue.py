@@ -86,3 +86,24 @@ def asset_names_in_use() -> list[str]:
     names = {s.asset for s in (*REAL_DATASETS.values(), *REAL_IMAGE_DATASETS.values())}
     names |= {m.asset for m in BUILTIN_MODEL_INFO.values() if m.asset}
     return sorted(names)
+
+
+def assets_for_uri(uri: str) -> list[str]:
+    """The registered assets a dataset or model URI reads (empty for anything else).
+
+    A study can fetch them before it starts (``assets.asset_path``), so a machine without the
+    files fails at once with the asset's one-line message rather than inside a trial.
+    """
+    from mergesec.data.real import REAL_DATASETS
+    from mergesec.data.real_images import REAL_IMAGE_DATASETS
+    from mergesec.models.hub import BUILTIN_MODEL_INFO
+
+    uri = uri.strip()
+    if not uri.startswith("builtin:"):
+        return []
+    name = uri.split(":", 1)[1]
+    spec = REAL_DATASETS.get(name) or REAL_IMAGE_DATASETS.get(name)
+    if spec is not None:
+        return [spec.asset]
+    model = BUILTIN_MODEL_INFO.get(name)
+    return [model.asset] if model is not None and model.asset else []
