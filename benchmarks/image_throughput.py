@@ -1,4 +1,4 @@
-"""Images per second for CLIP image-expert fine-tuning and evaluation (mergesec.vision).
+"""Images per second for CLIP image-expert fine-tuning and evaluation (mergesec.kinds.image).
 
 The vision tower has ViT-B/32's shape (hidden 768, 12 layers, 12 heads, MLP 3072, 224-pixel
 images, 32-pixel patches) with random weights, behind a zero-shot head of 10 random class
@@ -30,9 +30,9 @@ import torch
 def build_task(device: str, precision: str, lora: bool, seed: int = 0):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+    from mergesec.kinds.image.clip import ImageClassifier, ZeroShotHead
+    from mergesec.kinds.image.task import ImageTask
     from mergesec.training.precision import choose_precision
-    from mergesec.vision.clip import ImageClassifier, ZeroShotHead
-    from mergesec.vision.task import ImageTask
 
     torch.manual_seed(seed)
     cfg = CLIPVisionConfig(

@@ -37,7 +37,7 @@ def main() -> None:
 
     from mergesec.data import load_dataset_splits
     from mergesec.data.chat import chat_examples, encode_chat
-    from mergesec.lm.task import answer_loss, collate, load_causal_lm
+    from mergesec.kinds.qa.task import answer_loss, collate, load_causal_lm
     from mergesec.models.hub import load_tokenizer, resolve_model_path
 
     t = time.perf_counter()

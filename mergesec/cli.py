@@ -222,7 +222,7 @@ def datasets(
     ] = False,
 ) -> None:
     """Every builtin dataset and model: split sizes, classes, source and licence."""
-    from mergesec.data.catalogue import asset_names_in_use, dataset_rows, model_rows
+    from mergesec.catalogue import asset_names_in_use, dataset_rows, model_rows
 
     t = Table(
         title="builtin datasets and models",
@@ -237,7 +237,7 @@ def datasets(
         t.add_row(r.uri, r.kind, *sizes, r.classes, r.source, r.licence)
     out.print(t)
     if fetch:
-        from mergesec.data.assets import AssetError, asset_path
+        from mergesec.core.assets import AssetError, asset_path
 
         for name in asset_names_in_use():
             try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mergesec.data.assets import (
+from mergesec.core.assets import (
     ASSETS,
     Asset,
     AssetError,

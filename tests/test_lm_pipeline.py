@@ -16,7 +16,7 @@ import torch
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, validate_params
 from mergesec.data.qa import QAExample, is_qa_uri, load_qa_splits
-from mergesec.lm.answers import exact_match, extract_answer
+from mergesec.kinds.qa.answers import exact_match, extract_answer
 from mergesec.models.artifact import ModelArtifact
 
 
@@ -178,7 +178,7 @@ def test_qa_datasets_by_name_and_on_disk(tmp_path):
 
 
 def test_answer_only_loss_masking_token_by_token(tiny_llama):
-    from mergesec.lm.task import IGNORE, QAKind, answer_loss, encode_example, format_prompt
+    from mergesec.kinds.qa.task import IGNORE, QAKind, answer_loss, encode_example, format_prompt
 
     data = load_qa_splits("builtin:arithmetic")
     task = QAKind().build(str(tiny_llama), data)
@@ -218,7 +218,7 @@ def test_answer_only_loss_masking_token_by_token(tiny_llama):
 
 
 def test_batched_greedy_decoding_matches_generate(tiny_llama):
-    from mergesec.lm.task import QAKind, format_prompt, prompt_ids
+    from mergesec.kinds.qa.task import QAKind, format_prompt, prompt_ids
 
     data = load_qa_splits("builtin:arithmetic")
     task = QAKind().build(str(tiny_llama), data)
@@ -241,7 +241,7 @@ def test_batched_greedy_decoding_matches_generate(tiny_llama):
 
 
 def test_lora_finetune_on_arithmetic_stores_the_decoder_in_base_key_names(tiny_llama, tmp_path):
-    from mergesec.lm.task import QAKind
+    from mergesec.kinds.qa.task import QAKind
     from mergesec.models.hub import base_weights_file
     from mergesec.models.state_dict import load_state_dict
     from mergesec.tasks.evaluate import evaluate_artifact

@@ -10,7 +10,7 @@ import torch
 
 from mergesec.data import load_dataset_splits
 from mergesec.data.chat import chat_examples, encode_chat
-from mergesec.lm.task import answer_loss, collate, load_causal_lm
+from mergesec.kinds.qa.task import answer_loss, collate, load_causal_lm
 from mergesec.models.hub import check_model_uri, load_tokenizer, resolve_model_path
 
 URI = "builtin:smollm2-135m-instruct"

@@ -190,8 +190,8 @@ def test_zero_shot_head_reproduces_clip_logits(tiny_clip):
     """With one template, scale × cosine equals CLIPModel's own logits_per_image."""
     from transformers import AutoTokenizer, CLIPModel
 
+    from mergesec.kinds.image.clip import ImageClassifier, load_image_processor, zero_shot_head
     from mergesec.models.hub import load_backbone
-    from mergesec.vision.clip import ImageClassifier, load_image_processor, zero_shot_head
 
     data = load_image_splits("builtin:colors")
     template = ("a photo of something {}.",)
@@ -218,8 +218,8 @@ def test_zero_shot_head_reproduces_clip_logits(tiny_clip):
 
 
 def test_precision_is_chosen_at_run_time(tiny_clip, monkeypatch):
+    from mergesec.kinds.image.task import ImageKind
     from mergesec.training.precision import choose_precision
-    from mergesec.vision.task import ImageKind
 
     data = load_image_splits("builtin:colors")
     task = ImageKind().build(str(tiny_clip), data)

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
-from mergesec.data.assets import open_inner_tar, read_asset_member, read_members_under
+from mergesec.core.assets import open_inner_tar, read_asset_member, read_members_under
 from mergesec.data.splits import SPLIT_NAMES, DatasetSplits, Example, complete_splits
 
 SPLIT_SEED = 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from mergesec.data.assets import read_asset_member
+from mergesec.core.assets import read_asset_member
 
 NUMBER_TEMPLATES = ('a photo of the number: "{}".',)
 

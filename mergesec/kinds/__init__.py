@@ -120,9 +120,9 @@ register_kind(
 )
 register_kind(
     KindEntry(
-        "image", _claims_image, "mergesec.vision.task:ImageKind", frozenset({"image", "label"})
+        "image", _claims_image, "mergesec.kinds.image.task:ImageKind", frozenset({"image", "label"})
     )
 )
 register_kind(
-    KindEntry("qa", _claims_qa, "mergesec.lm.task:QAKind", frozenset({"question", "answer"}))
+    KindEntry("qa", _claims_qa, "mergesec.kinds.qa.task:QAKind", frozenset({"question", "answer"}))
 )

@@ -26,7 +26,7 @@ from mergesec.core.paths import cache_root
 class BuiltinModel:
     """A builtin model: what it is, where its weights come from, and their licence.
 
-    ``asset`` names a registered asset (``mergesec.data.assets``) holding a GGUF file that is
+    ``asset`` names a registered asset (``mergesec.core.assets``) holding a GGUF file that is
     dequantized once into a cached Hugging Face directory; None means an installed dependency.
     """
 
@@ -209,7 +209,7 @@ def gguf_model_dir(name: str) -> Path:
     chat template, so later loads skip the conversion. Raises ``ModelURIError`` (one line) when
     the asset cannot be had.
     """
-    from mergesec.data.assets import AssetError, extract_member, get_asset
+    from mergesec.core.assets import AssetError, extract_member, get_asset
 
     info = BUILTIN_MODEL_INFO[name]
     assert info.asset is not None

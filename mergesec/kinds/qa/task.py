@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergesec.data.qa import QAExample, QASplits, load_qa_splits
-from mergesec.lm.answers import exact_match
-from mergesec.lm.generate import greedy_generate
+from mergesec.kinds.qa.answers import exact_match
+from mergesec.kinds.qa.generate import greedy_generate
 from mergesec.models.artifact import HeadInfo, ModelArtifact
 from mergesec.models.functional import forward_with
 from mergesec.training.batch import Batch, chunks, shuffled

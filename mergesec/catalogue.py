@@ -25,7 +25,7 @@ class CatalogueRow:
 
 
 def _source(asset_name: str) -> str:
-    from mergesec.data.assets import get_asset
+    from mergesec.core.assets import get_asset
 
     a = get_asset(asset_name)
     return f"{a.distribution} {a.version}" + (" (sdist)" if a.is_sdist else "")

@@ -17,12 +17,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergesec.data.images import ImageSet, ImageSplits, load_image_splits
+from mergesec.kinds.image.clip import (
+    ImageClassifier,
+    ZeroShotHead,
+    load_image_processor,
+    zero_shot_head,
+)
 from mergesec.models.artifact import HeadInfo, ModelArtifact
 from mergesec.models.functional import forward_with
 from mergesec.training.batch import Batch, chunks, shuffled
 from mergesec.training.precision import Precision, choose_precision, data_workers
 from mergesec.training.sampling import fixed_subset
-from mergesec.vision.clip import ImageClassifier, ZeroShotHead, load_image_processor, zero_shot_head
 
 
 class _Collate:
