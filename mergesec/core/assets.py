@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from mergesec.core.paths import cache_root
+
 ASSETS_ENV = "MERGESEC_ASSETS"
 _CHUNK = 1 << 20
 _NO_NETWORK = ("NewConnectionError", "Connection refused", "ConnectTimeout", "NameResolution")
@@ -166,7 +168,6 @@ def sha256_file(path: Path) -> str:
 
 
 def assets_cache() -> Path:
-    from mergesec.core.paths import cache_root
 
     return cache_root() / "assets"
 

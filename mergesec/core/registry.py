@@ -15,6 +15,8 @@ from typing import Any, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
 
+from mergesec.core.plugins import load_ops
+
 STEPS = ("finetune", "protect", "attack", "merge", "evaluate", "monitor")
 # Run-time facts an executor passes to an op; never op parameters, never hashed into node ids.
 RUNTIME_ARGS = frozenset({"device", "report"})
@@ -117,7 +119,6 @@ def register_op(
 def _ensure_loaded() -> None:
     # Importing the op modules registers their ops; the import is deferred because those modules
     # sit in higher layers (and import torch).
-    from mergesec.core.plugins import load_ops
 
     load_ops()
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergesec.core.protocols import TaskKind
+from mergesec.data.images import is_image_uri
+from mergesec.data.qa import is_qa_uri
 
 DatasetRef = str | Mapping[str, Any]
 
@@ -97,13 +99,11 @@ def build_options(kind: TaskKind, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _claims_image(uri: str, columns: Mapping[str, str]) -> bool:
-    from mergesec.data.images import is_image_uri
 
     return "image" in columns or is_image_uri(uri)
 
 
 def _claims_qa(uri: str, columns: Mapping[str, str]) -> bool:
-    from mergesec.data.qa import is_qa_uri
 
     return is_qa_uri(uri, columns)
 

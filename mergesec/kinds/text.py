@@ -15,12 +15,15 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from mergesec.data import load_dataset_splits, poison_examples
 from mergesec.data.splits import DatasetSplits, Example
+from mergesec.kinds.common import BackboneAndHead, load_backbone_weights
 from mergesec.models.artifact import HeadInfo, ModelArtifact
 from mergesec.models.classifier import SequenceClassifier
 from mergesec.models.functional import forward_with
+from mergesec.models.hub import load_backbone, load_tokenizer
 from mergesec.training.precision import Precision, choose_precision
 
 Batch = dict[str, Tensor]
@@ -62,10 +65,9 @@ def tokenized_batches(
         }
 
 
-class TextTask:
+class TextTask(BackboneAndHead):
     """A sequence classifier with its tokenizer, device and precision (a ``TaskModel``)."""
 
-    backbone_prefix = "backbone."
     # Validation during training scores in batches of 64 grouped by length, whatever the
     # training batch size (the text pipeline has always done so).
     eval_batch_size: int | None = 64
@@ -139,9 +141,6 @@ class TextTask:
         return self.score_batches(self.prepare(split, batch_size))
 
     # ---- heads and weights --------------------------------------------------------------------
-    def backbone(self) -> nn.Module:
-        return self.model.backbone
-
     def use(
         self, data: DatasetSplits | None, heads: Mapping[str, Tensor] | None, slug: str
     ) -> None:
@@ -159,25 +158,6 @@ class TextTask:
     @staticmethod
     def head_info(data: DatasetSplits) -> HeadInfo:
         return HeadInfo(dataset=data.name, labels=list(data.label_names))
-
-    def attach_lora(self, *, r: int, alpha: int, dropout: float, target_modules: Any) -> nn.Module:
-        """Wrap the encoder in a peft LoRA adapter (all linear layers by default)."""
-        from peft import LoraConfig, get_peft_model
-
-        cfg = LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=dropout,
-            target_modules=target_modules or "all-linear",
-        )  # fmt: skip
-        self.model.backbone = get_peft_model(self.model.backbone, cfg)
-        return self.model.backbone
-
-    def release_state(self) -> dict[str, Tensor]:
-        """The encoder's weights in base key names (a LoRA adapter materialised first)."""
-        bb = self.model.backbone
-        if hasattr(bb, "merge_and_unload"):
-            bb = bb.merge_and_unload()
-            self.model.backbone = bb
-        return {k: v.detach().cpu().contiguous() for k, v in bb.state_dict().items()}
 
 
 class TextKind:
@@ -198,7 +178,6 @@ class TextKind:
         Validation is poisoned at the same rate so that early stopping sees the data the trainer
         sees; the test split stays clean (monitors and evaluations build triggered copies).
         """
-        from mergesec.data import load_dataset_splits, poison_examples
 
         data = load_dataset_splits(ref["uri"], columns=ref.get("columns"))
         if not poison:
@@ -229,7 +208,6 @@ class TextKind:
         max_length: int = MAX_LENGTH,
     ) -> TextTask:
         """The base encoder with a fresh head for ``data``'s labels, initialised from ``seed``."""
-        from mergesec.models.hub import load_backbone, load_tokenizer
 
         backbone = load_backbone(base, allow_remote_code)
         tokenizer = load_tokenizer(base, allow_remote_code)
@@ -246,14 +224,9 @@ class TextKind:
         max_length: int = MAX_LENGTH,
     ) -> TextTask:
         """The artifact's encoder on the base architecture (heads are set with ``use``)."""
-        from mergesec.models.hub import load_backbone, load_tokenizer
 
         backbone = load_backbone(art.base, allow_remote_code)
-        _, unexpected = backbone.load_state_dict(art.backbone_state(), strict=False)
-        if unexpected:
-            raise ValueError(
-                f"{art.path}: weights do not fit the base model (unexpected key {unexpected[0]!r})"
-            )
+        load_backbone_weights(backbone, art)
         model = SequenceClassifier(backbone, 1).eval()
         tokenizer = load_tokenizer(art.base, allow_remote_code)
         return TextTask(model, tokenizer, device=device, max_length=max_length)

@@ -10,9 +10,11 @@ from torch import Tensor
 
 from mergesec.core.context import NodeContext
 from mergesec.core.protocols import Splits, TaskKind, TaskModel
+from mergesec.data import dataset_slug
 from mergesec.kinds import build_options, get_kind, kind_for_datasets
 from mergesec.models.artifact import ModelArtifact, write_artifact
-from mergesec.models.state_dict import StateDict
+from mergesec.models.hub import base_weights_file, load_config
+from mergesec.models.state_dict import StateDict, load_state_dict
 
 
 def node_kind(ctx: NodeContext) -> TaskKind:
@@ -55,7 +57,6 @@ def save_expert(
 ) -> None:
     """Write a trained task model as a model artifact (LoRA: the adapter too, and the
     materialised weights W₀ + (α/r)·BA as the backbone)."""
-    from mergesec.data import dataset_slug
 
     release = "full"
     adapter = lora_adapter(task)
@@ -75,15 +76,12 @@ def save_expert(
 
 def base_state(ctx: NodeContext) -> StateDict:
     """The base's canonical backbone weights."""
-    from mergesec.models.hub import base_weights_file
-    from mergesec.models.state_dict import load_state_dict
 
     return load_state_dict(base_weights_file(ctx.base, ctx.allow_remote_code))
 
 
 def base_and_layout(ctx: NodeContext, keys: Iterable[str]):
     """The canonical base weights and the transformer layout of the base's architecture."""
-    from mergesec.models.hub import load_config
     from mergesec.models.layout import detect_layout
 
     layout = detect_layout(load_config(ctx.base, ctx.allow_remote_code), keys)

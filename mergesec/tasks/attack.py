@@ -24,6 +24,7 @@ from mergesec.attacks.finetune_after_merge import finetune_after_merge
 from mergesec.attacks.rescale import attack_rescale
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, register_op
+from mergesec.data import dataset_slug
 from mergesec.models.artifact import ModelArtifact, write_artifact
 from mergesec.tasks._io import base_and_layout, node_kind, open_for_node, task_vector_norm
 
@@ -37,7 +38,6 @@ register_op("attack", "rescale", traits=(STAGE_MERGE,), fn=attack_rescale)
 
 def execute_after_merge(ctx: NodeContext) -> dict[str, float]:
     """Run a ``stage:merged`` attack on the merged model ``release`` for the victim's dataset."""
-    from mergesec.data import dataset_slug
 
     op = get_op("attack", ctx.op)
     merged = ModelArtifact.open(ctx.inputs["release"])
@@ -73,7 +73,6 @@ register_op(
     version="2",
     traits=(STAGE_MERGED,),
     fn=finetune_after_merge,
-    executor=execute_after_merge,
 )
 
 
@@ -81,6 +80,8 @@ def execute(ctx: NodeContext) -> dict[str, float]:
     op = get_op("attack", ctx.op)
     if STAGE_MERGE in op.traits:
         raise ValueError(f"attack/{op.name} acts inside the merge step; it has no attack node")
+    if STAGE_MERGED in op.traits:
+        return execute_after_merge(ctx)
     release = ModelArtifact.open(ctx.inputs["release"])
     sd = release.backbone_state()
     base, layout = base_and_layout(ctx, sd.keys())

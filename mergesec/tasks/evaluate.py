@@ -16,6 +16,7 @@ import torch
 from mergesec.core.context import NodeContext
 from mergesec.core.protocols import TaskModel
 from mergesec.core.registry import get_op, register_op
+from mergesec.data import dataset_slug
 from mergesec.kinds import build_options, kind_of
 from mergesec.models.artifact import ModelArtifact
 
@@ -41,7 +42,6 @@ def evaluate_artifact(
 ) -> dict[str, float]:
     """``accuracy/<slug>`` and ``loss/<slug>`` for every dataset the artifact has a head for,
     plus ``accuracy/mean``."""
-    from mergesec.data import dataset_slug
 
     op = get_op("evaluate", "accuracy")
     kind = kind_of(datasets)

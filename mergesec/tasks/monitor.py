@@ -37,7 +37,6 @@ direction from every input, an ablation baseline.
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,9 +47,13 @@ from torch import nn
 
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, register_op
+from mergesec.data import dataset_slug, load_dataset_splits, triggered_copy
 from mergesec.data.splits import DatasetSplits, Example
 from mergesec.kinds.text import TextKind, tokenized_batches
+from mergesec.models.artifact import ModelArtifact
 from mergesec.models.classifier import SequenceClassifier
+from mergesec.models.hub import base_weights_file, load_config
+from mergesec.models.state_dict import LazyStateDict
 from mergesec.monitor.audit import Audit, top_activating, write_audit_markdown
 from mergesec.monitor.directions import Directions, WriterWeights, weight_directions
 from mergesec.monitor.scoring import (
@@ -61,6 +64,7 @@ from mergesec.monitor.scoring import (
 )
 from mergesec.monitor.steering import SteeringHooks
 from mergesec.training.batch import to_device
+from mergesec.training.sampling import fixed_subset
 
 
 @dataclass
@@ -83,13 +87,6 @@ class ScoredPass:
     steered: torch.Tensor  # per input: whether steering removed anything
 
 
-def _sample(examples: Sequence[Example], n: int | None, seed: int) -> list[Example]:
-    if n is None or n >= len(examples):
-        return list(examples)
-    idx = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in idx]
-
-
 def calibration_texts(
     splits: DatasetSplits,
     *,
@@ -106,13 +103,12 @@ def calibration_texts(
     Texts come straight from the datasets: poisoning happens only inside the finetune step, so
     even the victim's train split is its clean version here.
     """
-    from mergesec.data import load_dataset_splits
 
     names = split.split("+")
 
     def pick(d: DatasetSplits) -> list[str]:
         pool = [e for name in names for e in d.split(name)]
-        return [e.text for e in _sample(pool, size, seed)]
+        return [e.text for e in fixed_subset(pool, size, seed)]
 
     texts = pick(splits)
     for ref in datasets:
@@ -299,7 +295,7 @@ def weightwatch(
     timings["calibrate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    clean = _sample(splits.test, eval_size, seed)
+    clean = fixed_subset(splits.test, eval_size, seed)
     labels = torch.tensor([e.label for e in clean], dtype=torch.long)
     plain = forward(clean)
     flag_clean = cal.flags(plain.scores)
@@ -324,7 +320,6 @@ def weightwatch(
     target = int(poison["target"]) if poison else -1
 
     def insert(text: str) -> list[Example]:
-        from mergesec.data import triggered_copy
 
         position = poison.get("position", "random") if poison else "random"
         return list(
@@ -442,11 +437,7 @@ def write_outputs(
 
 
 def execute(ctx: NodeContext) -> dict[str, float]:
-    from mergesec.data import dataset_slug, load_dataset_splits
-    from mergesec.models.artifact import ModelArtifact
-    from mergesec.models.hub import base_weights_file, load_config
     from mergesec.models.layout import detect_layout
-    from mergesec.models.state_dict import LazyStateDict
 
     op = get_op("monitor", ctx.op)
     art = ModelArtifact.open(ctx.inputs["model"])

@@ -17,9 +17,12 @@ import torch
 
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import register_op
+from mergesec.data import dataset_slug
 from mergesec.defenses.scale_curve import curve_sharpness, scale_curve
 from mergesec.kinds import build_options, kind_of
 from mergesec.models.artifact import ModelArtifact
+from mergesec.models.hub import base_weights_file
+from mergesec.models.state_dict import load_state_dict
 from mergesec.plots import plot_scale_curves
 
 SCALE_CURVE_FILE = "scale_curve.json"
@@ -38,9 +41,6 @@ def artifact_scale_curve(
 ) -> list[dict[str, float]]:
     """``{s, loss, accuracy}`` on ``dataset``'s validation split of W₀ + s·τ for each scale.
     ``max_length`` is the text kind's truncation length."""
-    from mergesec.data import dataset_slug
-    from mergesec.models.hub import base_weights_file
-    from mergesec.models.state_dict import load_state_dict
 
     slug = dataset_slug(dataset["uri"])
     if slug not in art.heads:

@@ -6,8 +6,23 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from mergesec.core.protocols import TaskModel
+
+
+def wrap_with_lora(
+    module: nn.Module, *, r: int, alpha: int, dropout: float, target_modules: Any,
+    task_type: str | None = None,
+) -> nn.Module:  # fmt: skip
+    """``module`` wrapped in a peft LoRA adapter (all linear layers unless ``target_modules``)."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, task_type=task_type,
+        target_modules=target_modules or "all-linear",
+    )  # fmt: skip
+    return get_peft_model(module, cfg)
 
 
 def attach_lora(task: TaskModel, params: Mapping[str, Any]) -> None:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mergesec.models.hub import load_tokenizer, model_identity, resolve_model_path
+
 HEAD_PARTS = ("weight", "bias", "visual_projection", "logit_scale")
 
 
@@ -68,8 +70,6 @@ def load_clip(uri: str, allow_remote_code: bool = False):
     """The full ``CLIPModel`` of a base URI, float32, eval mode."""
     from transformers import AutoConfig, CLIPModel
 
-    from mergesec.models.hub import resolve_model_path
-
     path = resolve_model_path(uri)
     config = AutoConfig.from_pretrained(path, trust_remote_code=allow_remote_code)
     if not is_clip_config(config):
@@ -83,8 +83,6 @@ def load_clip(uri: str, allow_remote_code: bool = False):
 def load_image_processor(uri: str):
     """The base's image processor (``preprocessor_config.json``; a CLIPImageProcessor)."""
     from transformers import AutoImageProcessor
-
-    from mergesec.models.hub import resolve_model_path
 
     return AutoImageProcessor.from_pretrained(resolve_model_path(uri))
 
@@ -134,7 +132,6 @@ def zero_shot_head(
 ) -> ZeroShotHead:
     """The zero-shot head of ``class_names`` under ``templates`` for the CLIP base ``uri`` (cached
     per process by base identity, names and templates)."""
-    from mergesec.models.hub import model_identity
 
     return _zero_shot_head(
         uri, model_identity(uri), tuple(class_names), tuple(templates), device, allow_remote_code
@@ -150,7 +147,6 @@ def _zero_shot_head(
     device: str,
     allow_remote_code: bool,
 ) -> ZeroShotHead:
-    from mergesec.models.hub import load_tokenizer
 
     clip = load_clip(uri, allow_remote_code)
     tokenizer = load_tokenizer(uri, allow_remote_code)

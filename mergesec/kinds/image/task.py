@@ -14,9 +14,10 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from mergesec.data.images import ImageSet, ImageSplits, load_image_splits
+from mergesec.kinds.common import BackboneAndHead, load_backbone_weights
 from mergesec.kinds.image.clip import (
     ImageClassifier,
     ZeroShotHead,
@@ -25,6 +26,7 @@ from mergesec.kinds.image.clip import (
 )
 from mergesec.models.artifact import HeadInfo, ModelArtifact
 from mergesec.models.functional import forward_with
+from mergesec.models.hub import load_backbone
 from mergesec.training.batch import Batch, chunks, shuffled
 from mergesec.training.precision import Precision, choose_precision, data_workers
 from mergesec.training.sampling import fixed_subset
@@ -44,10 +46,9 @@ class _Collate:
         return {"pixel_values": pix.float(), "labels": labels}
 
 
-class ImageTask:
+class ImageTask(BackboneAndHead):
     """A CLIP image classifier with its processor, device and precision (a ``loop.Trainable``)."""
 
-    backbone_prefix = "backbone."
     eval_batch_size: int | None = None  # validation during training: the training batch size
 
     def __init__(
@@ -125,9 +126,6 @@ class ImageTask:
         return self.score_batches(self.batches(split, batch_size))
 
     # ---- heads and weights -------------------------------------------------------------------
-    def backbone(self) -> nn.Module:
-        return self.model.backbone
-
     def use(self, data: ImageSplits, heads: Mapping[str, Tensor] | None, slug: str) -> None:
         """Classify into ``slug``'s classes with its stored zero-shot head (None: keep the head)."""
         if heads is not None:
@@ -141,25 +139,6 @@ class ImageTask:
     @staticmethod
     def head_info(data: ImageSplits) -> HeadInfo:
         return HeadInfo(dataset=data.name, labels=list(data.label_names))
-
-    def attach_lora(self, *, r: int, alpha: int, dropout: float, target_modules: Any) -> nn.Module:
-        """Wrap the vision tower in a peft LoRA adapter; returns the peft model."""
-        from peft import LoraConfig, get_peft_model
-
-        cfg = LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=dropout,
-            target_modules=target_modules or "all-linear",
-        )  # fmt: skip
-        self.model.backbone = get_peft_model(self.model.backbone, cfg)
-        return self.model.backbone
-
-    def release_state(self) -> dict[str, Tensor]:
-        """The backbone's weights in base key names (a LoRA adapter materialised as W₀ + (α/r)·BA)."""
-        bb = self.model.backbone
-        if hasattr(bb, "merge_and_unload"):
-            bb = bb.merge_and_unload()
-            self.model.backbone = bb
-        return {k: v.detach().cpu().contiguous() for k, v in bb.state_dict().items()}
 
 
 class ImageKind:
@@ -185,7 +164,6 @@ class ImageKind:
     ) -> ImageTask:  # fmt: skip
         """The base's vision tower with ``data``'s zero-shot head (frozen: ``seed`` draws nothing
         here but is set, as for every kind, before the model is built)."""
-        from mergesec.models.hub import load_backbone
 
         torch.manual_seed(seed)
         head = zero_shot_head(
@@ -199,7 +177,6 @@ class ImageKind:
         self, art: ModelArtifact, *, device: str = "cpu", allow_remote_code: bool = False
     ) -> ImageTask:
         """The artifact's vision tower on the base architecture (heads are set with ``use``)."""
-        from mergesec.models.hub import load_backbone
 
         backbone = load_backbone(art.base, allow_remote_code)
         load_backbone_weights(backbone, art)
@@ -210,13 +187,4 @@ class ImageKind:
         head = ZeroShotHead.from_tensors(heads, slug)
         return ImageTask(
             ImageClassifier(backbone, head), load_image_processor(art.base), device=device
-        )
-
-
-def load_backbone_weights(backbone: nn.Module, art: ModelArtifact) -> None:
-    """Copy an artifact's backbone into ``backbone``; refuse weights of another architecture."""
-    _, unexpected = backbone.load_state_dict(art.backbone_state(), strict=False)
-    if unexpected:
-        raise ValueError(
-            f"{art.path}: weights do not fit the base model (unexpected key {unexpected[0]!r})"
         )

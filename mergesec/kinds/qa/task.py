@@ -24,11 +24,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergesec.data.qa import QAExample, QASplits, load_qa_splits
+from mergesec.kinds.common import load_backbone_weights, state_on_cpu
 from mergesec.kinds.qa.answers import exact_match
 from mergesec.kinds.qa.generate import greedy_generate
 from mergesec.models.artifact import HeadInfo, ModelArtifact
 from mergesec.models.functional import forward_with
+from mergesec.models.hub import load_tokenizer, resolve_model_path
 from mergesec.training.batch import Batch, chunks, shuffled
+from mergesec.training.lora import wrap_with_lora
 from mergesec.training.precision import Precision, choose_precision
 from mergesec.training.sampling import fixed_subset
 
@@ -249,20 +252,17 @@ class QATask:
 
     def attach_lora(self, *, r: int, alpha: int, dropout: float, target_modules: Any) -> nn.Module:
         """Wrap the LM in a peft LoRA adapter (all linear layers but the LM head by default)."""
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        cfg = LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=dropout, task_type=TaskType.CAUSAL_LM,
-            target_modules=target_modules or "all-linear",
+        self.model.lm = wrap_with_lora(
+            self.model.lm, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules,
+            task_type="CAUSAL_LM",
         )  # fmt: skip
-        self.model.lm = get_peft_model(self.model.lm, cfg)
         return self.model.lm
 
     def release_state(self) -> dict[str, Tensor]:
         """The backbone's weights in base key names (a LoRA adapter materialised first)."""
         if hasattr(self.model.lm, "merge_and_unload"):
             self.model.lm = self.model.lm.merge_and_unload()
-        return {k: v.detach().cpu().contiguous() for k, v in self.backbone().state_dict().items()}
+        return state_on_cpu(self.backbone())
 
 
 def freeze_untied_head(lm: nn.Module) -> None:
@@ -275,8 +275,6 @@ def freeze_untied_head(lm: nn.Module) -> None:
 def load_causal_lm(uri: str, allow_remote_code: bool = False) -> nn.Module:
     """The base's ``AutoModelForCausalLM`` in float32."""
     from transformers import AutoModelForCausalLM
-
-    from mergesec.models.hub import resolve_model_path
 
     lm = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(uri), dtype=torch.float32, trust_remote_code=allow_remote_code
@@ -301,7 +299,6 @@ class QAKind:
         return load_qa_splits(ref["uri"], columns=ref.get("columns"))
 
     def _task(self, lm: nn.Module, uri: str, device: str, allow_remote_code: bool) -> QATask:
-        from mergesec.models.hub import load_tokenizer
 
         return QATask(lm, load_tokenizer(uri, allow_remote_code), device=device)
 
@@ -318,9 +315,5 @@ class QAKind:
         self, art: ModelArtifact, *, device: str = "cpu", allow_remote_code: bool = False
     ) -> QATask:
         lm = load_causal_lm(art.base, allow_remote_code)
-        _, unexpected = lm.base_model.load_state_dict(art.backbone_state(), strict=False)
-        if unexpected:
-            raise ValueError(
-                f"{art.path}: weights do not fit the base model (unexpected key {unexpected[0]!r})"
-            )
+        load_backbone_weights(lm.base_model, art)
         return self._task(lm, art.base, device, allow_remote_code)
