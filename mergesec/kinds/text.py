@@ -9,12 +9,11 @@ encoder's ``AutoModel`` state dict, and a head is ``<slug>.weight``/``<slug>.bia
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mergesec.data import load_dataset_splits, poison_examples
@@ -115,30 +114,6 @@ class TextTask(BackboneAndHead):
         with self.precision.autocast():
             out = forward_with(self.model, overrides, input_ids=ids, attention_mask=mask)
         return out.float()
-
-    def loss(self, batch: Batch, overrides: Mapping[str, Tensor] | None = None) -> Tensor:
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        return F.cross_entropy(self.logits(batch, overrides), labels)
-
-    @torch.no_grad()
-    def score_batches(
-        self, batches: Iterable[Batch], overrides: Mapping[str, Tensor] | None = None
-    ) -> tuple[float, float]:
-        """(mean cross-entropy, accuracy) over ``batches``."""
-        was = self.model.training
-        self.model.eval()
-        total, correct, n = 0.0, 0, 0
-        for b in batches:
-            logits = self.logits(b, overrides)
-            labels = b["labels"].to(self.device)
-            total += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
-            n += len(labels)
-        self.model.train(was)
-        return total / max(n, 1), correct / max(n, 1)
-
-    def score(self, split: Sequence[Example], *, batch_size: int = 64) -> tuple[float, float]:
-        return self.score_batches(self.prepare(split, batch_size))
 
     # ---- heads and weights --------------------------------------------------------------------
     def use(

@@ -9,11 +9,10 @@ The backbone is the ``CLIPVisionModel`` whose state dict is the base's canonical
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mergesec.data.images import ImageSet, ImageSplits, load_image_splits
@@ -100,30 +99,6 @@ class ImageTask(BackboneAndHead):
         with self.precision.autocast():
             out = forward_with(self.model, overrides, pixel_values=pix)
         return out.float()
-
-    def loss(self, batch: Batch, overrides: dict[str, Tensor] | None = None) -> Tensor:
-        labels = batch["labels"].to(self.device, non_blocking=True)
-        return F.cross_entropy(self.logits(batch, overrides), labels)
-
-    @torch.no_grad()
-    def score_batches(
-        self, batches: Sequence[Batch] | Iterator[Batch], overrides: dict[str, Tensor] | None = None
-    ) -> tuple[float, float]:
-        """(mean cross-entropy, top-1 accuracy) over ``batches``."""
-        was = self.model.training
-        self.model.eval()
-        total, correct, n = 0.0, 0, 0
-        for b in batches:
-            logits = self.logits(b, overrides)
-            labels = b["labels"].to(self.device)
-            total += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
-            n += len(labels)
-        self.model.train(was)
-        return total / max(n, 1), correct / max(n, 1)
-
-    def score(self, split: ImageSet, *, batch_size: int = 64) -> tuple[float, float]:
-        return self.score_batches(self.batches(split, batch_size))
 
     # ---- heads and weights -------------------------------------------------------------------
     def use(self, data: ImageSplits, heads: Mapping[str, Tensor] | None, slug: str) -> None:
