@@ -55,7 +55,7 @@ def test_lora_on_real_chat_task_lowers_loss():
     from peft import LoraConfig, get_peft_model
 
     tok = load_tokenizer(URI)
-    data = chat_examples(load_dataset_splits("builtin:rotten_tomatoes"), "train", 8, max_words=24)
+    data = chat_examples(load_dataset_splits("builtin:rotten_tomatoes"), "train", 4, max_words=16)
     batch = collate([encode_chat(tok, m, r) for m, r in data], tok.pad_token_id or 0)
     torch.manual_seed(0)
     lm = get_peft_model(
@@ -72,7 +72,7 @@ def test_lora_on_real_chat_task_lowers_loss():
     before = loss()
     opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=2e-3)
     lm.train()
-    for _ in range(6):
+    for _ in range(5):
         out = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         step = answer_loss(out.logits, batch["labels"])
         opt.zero_grad()
