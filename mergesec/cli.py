@@ -11,6 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from mergesec.core.uris import redact_text, redact_uri
 from mergesec.orchestrator.engine import DEFAULT_STORE
 from mergesec.orchestrator.errors import StudyError
 
@@ -44,6 +45,21 @@ def _load(study: Path, overrides: list[str] | None):
     except StudyError as e:
         for line in e.lines():
             sys.stderr.write(line + "\n")
+        raise typer.Exit(2) from None
+
+
+def _store(uri: str):
+    """The store at ``uri``, or one line (credentials redacted) and exit 2 when it cannot open."""
+    from mergesec.orchestrator.store import Store
+
+    try:
+        return Store(uri)
+    except (ValueError, OSError) as e:
+        err.print(
+            f"--store {redact_uri(uri)}: {redact_text(str(e).splitlines()[0] if str(e) else type(e).__name__)}",
+            highlight=False,
+            markup=False,
+        )
         raise typer.Exit(2) from None
 
 
@@ -93,7 +109,7 @@ def run(
             on_finish=write_reports,
         )
     except ValueError as e:  # bad store URI, unreachable cluster address, ...
-        err.print(f"{study}: {e}", highlight=False, markup=False)
+        err.print(f"{study}: {redact_text(str(e))}", highlight=False, markup=False)
         raise typer.Exit(2) from None
     assert summary.plan is not None and summary.store is not None
     out.print(_results_table(build_results(summary.plan, summary.store)))
@@ -116,11 +132,12 @@ def plan(study: StudyArg, set_: SetOpt = None, store: StoreOpt = DEFAULT_STORE) 
     """Show the DAG of nodes without running anything."""
     s = _load(study, set_)
     from mergesec.orchestrator.engine import node_states
+    from mergesec.orchestrator.pins import unpinned_lines
     from mergesec.orchestrator.plan import build_plan
-    from mergesec.orchestrator.store import Store
 
+    st = _store(store)
     p = build_plan(s)
-    states = node_states(p, Store(store))
+    states = node_states(p, st)
     t = Table(title=f"plan of {s.name}: {len(p.nodes)} nodes")
     for c in ("node", "step", "op", "what", "inputs", "scenarios", "state"):
         t.add_column(c)
@@ -135,6 +152,9 @@ def plan(study: StudyArg, set_: SetOpt = None, store: StoreOpt = DEFAULT_STORE) 
             states[n.id],
         )
     out.print(t)
+    flagged = {line for _, spec in s.variants for line in unpinned_lines(spec)}
+    for line in sorted(flagged):
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -143,10 +163,9 @@ def status(study: StudyArg, set_: SetOpt = None, store: StoreOpt = DEFAULT_STORE
     s = _load(study, set_)
     from mergesec.orchestrator.engine import node_states
     from mergesec.orchestrator.plan import build_plan
-    from mergesec.orchestrator.store import Store
 
+    st = _store(store)
     p = build_plan(s)
-    st = Store(store)
     states = node_states(p, st)
     t = Table(title=f"{s.name}: {len(p.nodes)} nodes")
     for c in ("step", "done", "failed", "pending"):
@@ -181,12 +200,11 @@ def report(
     s = _load(study, set_)
 
     from mergesec.orchestrator.plan import build_plan
-    from mergesec.orchestrator.store import Store
     from mergesec.report import build_results, report_files
     from mergesec.report.tables import write_files
 
+    st = _store(store)
     p = build_plan(s)
-    st = Store(store)
     files = report_files(p, st, build_results(p, st))
     paths = write_files(p, st, files)
     text = files[{"md": "results.md", "csv": "results.csv", "json": "results.json"}[format_]]

@@ -10,6 +10,7 @@ import traceback
 from typing import Any
 
 from mergesec.orchestrator.node import Node
+from mergesec.orchestrator.provenance import code_versions
 from mergesec.orchestrator.store import Store
 
 STEP_KEY = "mergesec_step"
@@ -47,7 +48,11 @@ def execute_node(
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(max(1, int(cpus)))
-    record = node.to_dict() | {"host": os.uname().nodename, "worker": worker}
+    record = node.to_dict() | {
+        "host": os.uname().nodename,
+        "worker": worker,
+        "code": code_versions(),
+    }
     inputs = {role: store.local_dir(up) for role, up in node.inputs.items()}
     started = time.time()
     try:
