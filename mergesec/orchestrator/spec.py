@@ -336,6 +336,8 @@ def parse_study_text(file: str, text: str) -> dict[str, Any]:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if "another document" in problem:
+            problem = "a study is one YAML document, and another starts here"
         raise StudyError(file, [("", f"not valid YAML: {where}{problem}")]) from None
     except RecursionError:
         raise StudyError(file, [("", "not valid YAML: nested too deeply")]) from None
@@ -363,34 +365,55 @@ def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
+# Path parts pydantic adds for union members and validators (datasets.0.str, [key], ...).
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|DatasetSpec|\[key\]|[a-z-]+\[.*\])$")
+# Error kinds that only say "this union member's type did not match".
+_MISMATCH = re.compile(r"^(.*_type|literal_error|is_instance_of|model_attributes_type)$")
+
+
 def _pydantic_problems(e: ValidationError, label: dict[str, str]) -> list[tuple[str, str]]:
-    out = []
+    found: list[tuple[str, str, str]] = []  # (path, kind, message)
     for err in e.errors():
         loc = [str(x) for x in err["loc"]]
-        # Union members add their type name to the path (e.g. datasets.0.str); drop those.
-        loc = [
-            x
-            for x in loc
-            if x not in {"str", "DatasetSpec", "list[str]", "literal['all']", "[key]"}
-        ]
+        loc = [x for x in loc if not _TYPE_TAG.match(x)]
         path = ".".join(loc)
         kind = err["type"]
         if kind == "extra_forbidden":
             msg = f"unknown key {loc[-1]!r}"
-            path = ".".join(loc)
         elif kind == "missing":
             msg = "required key is missing"
         else:
             msg = err["msg"]
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
-            if (
-                "input" in err
-                and kind not in {"value_error"}
-                and not isinstance(err["input"], dict)
-            ):
-                msg = f"{msg} (got {err['input']!r})"
-        out.append((path, msg))
+        shown = kind not in {"extra_forbidden", "missing", "value_error"} and "input" in err
+        if shown and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        found.append((path, kind, msg))
+    return _one_per_union(found)
+
+
+def _one_per_union(found: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """One problem per key: a union member whose type did not match is noise when another member
+    matched and reported what is wrong inside it; when no member matched, the alternatives are
+    joined into one line ("a valid list or 'all'")."""
+    real = [(p, m) for p, k, m in found if not _MISMATCH.match(k)]
+    out: list[tuple[str, str]] = []
+    mismatches: dict[str, list[str]] = {}
+    for path, kind, msg in found:
+        if not _MISMATCH.match(kind):
+            out.append((path, msg))
+        elif not any(p == path or p.startswith(path + ".") for p, _ in real):
+            mismatches.setdefault(path, []).append(msg)
+    for path, msgs in mismatches.items():
+        if len(msgs) == 1:
+            out.append((path, msgs[0]))
+            continue
+        got = msgs[0].rsplit(" (got ", 1)[1] if " (got " in msgs[0] else ""
+        wants = [m.split(" (got ", 1)[0].removeprefix("Input should be ") for m in msgs]
+        out.append(
+            (path, "Input should be " + " or ".join(wants) + (f" (got {got}" if got else ""))
+        )
     return out
 
 
