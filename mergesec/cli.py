@@ -93,25 +93,58 @@ def run(
         int | None, typer.Option("--max-concurrent", min=1, help="most trials at once")
     ] = None,
 ) -> None:
-    """Validate, plan and run a study; resume by running the same command again."""
+    """Validate, plan and run a study; resume by running the same command again.
+
+    Exit status: 0 when every node is done, 1 when a node failed (its dependents are skipped), 2 for
+    bad input, 130 after SIGINT (Ctrl-C) and 143 after SIGTERM. An interrupted run stops its
+    trials, leaves the reports of earlier runs as they were and resumes with the same command.
+    """
     s = _load(study, set_)
     from mergesec.orchestrator.engine import run_study
+    from mergesec.orchestrator.interrupts import Interrupts
     from mergesec.report import build_results, write_reports
 
+    interrupts = Interrupts()
+
+    def finish(p, st):
+        # Results of an interrupted run are partial: the complete reports of an earlier run stay.
+        return {} if interrupts.signum is not None else write_reports(p, st)
+
+    started_ray = False
     try:
-        summary = run_study(
-            s,
-            store_uri=store,
-            address=address,
-            tracking_uri=tracking_uri,
-            max_concurrent=max_concurrent,
-            console=err,
-            on_finish=write_reports,
-        )
+        started_ray = _start_ray_for_pending(s, store, address)
+        with interrupts:
+            summary = run_study(
+                s,
+                store_uri=store,
+                address=address,
+                tracking_uri=tracking_uri,
+                max_concurrent=max_concurrent,
+                console=err,
+                on_finish=finish,
+            )
     except ValueError as e:  # bad store URI, unreachable cluster address, ...
         err.print(f"{study}: {redact_text(str(e))}", highlight=False, markup=False)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print(
+            f"interrupted by {interrupts.name}; run the same command to resume", highlight=False
+        )
+        raise typer.Exit(interrupts.exit_code) from None
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     assert summary.plan is not None and summary.store is not None
+    finished = summary.cached + summary.ran + len(summary.failed) + len(summary.skipped)
+    if interrupts.signum is not None or finished < summary.total:
+        err.print(
+            f"interrupted by {interrupts.name}: {summary.cached + summary.ran} of {summary.total} "
+            "nodes done, reports not rewritten; run the same command to resume",
+            highlight=False,
+        )
+        raise typer.Exit(interrupts.exit_code)
     out.print(_results_table(build_results(summary.plan, summary.store)))
     out.print(
         f"nodes: {summary.total} total, {summary.cached} already in the store, {summary.ran} ran, "
@@ -125,6 +158,20 @@ def run(
         for title in summary.skipped:
             err.print(f"skipped {title} (an input failed)", highlight=False, markup=False)
         raise typer.Exit(1)
+
+
+def _start_ray_for_pending(s, store_uri: str, address: str | None) -> bool:
+    """Start Ray here when the study has work, before the interrupt handlers go in: ``ray.init``
+    installs its own SIGTERM handler, which would otherwise replace ours. Returns whether it
+    started Ray (the caller shuts it down)."""
+    from mergesec.orchestrator.engine import _ray_init, node_states
+    from mergesec.orchestrator.plan import build_plan
+    from mergesec.orchestrator.store import Store
+
+    states = node_states(build_plan(s), Store(store_uri))
+    if all(state == "done" for state in states.values()):
+        return False
+    return _ray_init(address)
 
 
 @app.command()
