@@ -555,3 +555,23 @@ def test_real_command_line_sample(tmp_path, name):
     assert len(lines) == 1, p.stderr
     assert lines[0].startswith(f"{f}: {path}: ") and words.lower() in lines[0].lower(), lines[0]
     assert not (tmp_path / "st").exists()
+
+
+def test_yaml_12_floats_merge_keys_and_set_values(tmp_path):
+    from mergesec.orchestrator.errors import StudyError
+    from mergesec.orchestrator.spec import load_study
+
+    f = tmp_path / "s.yaml"
+    f.write_text(
+        GOOD.replace("finetune: {mode: full, epochs: 1}", "finetune: {mode: full, lr: 1e-3}")
+    )
+    assert load_study(f).spec.finetune.params["lr"] == 0.001, "1e-3 is a number, as in YAML 1.2"
+    assert load_study(f, ["finetune.lr=2e-4"]).spec.finetune.params["lr"] == 2e-4
+    with pytest.raises(StudyError) as e:
+        load_study(f, ["finetune.lr=[1, 2"])
+    assert e.value.problems[0][0] == "--set" and "not valid YAML" in e.value.problems[0][1]
+    with pytest.raises(StudyError) as e:
+        load_study(f, ["finetune.lr='1e-3'"])
+    assert e.value.lines() == [
+        f"{f}: finetune.lr: input should be a valid number (expected float > 0, got '1e-3')"
+    ]

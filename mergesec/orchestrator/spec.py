@@ -18,6 +18,7 @@ from mergesec import kinds
 from mergesec.core.bounds import FiniteFloat
 from mergesec.orchestrator.errors import StudyError
 from mergesec.orchestrator.grid import apply_overrides, expand_grid, grid_paths
+from mergesec.orchestrator.yaml_load import load_yaml
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 STEP_NAMES = ("finetune", "protect", "attack", "merge", "evaluate", "monitor")
@@ -286,35 +287,6 @@ def read_study_text(path: str | Path) -> str:
     return text
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses a key given twice in one mapping (YAML would keep the last)."""
-
-
-def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep=False):
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        if (
-            key_node.tag == "tag:yaml.org,2002:merge"
-        ):  # `<<: *anchor`: merged keys may be overridden
-            continue
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            duplicate = key in seen
-        except TypeError:  # an unhashable key (a list): construct_mapping reports it
-            continue
-        if duplicate:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice", key_node.start_mark
-            )
-        seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
-)
-
-
 def _expanded_size(value: Any, limit: int) -> int:
     """How many values ``value`` holds once YAML aliases are expanded, counting up to ``limit``."""
     count, stack = 0, [value]
@@ -331,7 +303,7 @@ def _expanded_size(value: Any, limit: int) -> int:
 def parse_study_text(file: str, text: str) -> dict[str, Any]:
     """The YAML mapping in ``text``, or a ``StudyError`` with the line and column of the problem."""
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        raw = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
