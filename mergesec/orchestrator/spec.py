@@ -84,6 +84,7 @@ class PoisonSpec(_Strict):
     trigger: str = Field(min_length=1)
     target: int = Field(default=0, ge=0)
     rate: float = Field(default=0.1, gt=0, le=1, allow_inf_nan=False)
+    position: Literal["start", "end", "random"] = "random"
 
     @field_validator("trigger")
     @classmethod
@@ -91,8 +92,6 @@ class PoisonSpec(_Strict):
         if not v.strip():
             raise ValueError("a trigger must contain something besides spaces")
         return v
-
-    position: Literal["start", "end", "random"] = "random"
 
 
 class ScenarioSpec(_Strict):
