@@ -71,3 +71,18 @@ def test_bad_store_uri_is_one_line_without_the_secret(tmp_path):
         assert "TOPSECRET" not in r.output and "Traceback" not in r.output
         lines = [x for x in r.output.splitlines() if x.strip()]
         assert len(lines) == 1 and lines[0].startswith("--store s3://REDACTED@bucket/x"), lines
+
+
+def test_trials_open_the_full_uri_their_config_only_shows_redacted():
+    from mergesec.core.uris import STORE_URI_ENV, trial_store_uri
+
+    full = "s3://AK:SK@bucket/store?endpoint_override=127.0.0.1:9000"
+    shown = redact_uri(full)
+    assert "SK" not in shown
+    assert trial_store_uri(shown, {STORE_URI_ENV: full}) == full
+    assert trial_store_uri(shown, {}) == shown
+    # a config naming another store is never swapped for the environment's
+    assert trial_store_uri("/other/store", {STORE_URI_ENV: full}) == "/other/store"
+    assert trial_store_uri("s3://REDACTED@elsewhere/x", {STORE_URI_ENV: full}) == (
+        "s3://REDACTED@elsewhere/x"
+    )

@@ -9,7 +9,9 @@ directory for one store, whoever's keys reach it).
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 REDACTED = "REDACTED"
@@ -86,3 +88,17 @@ def redact_text(text: str) -> str:
 def has_credentials(uri: str) -> bool:
     """Whether ``uri`` carries userinfo or a secret query parameter."""
     return redact_uri(uri) != uri
+
+
+# The full store URI, credentials included, for Ray workers: set in the job's runtime_env, which
+# Tune does not write into trial files, while trial configs carry only the redacted URI.
+STORE_URI_ENV = "MERGESEC_STORE_URI"
+
+
+def trial_store_uri(shown: str, env: Mapping[str, str] | None = None) -> str:
+    """The store URI a trial opens: ``shown`` (its config's), or the full URI in
+    ``$MERGESEC_STORE_URI`` when ``shown`` is that URI redacted."""
+    full = (os.environ if env is None else env).get(STORE_URI_ENV)
+    if full and full != shown and redact_uri(full) == shown:
+        return full
+    return shown

@@ -83,7 +83,9 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     node = Node.from_dict(config["node"])
-    store = Store(config["store"])
+    from mergesec.core.uris import trial_store_uri
+
+    store = Store(trial_store_uri(config["store"]))
     gpus = float(len(ray.get_gpu_ids())) if ray.is_initialized() else 0.0
     worker = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
