@@ -9,6 +9,7 @@ import time
 import traceback
 from typing import Any
 
+from mergesec.core.uris import trial_store_uri
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.provenance import code_versions
 from mergesec.orchestrator.store import Store
@@ -83,8 +84,6 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     node = Node.from_dict(config["node"])
-    from mergesec.core.uris import trial_store_uri
-
     store = Store(trial_store_uri(config["store"]))
     gpus = float(len(ray.get_gpu_ids())) if ray.is_initialized() else 0.0
     worker = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
