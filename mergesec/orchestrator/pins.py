@@ -88,6 +88,8 @@ def unpinned_lines(spec: StudySpec, resolve: bool = True) -> list[str]:
     lines = []
     for ref in unpinned_refs(spec):
         commit = resolve_commit(ref) if resolve else None
+        # One unanswered question is enough: an unreachable hub would time out on every ref.
+        resolve = resolve and commit is not None
         fix = (
             f"pin it as {pin_uri(ref.uri, commit)}"
             if commit
