@@ -7,6 +7,7 @@ reference, with the commit to pin it to when the hub can be reached.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -52,6 +53,7 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in {"0", "", "false", "no"}
 
 
+@functools.lru_cache(maxsize=256)
 def resolve_commit(ref: Unpinned) -> str | None:
     """The commit the hub serves for ``ref`` now, or None when the hub cannot be reached (or
     ``HF_HUB_OFFLINE`` is set) or does not know the repository."""
