@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +12,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from mergesec.core.uris import redact_text, redact_uri
+from mergesec.core.uris import STORE_URI_ENV, has_credentials, redact_text, redact_uri
 from mergesec.orchestrator.engine import DEFAULT_STORE
 from mergesec.orchestrator.errors import StudyError
 
@@ -168,9 +169,13 @@ def _start_ray_for_pending(s, store_uri: str, address: str | None) -> bool:
     from mergesec.orchestrator.plan import build_plan
     from mergesec.orchestrator.store import Store
 
-    states = node_states(build_plan(s), Store(store_uri))
+    st = Store(store_uri)
+    states = node_states(build_plan(s), st)
     if all(state == "done" for state in states.values()):
         return False
+    if has_credentials(st.uri):
+        # Workers read the full URI from their environment; trial configs carry it redacted.
+        os.environ[STORE_URI_ENV] = st.uri
     return _ray_init(address)
 
 
