@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +12,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from mergesec.core.uris import STORE_URI_ENV, has_credentials, redact_text, redact_uri
 from mergesec.orchestrator.engine import DEFAULT_STORE
 from mergesec.orchestrator.errors import StudyError
 
@@ -47,6 +49,21 @@ def _load(study: Path, overrides: list[str] | None):
         raise typer.Exit(2) from None
 
 
+def _store(uri: str):
+    """The store at ``uri``, or one line (credentials redacted) and exit 2 when it cannot open."""
+    from mergesec.orchestrator.store import Store
+
+    try:
+        return Store(uri)
+    except (ValueError, OSError) as e:
+        err.print(
+            f"--store {redact_uri(uri)}: {redact_text(str(e).splitlines()[0] if str(e) else type(e).__name__)}",
+            highlight=False,
+            markup=False,
+        )
+        raise typer.Exit(2) from None
+
+
 def _results_table(rows: list[dict]) -> Table:
     from mergesec.report.results import COLUMNS, ROW_COLUMNS
     from mergesec.report.tables import fmt_cell
@@ -77,25 +94,58 @@ def run(
         int | None, typer.Option("--max-concurrent", min=1, help="most trials at once")
     ] = None,
 ) -> None:
-    """Validate, plan and run a study; resume by running the same command again."""
+    """Validate, plan and run a study; resume by running the same command again.
+
+    Exit status: 0 when every node is done, 1 when a node failed (its dependents are skipped), 2 for
+    bad input, 130 after SIGINT (Ctrl-C) and 143 after SIGTERM. An interrupted run stops its
+    trials, leaves the reports of earlier runs as they were and resumes with the same command.
+    """
     s = _load(study, set_)
     from mergesec.orchestrator.engine import run_study
+    from mergesec.orchestrator.interrupts import Interrupts
     from mergesec.report import build_results, write_reports
 
+    interrupts = Interrupts()
+
+    def finish(p, st):
+        # Results of an interrupted run are partial: the complete reports of an earlier run stay.
+        return {} if interrupts.signum is not None else write_reports(p, st)
+
+    started_ray = False
     try:
-        summary = run_study(
-            s,
-            store_uri=store,
-            address=address,
-            tracking_uri=tracking_uri,
-            max_concurrent=max_concurrent,
-            console=err,
-            on_finish=write_reports,
-        )
+        started_ray = _start_ray_for_pending(s, store, address)
+        with interrupts:
+            summary = run_study(
+                s,
+                store_uri=store,
+                address=address,
+                tracking_uri=tracking_uri,
+                max_concurrent=max_concurrent,
+                console=err,
+                on_finish=finish,
+            )
     except ValueError as e:  # bad store URI, unreachable cluster address, ...
-        err.print(f"{study}: {e}", highlight=False, markup=False)
+        err.print(f"{study}: {redact_text(str(e))}", highlight=False, markup=False)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        err.print(
+            f"interrupted by {interrupts.name}; run the same command to resume", highlight=False
+        )
+        raise typer.Exit(interrupts.exit_code) from None
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     assert summary.plan is not None and summary.store is not None
+    finished = summary.cached + summary.ran + len(summary.failed) + len(summary.skipped)
+    if interrupts.signum is not None or finished < summary.total:
+        err.print(
+            f"interrupted by {interrupts.name}: {summary.cached + summary.ran} of {summary.total} "
+            "nodes done, reports not rewritten; run the same command to resume",
+            highlight=False,
+        )
+        raise typer.Exit(interrupts.exit_code)
     out.print(_results_table(build_results(summary.plan, summary.store)))
     out.print(
         f"nodes: {summary.total} total, {summary.cached} already in the store, {summary.ran} ran, "
@@ -111,16 +161,35 @@ def run(
         raise typer.Exit(1)
 
 
+def _start_ray_for_pending(s, store_uri: str, address: str | None) -> bool:
+    """Start Ray here when the study has work, before the interrupt handlers go in: ``ray.init``
+    installs its own SIGTERM handler, which would otherwise replace ours. Returns whether it
+    started Ray (the caller shuts it down)."""
+    from mergesec.orchestrator.engine import _ray_init, node_states
+    from mergesec.orchestrator.plan import build_plan
+    from mergesec.orchestrator.store import Store
+
+    st = Store(store_uri)
+    states = node_states(build_plan(s), st)
+    if all(state == "done" for state in states.values()):
+        return False
+    if has_credentials(st.uri):
+        # Workers read the full URI from their environment; trial configs carry it redacted.
+        os.environ[STORE_URI_ENV] = st.uri
+    return _ray_init(address)
+
+
 @app.command()
 def plan(study: StudyArg, set_: SetOpt = None, store: StoreOpt = DEFAULT_STORE) -> None:
     """Show the DAG of nodes without running anything."""
     s = _load(study, set_)
     from mergesec.orchestrator.engine import node_states
+    from mergesec.orchestrator.pins import unpinned_lines
     from mergesec.orchestrator.plan import build_plan
-    from mergesec.orchestrator.store import Store
 
+    st = _store(store)
     p = build_plan(s)
-    states = node_states(p, Store(store))
+    states = node_states(p, st)
     t = Table(title=f"plan of {s.name}: {len(p.nodes)} nodes")
     for c in ("node", "step", "op", "what", "inputs", "scenarios", "state"):
         t.add_column(c)
@@ -135,6 +204,9 @@ def plan(study: StudyArg, set_: SetOpt = None, store: StoreOpt = DEFAULT_STORE) 
             states[n.id],
         )
     out.print(t)
+    flagged = {line for _, spec in s.variants for line in unpinned_lines(spec)}
+    for line in sorted(flagged):
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -143,10 +215,9 @@ def status(study: StudyArg, set_: SetOpt = None, store: StoreOpt = DEFAULT_STORE
     s = _load(study, set_)
     from mergesec.orchestrator.engine import node_states
     from mergesec.orchestrator.plan import build_plan
-    from mergesec.orchestrator.store import Store
 
+    st = _store(store)
     p = build_plan(s)
-    st = Store(store)
     states = node_states(p, st)
     t = Table(title=f"{s.name}: {len(p.nodes)} nodes")
     for c in ("step", "done", "failed", "pending"):
@@ -181,12 +252,11 @@ def report(
     s = _load(study, set_)
 
     from mergesec.orchestrator.plan import build_plan
-    from mergesec.orchestrator.store import Store
     from mergesec.report import build_results, report_files
     from mergesec.report.tables import write_files
 
+    st = _store(store)
     p = build_plan(s)
-    st = Store(store)
     files = report_files(p, st, build_results(p, st))
     paths = write_files(p, st, files)
     text = files[{"md": "results.md", "csv": "results.csv", "json": "results.json"}[format_]]

@@ -9,6 +9,7 @@ on ties). Works for every task kind through ``TaskModel``.
 
 from __future__ import annotations
 
+from mergesec.core.bounds import PositiveFloat, PositiveInt, Seed, TokenLength
 from mergesec.core.context import ReportFn
 from mergesec.core.protocols import Splits, TaskModel
 from mergesec.training.loop import FitConfig, fit
@@ -23,12 +24,12 @@ def finetune_after_merge(
     device: str = "cpu",
     report: ReportFn | None = None,
     *,
-    n: int = 64,
-    epochs: int = 5,
-    lr: float = 5e-5,
-    batch_size: int = 16,
-    max_length: int = 64,
-    seed: int = 0,
+    n: PositiveInt = 64,
+    epochs: PositiveInt = 5,
+    lr: PositiveFloat = 5e-5,
+    batch_size: PositiveInt = 16,
+    max_length: TokenLength = 64,
+    seed: Seed = 0,
 ) -> dict[str, float]:
     """Fine-tune ``task`` (merged backbone + victim head) in place on ``n`` labelled examples of
     the victim's train split; AdamW with linear warm-up/decay, gradient clipping at 1.0.

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
+from pydantic import Field
 from torch import Tensor
+
+from mergesec.core.bounds import FiniteFloat, PositiveInt
 
 DEFAULT_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -65,8 +69,8 @@ def attack_rescale(
     base: Mapping[str, Tensor],
     release: Mapping[str, Tensor],
     *,
-    scales: list[float] = list(DEFAULT_SCALES),  # noqa: B006 (never mutated)
-    n_val: int = 64,
+    scales: Annotated[list[FiniteFloat], Field(min_length=1)] = list(DEFAULT_SCALES),  # noqa: B006 (never mutated)
+    n_val: PositiveInt = 64,
 ) -> MergeStageCandidates:
     """Candidates W₀ + s·τ_v for each s in ``scales``, scored on ``n_val`` labelled victim examples.
 

@@ -38,8 +38,9 @@ class OpParam:
     required: bool
 
     def type_name(self) -> str:
-        a = self.annotation
-        return getattr(a, "__name__", None) or str(a).replace("typing.", "")
+        from mergesec.core.bounds import describe
+
+        return describe(self.annotation)
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,28 @@ def register_op(
     traits: tuple[str, ...] = (),
     fn: Callable[..., Any] | None = None,
     executor: Callable[..., Any] | None = None,
+    replace: bool = False,
 ):
-    """Register ``fn`` as ``step/name``; usable as a decorator or called with ``fn=``."""
+    """Register ``fn`` as ``step/name``; usable as a decorator or called with ``fn=``.
+
+    Registering a ``step/name`` that another function already holds raises ``ValueError`` unless
+    ``replace=True``: a plugin must not silently change what a built-in op computes under the
+    same node ids. Registering the same function again (a module imported twice) is allowed.
+    """
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; known: {', '.join(STEPS)}")
 
     def deco(f: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(f)
+        existing = _REGISTRY.get((step, name))
+        if existing is not None and not replace and _origin(existing.fn) != _origin(f):
+            raise ValueError(
+                f"op {step}/{name} is already registered by {_origin(existing.fn)}; "
+                "pass replace=True to replace it"
+            )
         try:
-            hints = get_type_hints(f)
+            # include_extras keeps Annotated bounds (e.g. Field(gt=0)) for validation.
+            hints = get_type_hints(f, include_extras=True)
         except Exception:  # unresolved forward refs: fall back to raw annotations
             hints = {}
         params = tuple(
@@ -114,6 +128,10 @@ def register_op(
         return f
 
     return deco(fn) if fn is not None else deco
+
+
+def _origin(f: Callable[..., Any]) -> str:
+    return f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
 
 
 def _ensure_loaded() -> None:
@@ -182,14 +200,31 @@ def validate_params(op: Op, params: dict[str, Any], path: str = "") -> dict[str,
             out[p.name] = {"search": [_coerce(p, c, _join(path, p.name, "search")) for c in cands]}
         else:
             out[p.name] = _coerce(p, value, _join(path, p.name))
+    _check_ranges(out, path)
     return out
+
+
+def _check_ranges(params: dict[str, Any], path: str) -> None:
+    """Parameters named ``<x>_min`` and ``<x>_max`` bound a range: the minimum may not exceed
+    the maximum (checked when both are plain numbers, not searches)."""
+    for lo_name, lo in params.items():
+        if not lo_name.endswith("_min"):
+            continue
+        hi_name = lo_name[: -len("_min")] + "_max"
+        hi = params.get(hi_name)
+        numbers = (int, float)
+        if isinstance(lo, numbers) and isinstance(hi, numbers) and lo > hi:
+            raise OpError(
+                f"{lo_name} ({lo}) must not exceed {hi_name} ({hi})", _join(path, lo_name)
+            )
 
 
 def _coerce(p: OpParam, value: Any, path: str) -> Any:
     if p.annotation is Any:
         return value
     try:
-        return TypeAdapter(p.annotation).validate_python(value, strict=False)
+        # Strict: YAML already gives typed values, so "3" for an int or 1 for a bool is a mistake.
+        return TypeAdapter(p.annotation).validate_python(value, strict=True)
     except ValidationError as e:
         msg = e.errors()[0]["msg"]
         raise OpError(f"{msg.lower()} (expected {p.type_name()}, got {value!r})", path) from None

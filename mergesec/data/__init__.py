@@ -38,6 +38,7 @@ __all__ = [
     "check_dataset_uri",
     "dataset_slug",
     "load_dataset_splits",
+    "local_dataset_path",
     "poison_examples",
     "split_uri",
     "text_builtin_names",
@@ -129,6 +130,17 @@ def load_dataset_splits(
     if path.is_dir():
         return load_hf(HfRef(path=path), name=uri, columns=columns, seed=seed)
     return load_file(path, name=uri, columns=columns, seed=seed)
+
+
+def local_dataset_path(uri: str) -> Path | None:
+    """The local file or directory a dataset URI names (a path, or ``hf:`` + a path), else None."""
+    uri = uri.strip()
+    scheme, rest = split_uri(uri)
+    if scheme == "hf" and is_path_like(rest):
+        return Path(rest).expanduser()
+    if scheme:
+        return None
+    return Path(uri).expanduser()
 
 
 def dataset_slug(uri: str) -> str:

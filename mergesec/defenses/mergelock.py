@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
+from mergesec.core.bounds import PositiveFloat, Seed
 from mergesec.defenses import transforms as T
 from mergesec.models.layout import TransformerLayout
 from mergesec.models.state_dict import StateDict
@@ -30,9 +31,9 @@ def protect_mergelock(
     base: Mapping[str, torch.Tensor],
     layout: TransformerLayout,
     *,
-    seed: int = 0,
-    scale_min: float = 0.1,
-    scale_max: float = 15.0,
+    seed: Seed = 0,
+    scale_min: PositiveFloat = 0.1,
+    scale_max: PositiveFloat = 15.0,
 ) -> StateDict:
     """Release ``expert`` protected by MergeLock; returns a new state dict with the same function.
 

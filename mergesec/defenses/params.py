@@ -7,11 +7,13 @@ is huge and unaligned with other experts', so merging it ruins the merge.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from mergesec.core.bounds import NonNegativeFloat, PositiveFloat, Seed
 from mergesec.defenses import transforms as T
 from mergesec.models.layout import MLP_PARTS, TransformerLayout
 from mergesec.models.state_dict import StateDict
@@ -84,14 +86,14 @@ def protect_params(
     base: Mapping[str, torch.Tensor],
     layout: TransformerLayout,
     *,
-    seed: int = 0,
+    seed: Seed = 0,
     permute_mlp: bool = True,
-    scaling: str = "diagonal",
-    scale_min: float | None = None,
-    scale_max: float | None = None,
+    scaling: Literal["diagonal", "nonsymmetric", "none"] = "diagonal",
+    scale_min: PositiveFloat | None = None,
+    scale_max: PositiveFloat | None = None,
     permute_heads: bool = False,
-    epsilon: float = 1e-3,
-    max_condition: float | None = 4.0,
+    epsilon: NonNegativeFloat = 1e-3,
+    max_condition: PositiveFloat | None = 4.0,
 ) -> StateDict:
     """Release ``expert`` protected by PaRaMS; returns a new state dict computing the same function.
 

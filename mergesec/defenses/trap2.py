@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from mergesec.core.bounds import NonNegativeFloat, PositiveFloat, Seed
 from mergesec.core.context import ReportFn
 from mergesec.core.protocols import Splits, TaskModel
 from mergesec.core.registry import register_op
@@ -366,13 +367,13 @@ def protect_trap2(
     device: str = "cpu",
     report: ReportFn | None = None,
     *,
-    lam: float = 0.005,
-    s_min: float = 0.05,
-    s_max: float = 2.0,
-    delta: float = 0.05,
+    lam: NonNegativeFloat = 0.005,
+    s_min: PositiveFloat = 0.05,
+    s_max: PositiveFloat = 2.0,
+    delta: NonNegativeFloat = 0.05,
     weight: Literal["inv", "inv_sqrt", "none"] = "inv",
-    clip_norm: float = 1.0,
-    seed: int = 0,
+    clip_norm: PositiveFloat = 1.0,
+    seed: Seed = 0,
 ) -> dict[str, float]:
     """Trap² (Jang et al., ICML 2026): fine-tune from the base so the update breaks when rescaled.
 

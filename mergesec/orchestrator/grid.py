@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from mergesec.orchestrator.yaml_load import load_yaml
+
 
 def is_grid(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {"grid"}
@@ -66,5 +68,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             if not isinstance(d.get(p), dict):
                 d[p] = {}
             d = d[p]
-        d[parts[-1]] = yaml.safe_load(text)
+        try:
+            d[parts[-1]] = load_yaml(text)
+        except yaml.YAMLError as e:
+            raise ValueError(
+                f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})"
+            ) from None
     return out

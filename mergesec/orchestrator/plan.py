@@ -21,9 +21,7 @@ clean expert train it once and the unprotected merge is computed once for every 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mergesec.orchestrator.node import Node
@@ -83,22 +81,20 @@ class Plan:
         return out
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def dataset_ref(d: DatasetSpec) -> dict[str, Any]:
-    """What identifies a dataset in node params: its URI, column mapping and, for files, a hash."""
+    """What identifies a dataset in node params: its URI, column mapping and, for local files and
+    directories, a hash of their content (so an edited dataset recomputes what depends on it)."""
+    from mergesec.core.content_hash import file_sha256, tree_sha256
+    from mergesec.data import local_dataset_path
+
     ref: dict[str, Any] = {"uri": d.uri}
     if d.columns:
         ref["columns"] = dict(d.columns)
-    p = Path(d.uri)
-    if not d.uri.startswith(("builtin:", "hf:")) and p.is_file():
-        ref["sha256"] = _file_hash(p)
+    p = local_dataset_path(d.uri)
+    if p is not None and p.is_file():
+        ref["sha256"] = file_sha256(p)[:16]
+    elif p is not None and p.is_dir():
+        ref["sha256"] = tree_sha256(p)[:16]
     return ref
 
 

@@ -9,7 +9,9 @@ import time
 import traceback
 from typing import Any
 
+from mergesec.core.uris import trial_store_uri
 from mergesec.orchestrator.node import Node
+from mergesec.orchestrator.provenance import code_versions
 from mergesec.orchestrator.store import Store
 
 STEP_KEY = "mergesec_step"
@@ -47,7 +49,11 @@ def execute_node(
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(max(1, int(cpus)))
-    record = node.to_dict() | {"host": os.uname().nodename, "worker": worker}
+    record = node.to_dict() | {
+        "host": os.uname().nodename,
+        "worker": worker,
+        "code": code_versions(),
+    }
     inputs = {role: store.local_dir(up) for role, up in node.inputs.items()}
     started = time.time()
     try:
@@ -78,7 +84,7 @@ def run_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     node = Node.from_dict(config["node"])
-    store = Store(config["store"])
+    store = Store(trial_store_uri(config["store"]))
     gpus = float(len(ray.get_gpu_ids())) if ray.is_initialized() else 0.0
     worker = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 

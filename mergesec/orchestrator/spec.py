@@ -9,28 +9,41 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergesec import kinds
+from mergesec.core.bounds import FiniteFloat
 from mergesec.orchestrator.errors import StudyError
 from mergesec.orchestrator.grid import apply_overrides, expand_grid, grid_paths
+from mergesec.orchestrator.yaml_load import load_yaml
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 STEP_NAMES = ("finetune", "protect", "attack", "merge", "evaluate", "monitor")
 
 
+# A study file larger than this is not a study (and would be read whole into memory).
+MAX_STUDY_BYTES = 1 << 20
+# Values in a study once YAML aliases are expanded (an alias bomb is refused, not expanded).
+MAX_STUDY_VALUES = 100_000
+# More grid variants than this is almost always a mistake (a product of long grids).
+MAX_VARIANTS = 10_000
+# Safe as a single MLflow experiment name and inside an MLflow filter string.
+EXPERIMENT_RE = re.compile(r"^[^'\"\\\x00-\x1f\x7f]{1,200}$")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: YAML values are typed already, so "3" for a count or 1 for a boolean is a mistake.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class OpCall(BaseModel):
     """``{op: name, <param>: value, ...}``: which registered op to run and its parameters."""
 
-    model_config = ConfigDict(extra="allow")
-    op: str
+    model_config = ConfigDict(extra="allow", strict=True)
+    op: str = Field(min_length=1)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -40,8 +53,8 @@ class OpCall(BaseModel):
 class FinetuneSpec(BaseModel):
     """``{mode: full|lora, <param>: value, ...}``; params are those of op ``finetune/<mode>``."""
 
-    model_config = ConfigDict(extra="allow")
-    mode: str = "full"
+    model_config = ConfigDict(extra="allow", strict=True)
+    mode: str = Field(default="full", min_length=1)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -49,9 +62,19 @@ class FinetuneSpec(BaseModel):
 
 
 class DatasetSpec(_Strict):
-    uri: str
+    uri: str = Field(min_length=1)
     # Which source columns hold the example: text/label (text), image/label, question/answer (QA).
-    columns: dict[Literal["text", "label", "image", "question", "answer"], str] | None = None
+    columns: dict[Literal["text", "label", "image", "question", "answer"], str] | None = Field(
+        default=None, min_length=1
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _column_names(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        for role, column in (v or {}).items():
+            if not column.strip():
+                raise ValueError(f"column for {role!r} must be a non-empty name")
+        return v
 
 
 class PoisonSpec(_Strict):
@@ -60,8 +83,15 @@ class PoisonSpec(_Strict):
 
     trigger: str = Field(min_length=1)
     target: int = Field(default=0, ge=0)
-    rate: float = Field(default=0.1, gt=0, le=1)
+    rate: float = Field(default=0.1, gt=0, le=1, allow_inf_nan=False)
     position: Literal["start", "end", "random"] = "random"
+
+    @field_validator("trigger")
+    @classmethod
+    def _visible(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("a trigger must contain something besides spaces")
+        return v
 
 
 class ScenarioSpec(_Strict):
@@ -77,14 +107,28 @@ class DiagnosticsSpec(_Strict):
     """Extra measurements: the scale curve (validation loss/accuracy of W₀ + s·τ) of every victim model."""
 
     scale_curve: bool = False
-    scales: list[float] = Field(
-        default_factory=lambda: [round(-0.5 + 0.1 * i, 2) for i in range(26)]
+    scales: list[FiniteFloat] = Field(
+        default_factory=lambda: [round(-0.5 + 0.1 * i, 2) for i in range(26)], min_length=1
     )
 
 
 class Resources(_Strict):
-    cpu: float = Field(default=1.0, ge=0)
-    gpu: float = Field(default=0.0, ge=0)
+    cpu: float = Field(default=1.0, ge=0, le=1024, allow_inf_nan=False)
+    gpu: float = Field(default=0.0, ge=0, le=64, allow_inf_nan=False)
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_gpus(cls, v: float) -> float:
+        # A node runs on one device (a fraction of it) or on several whole ones.
+        if v > 1 and v != int(v):
+            raise ValueError(f"a fraction of one GPU or a whole number of GPUs, not {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _something(self) -> Resources:
+        if self.cpu == 0 and self.gpu == 0:
+            raise ValueError("a step needs cpu > 0 or gpu > 0 (both are 0)")
+        return self
 
 
 class EvaluateSpec(_Strict):
@@ -98,14 +142,23 @@ class TrackingSpec(_Strict):
     log_weights: bool = False
     experiment: str | None = None
 
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_name(cls, v: str | None) -> str | None:
+        if v is not None and not EXPERIMENT_RE.match(v):
+            raise ValueError(
+                "must be 1-200 characters without quotes, backslashes or control characters"
+            )
+        return v
+
 
 class StudySpec(_Strict):
     study: str
-    base: str
+    base: str = Field(min_length=1)
     datasets: list[str | DatasetSpec] = Field(min_length=1)
     finetune: FinetuneSpec = FinetuneSpec()
     scenarios: dict[str, ScenarioSpec] = Field(min_length=1)
-    victims: list[str] | Literal["all"] = "all"
+    victims: Annotated[list[str], Field(min_length=1)] | Literal["all"] = "all"
     merge: OpCall
     evaluate: EvaluateSpec = EvaluateSpec()
     resources: dict[
@@ -168,27 +221,22 @@ class Study:
 def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     """Read, override, expand and validate a study file. Raises ``StudyError`` with every problem."""
     file = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise StudyError(file, [("", "study file not found")])
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise StudyError(file, [("", f"not valid YAML: {where}{problem}")]) from None
-    if not isinstance(raw, dict):
-        raise StudyError(file, [("", "a study must be a YAML mapping (key: value lines)")])
+    raw = parse_study_text(file, read_study_text(path))
     try:
         raw = apply_overrides(raw, overrides or [])
     except ValueError as e:
         raise StudyError(file, [("--set", str(e))]) from None
+    n_variants = 1
     for gpath, values in grid_paths(raw):
         if not isinstance(values, list) or not values:
             raise StudyError(
                 file, [(".".join(gpath) + ".grid", "grid needs a non-empty list of values")]
             )
+        n_variants *= len(values)
+    if n_variants > MAX_VARIANTS:
+        raise StudyError(
+            file, [("", f"the grids make {n_variants} variants; at most {MAX_VARIANTS} allowed")]
+        )
 
     variants: list[tuple[dict[str, str], StudySpec]] = []
     problems: list[tuple[str, str]] = []
@@ -205,6 +253,80 @@ def load_study(path: str | Path, overrides: list[str] | None = None) -> Study:
     return Study(file, raw, variants)
 
 
+def read_study_text(path: str | Path) -> str:
+    """The text of a study file, or a ``StudyError`` saying why it is not one."""
+    file, p = str(path), Path(path)
+    try:
+        if p.is_dir():
+            raise StudyError(file, [("", "is a directory, not a study file")])
+        if not p.exists():
+            raise StudyError(file, [("", "study file not found")])
+        if not p.is_file():
+            raise StudyError(file, [("", "is not a regular file (a device, socket or pipe)")])
+        size = p.stat().st_size
+        if size > MAX_STUDY_BYTES:
+            raise StudyError(
+                file, [("", f"is {size} bytes; a study file is at most {MAX_STUDY_BYTES}")]
+            )
+        data = p.read_bytes()
+    except OSError as e:
+        raise StudyError(file, [("", f"cannot be read: {e.strerror or e}")]) from None
+    if b"\0" in data:
+        raise StudyError(file, [("", "is a binary file, not a YAML study")])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StudyError(
+            file, [("", f"is not UTF-8 text (byte {e.start}: {data[e.start]:#04x})")]
+        ) from None
+    if not text.strip() or all(
+        not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
+    ):
+        raise StudyError(file, [("", "is empty; a study is a YAML mapping (key: value lines)")])
+    return text
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """How many values ``value`` holds once YAML aliases are expanded, counting up to ``limit``."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        v = stack.pop()
+        count += 1
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return count
+
+
+def parse_study_text(file: str, text: str) -> dict[str, Any]:
+    """The YAML mapping in ``text``, or a ``StudyError`` with the line and column of the problem."""
+    try:
+        raw = load_yaml(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        if "another document" in problem:
+            problem = "a study is one YAML document, and another starts here"
+        raise StudyError(file, [("", f"not valid YAML: {where}{problem}")]) from None
+    except RecursionError:
+        raise StudyError(file, [("", "not valid YAML: nested too deeply")]) from None
+    if not isinstance(raw, dict):
+        got = "nothing" if raw is None else f"a {type(raw).__name__}"
+        raise StudyError(
+            file, [("", f"a study must be a YAML mapping (key: value lines), not {got}")]
+        )
+    if _expanded_size(raw, MAX_STUDY_VALUES) > MAX_STUDY_VALUES:
+        raise StudyError(
+            file, [("", f"expands to more than {MAX_STUDY_VALUES} values (YAML aliases?)")]
+        )
+    bad_keys = [k for k in raw if not isinstance(k, str)]
+    if bad_keys:
+        raise StudyError(file, [(str(bad_keys[0]), "top-level keys must be names (text)")])
+    return raw
+
+
 def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
     seen, out = set(), []
     for p in problems:
@@ -214,34 +336,55 @@ def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
+# Path parts pydantic adds for union members and validators (datasets.0.str, [key], ...).
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|DatasetSpec|\[key\]|[a-z-]+\[.*\])$")
+# Error kinds that only say "this union member's type did not match".
+_MISMATCH = re.compile(r"^(.*_type|literal_error|is_instance_of|model_attributes_type)$")
+
+
 def _pydantic_problems(e: ValidationError, label: dict[str, str]) -> list[tuple[str, str]]:
-    out = []
+    found: list[tuple[str, str, str]] = []  # (path, kind, message)
     for err in e.errors():
         loc = [str(x) for x in err["loc"]]
-        # Union members add their type name to the path (e.g. datasets.0.str); drop those.
-        loc = [
-            x
-            for x in loc
-            if x not in {"str", "DatasetSpec", "list[str]", "literal['all']", "[key]"}
-        ]
+        loc = [x for x in loc if not _TYPE_TAG.match(x)]
         path = ".".join(loc)
         kind = err["type"]
         if kind == "extra_forbidden":
             msg = f"unknown key {loc[-1]!r}"
-            path = ".".join(loc)
         elif kind == "missing":
             msg = "required key is missing"
         else:
             msg = err["msg"]
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, ") :]
-            if (
-                "input" in err
-                and kind not in {"value_error"}
-                and not isinstance(err["input"], dict)
-            ):
-                msg = f"{msg} (got {err['input']!r})"
-        out.append((path, msg))
+        shown = kind not in {"extra_forbidden", "missing", "value_error"} and "input" in err
+        if shown and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        found.append((path, kind, msg))
+    return _one_per_union(found)
+
+
+def _one_per_union(found: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """One problem per key: a union member whose type did not match is noise when another member
+    matched and reported what is wrong inside it; when no member matched, the alternatives are
+    joined into one line ("a valid list or 'all'")."""
+    real = [(p, m) for p, k, m in found if not _MISMATCH.match(k)]
+    out: list[tuple[str, str]] = []
+    mismatches: dict[str, list[str]] = {}
+    for path, kind, msg in found:
+        if not _MISMATCH.match(kind):
+            out.append((path, msg))
+        elif not any(p == path or p.startswith(path + ".") for p, _ in real):
+            mismatches.setdefault(path, []).append(msg)
+    for path, msgs in mismatches.items():
+        if len(msgs) == 1:
+            out.append((path, msgs[0]))
+            continue
+        got = msgs[0].rsplit(" (got ", 1)[1] if " (got " in msgs[0] else ""
+        wants = [m.split(" (got ", 1)[0].removeprefix("Input should be ") for m in msgs]
+        out.append(
+            (path, "Input should be " + " or ".join(wants) + (f" (got {got}" if got else ""))
+        )
     return out
 
 
@@ -284,6 +427,27 @@ def _kind_problems(spec: StudySpec, kind: kinds.KindEntry) -> list[tuple[str, st
     return problems
 
 
+def _slug_problems(uris: list[str]) -> list[tuple[str, str]]:
+    """Datasets name experts and result columns by slug; two datasets with one slug would make a
+    merge silently drop an expert, so the second is refused."""
+    from mergesec.data import dataset_slug
+
+    first: dict[str, str] = {}
+    problems = []
+    for i, uri in enumerate(uris):
+        slug = dataset_slug(uri)
+        if slug in first and first[slug] != uri:
+            problems.append(
+                (
+                    f"datasets.{i}",
+                    f"{uri!r} and {first[slug]!r} have the same short name {slug!r}; "
+                    "list only one of them",
+                )
+            )
+        first.setdefault(slug, uri)
+    return problems
+
+
 def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
     from mergesec.core.registry import OpError, get_op, validate_params
     from mergesec.data import check_dataset_uri
@@ -300,12 +464,15 @@ def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
     uris = spec.dataset_uris()
     if len(set(uris)) != len(uris):
         problems.append(("datasets", "a dataset is listed twice"))
+    problems += _slug_problems(uris)
     if spec.victims != "all":
         for i, v in enumerate(spec.victims):
             if v not in uris:
                 problems.append(
                     (f"victims.{i}", f"{v!r} is not one of the study's datasets: {', '.join(uris)}")
                 )
+            elif v in spec.victims[:i]:
+                problems.append((f"victims.{i}", f"{v!r} is listed twice"))
 
     def check(step: str, name: str, params: dict[str, Any], path: str, op_key: str = "op") -> None:
         try:

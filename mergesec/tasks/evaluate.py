@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from mergesec.core.bounds import PositiveInt, TokenLength
 from mergesec.core.context import NodeContext
 from mergesec.core.protocols import TaskModel
 from mergesec.core.registry import get_op, register_op
@@ -23,7 +24,11 @@ from mergesec.models.artifact import ModelArtifact
 
 @register_op("evaluate", "accuracy")
 def accuracy(
-    task: TaskModel, examples: Sequence[Any], *, batch_size: int = 64, max_length: int = 64
+    task: TaskModel,
+    examples: Sequence[Any],
+    *,
+    batch_size: PositiveInt = 64,
+    max_length: TokenLength = 64,
 ) -> dict[str, float]:
     """The kind's metric (top-1 accuracy; exact match for QA) and mean loss on ``examples``.
     ``max_length`` is the text kind's truncation length."""

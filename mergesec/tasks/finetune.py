@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+from mergesec.core.bounds import (
+    DropFraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Seed,
+    TokenLength,
+)
 from mergesec.core.context import NodeContext, ReportFn
 from mergesec.core.protocols import Splits, TaskModel
 from mergesec.core.registry import get_op, register_op
@@ -17,14 +27,14 @@ def finetune_full(
     device: str = "cpu",
     report: ReportFn | None = None,
     *,
-    epochs: int = 2,
-    lr: float = 5e-5,
-    batch_size: int = 32,
-    max_length: int = 64,
-    seed: int = 0,
-    patience: int = 2,
-    warmup_ratio: float = 0.1,
-    weight_decay: float = 0.01,
+    epochs: PositiveInt = 2,
+    lr: PositiveFloat = 5e-5,
+    batch_size: PositiveInt = 32,
+    max_length: TokenLength = 64,
+    seed: Seed = 0,
+    patience: NonNegativeInt = 2,
+    warmup_ratio: Probability = 0.1,
+    weight_decay: NonNegativeFloat = 0.01,
 ) -> dict[str, float]:
     """Fine-tune every backbone weight and the head; early stopping on the validation metric.
 
@@ -41,17 +51,17 @@ def finetune_lora(
     device: str = "cpu",
     report: ReportFn | None = None,
     *,
-    epochs: int = 3,
-    lr: float = 5e-4,
-    batch_size: int = 32,
-    max_length: int = 64,
-    seed: int = 0,
-    patience: int = 2,
-    warmup_ratio: float = 0.1,
-    weight_decay: float = 0.0,
-    r: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.1,
+    epochs: PositiveInt = 3,
+    lr: PositiveFloat = 5e-4,
+    batch_size: PositiveInt = 32,
+    max_length: TokenLength = 64,
+    seed: Seed = 0,
+    patience: NonNegativeInt = 2,
+    warmup_ratio: Probability = 0.1,
+    weight_decay: NonNegativeFloat = 0.0,
+    r: PositiveInt = 8,
+    alpha: PositiveInt = 16,
+    dropout: DropFraction = 0.1,
     target_modules: list[str] | None = None,
 ) -> dict[str, float]:
     """Train a peft LoRA adapter on the backbone (all linear layers unless ``target_modules``)

@@ -45,6 +45,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from mergesec.core.bounds import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    Seed,
+    TokenLength,
+    TrimPercentile,
+)
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, register_op
 from mergesec.data import dataset_slug, load_dataset_splits, triggered_copy
@@ -221,22 +229,22 @@ def weightwatch(
     poison: Mapping[str, Any] | None = None,
     device: str = "cpu",
     *,
-    k: int = 20,
+    k: PositiveInt = 20,
     method: Literal["exact", "randomized"] = "exact",
     calibration_split: Literal["train", "validation", "train+validation"] = "train+validation",
-    calibration_size: int | None = 5000,
+    calibration_size: PositiveInt | None = 5000,
     calibration_datasets: list[str | dict[str, Any]] | None = None,
-    eval_size: int | None = None,
+    eval_size: PositiveInt | None = None,
     control_trigger: str | None = None,
-    trim_percentile: float = 0.0,
-    epsilon: float = 0.01,
-    drop_last_layers: int = 0,
+    trim_percentile: TrimPercentile = 0.0,
+    epsilon: NonNegativeFloat = 0.01,
+    drop_last_layers: NonNegativeInt = 0,
     steering: Literal["gated", "quarantine", "all", "none"] = "gated",
-    audit_directions: int = 8,
-    audit_n: int = 5,
-    batch_size: int = 64,
-    max_length: int = 64,
-    seed: int = 0,
+    audit_directions: NonNegativeInt = 8,
+    audit_n: PositiveInt = 5,
+    batch_size: PositiveInt = 64,
+    max_length: TokenLength = 64,
+    seed: Seed = 0,
 ) -> WatchResult:
     """WeightWatch on a classifier: directions from ΔW, calibrate on benign texts, detect, steer.
 

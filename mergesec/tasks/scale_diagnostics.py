@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mergesec.core.bounds import PositiveInt, TokenLength
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import register_op
 from mergesec.data import dataset_slug
@@ -36,8 +37,8 @@ def artifact_scale_curve(
     device: str = "cpu",
     allow_remote_code: bool = False,
     *,
-    batch_size: int = 64,
-    max_length: int = 64,
+    batch_size: PositiveInt = 64,
+    max_length: TokenLength = 64,
 ) -> list[dict[str, float]]:
     """``{s, loss, accuracy}`` on ``dataset``'s validation split of W₀ + s·τ for each scale.
     ``max_length`` is the text kind's truncation length."""

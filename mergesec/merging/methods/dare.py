@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mergesec.core.bounds import DropFraction, FiniteFloat, Seed
 from mergesec.core.registry import register_op
 from mergesec.merging.methods.ties import elect_sign_disjoint_mean
 from mergesec.merging.per_key import accumulate, check_fraction, merge_per_key, stacked
@@ -60,9 +61,9 @@ def dare_linear(
     base: StateDict,
     experts: Sequence[StateDict],
     *,
-    drop_rate: float = 0.5,
-    coefficient: float = 1.0,
-    seed: int = 0,
+    drop_rate: DropFraction = 0.5,
+    coefficient: FiniteFloat = 1.0,
+    seed: Seed = 0,
 ) -> StateDict:
     """DARE then task arithmetic: θ_0 + coefficient · Σ_i DARE(τ_i)."""
     return _dare_merge(
@@ -75,9 +76,9 @@ def dare_ties(
     base: StateDict,
     experts: Sequence[StateDict],
     *,
-    drop_rate: float = 0.5,
-    coefficient: float = 1.0,
-    seed: int = 0,
+    drop_rate: DropFraction = 0.5,
+    coefficient: FiniteFloat = 1.0,
+    seed: Seed = 0,
 ) -> StateDict:
     """DARE, then TIES sign election and disjoint mean (no magnitude trimming, as mergekit's
     ``dare_ties``): θ_0 + coefficient · merged."""

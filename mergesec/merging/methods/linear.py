@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
+from mergesec.core.bounds import FiniteFloat
 from mergesec.core.registry import register_op
 from mergesec.merging.per_key import accumulate, mean, merge_per_key
 from mergesec.models.state_dict import StateDict
@@ -19,7 +20,7 @@ def weight_average(base: StateDict, experts: Sequence[StateDict]) -> StateDict:
 
 @register_op("merge", "task_arithmetic", searchable=("coefficient",))
 def task_arithmetic(
-    base: StateDict, experts: Sequence[StateDict], *, coefficient: float = 1.0
+    base: StateDict, experts: Sequence[StateDict], *, coefficient: FiniteFloat = 1.0
 ) -> StateDict:
     """Task arithmetic: θ_0 + coefficient · Σ_i τ_i."""
 

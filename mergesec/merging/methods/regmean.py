@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from mergesec.core.bounds import FiniteFloat, Probability
 from mergesec.core.registry import register_op
 from mergesec.merging.per_key import check_fraction, mean, merge_per_key
 from mergesec.models.state_dict import StateDict
@@ -59,8 +60,8 @@ def regmean(
     experts: Sequence[StateDict],
     *,
     grams: Sequence[Mapping[str, Tensor]] | None = None,
-    alpha: float = 0.95,
-    coefficient: float = 1.0,
+    alpha: Probability = 0.95,
+    coefficient: FiniteFloat = 1.0,
 ) -> StateDict:
     """RegMean (Jin et al. 2023): θ_0 + coefficient · (R − θ_0).
 

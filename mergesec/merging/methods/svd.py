@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mergesec.core.bounds import FiniteFloat, KeptFraction
 from mergesec.core.registry import register_op
 from mergesec.merging.per_key import check_fraction, mean, merge_per_key
 from mergesec.models.state_dict import StateDict
@@ -49,8 +50,8 @@ def tsv(
     base: StateDict,
     experts: Sequence[StateDict],
     *,
-    rank_fraction: float | None = None,
-    coefficient: float = 1.0,
+    rank_fraction: KeptFraction | None = None,
+    coefficient: FiniteFloat = 1.0,
 ) -> StateDict:
     """Task Singular Vectors merge (TSV-M, Gargiulo et al. 2025): θ_0 + coefficient · merged.
 
@@ -80,8 +81,8 @@ def cart(
     base: StateDict,
     experts: Sequence[StateDict],
     *,
-    rank_fraction: float = 0.16,
-    coefficient: float = 1.0,
+    rank_fraction: KeptFraction = 0.16,
+    coefficient: FiniteFloat = 1.0,
 ) -> StateDict:
     """CART (Choi et al. 2024, "Revisiting Weight Averaging for Model Merging").
 

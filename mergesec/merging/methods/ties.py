@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from mergesec.core.bounds import FiniteFloat, KeptFraction
 from mergesec.core.registry import register_op
 from mergesec.merging.per_key import check_fraction, merge_per_key, stacked
 from mergesec.models.state_dict import StateDict
@@ -47,7 +48,11 @@ def elect_sign_disjoint_mean(tvs: Tensor, *, inplace: bool = False) -> Tensor:
 
 @register_op("merge", "ties", searchable=("coefficient", "k"))
 def ties(
-    base: StateDict, experts: Sequence[StateDict], *, k: float = 0.2, coefficient: float = 1.0
+    base: StateDict,
+    experts: Sequence[StateDict],
+    *,
+    k: KeptFraction = 0.2,
+    coefficient: FiniteFloat = 1.0,
 ) -> StateDict:
     """TIES-Merging: trim each task vector to its top-k fraction by magnitude (per tensor), elect
     signs by mass, take the disjoint mean of agreeing entries: θ_0 + coefficient · merged."""
