@@ -45,8 +45,9 @@ def test_the_aga_study_runs_the_released_attack_and_names_the_extensions():
     assert found["released"] >= 2 and found["extension"] >= 1
 
 
-def test_the_trap2_study_uses_the_released_merges_and_schedule():
-    doc = yaml.safe_load((PAPER / "trap2_clip_vitb32_lora.yaml").read_text())
+@pytest.mark.parametrize("study", ["trap2_clip_vitb32_lora.yaml", "trap2_clip_vitb32_full.yaml"])
+def test_the_trap2_studies_use_the_released_merges_and_schedule(study):
+    doc = yaml.safe_load((PAPER / study).read_text())
     ops = {m["op"] for m in doc["merge"]["grid"]}
     assert {"tsv_released", "cart_released", "dare_ties_released", "regmean_released"} <= ops
     assert not ops & {"tsv", "cart", "dare_ties", "regmean"}

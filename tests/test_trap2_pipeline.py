@@ -57,10 +57,12 @@ class Runner:
 
     def trap2(self, ds: dict, name: str, mode: str = "full", ft: dict | None = None, **op) -> dict:
         ft_params = validate_params(get_op("finetune", mode), FT | (ft or {}))
+        # the finetune's own schedule, explicitly (version 2 defaults to the released one)
+        same = {k: ft_params[k] for k in ("patience", "weight_decay")}
         params = self.base | {
             "dataset": ds,
             "finetune": {"mode": mode, **ft_params},
-            "op": validate_params(get_op("protect", "trap2"), EPOCH_SCHEDULE | op),
+            "op": validate_params(get_op("protect", "trap2"), EPOCH_SCHEDULE | same | op),
         }
         return self(protect, "protect", "trap2", params, {}, name)
 
@@ -91,8 +93,9 @@ def test_trap2_registration_and_validation():
     op = get_op("protect", "trap2")
     assert "trains" in op.traits
     defaults = validate_params(op, {})
-    assert defaults == {"lam": 0.005, "s_min": 0.05, "s_max": 2.0, "delta": 0.05,
-                        "weight": "inv", "clip_norm": 1.0, "seed": 0}  # fmt: skip
+    assert {k: defaults[k] for k in ("lam", "s_min", "s_max", "delta", "weight", "clip_norm",
+            "seed")} == {"lam": 0.005, "s_min": 0.05, "s_max": 2.0, "delta": 0.05,
+                         "weight": "auto", "clip_norm": 1.0, "seed": 0}  # fmt: skip
     with pytest.raises(ValueError):
         validate_params(op, {"weight": "square"})
 
