@@ -108,6 +108,9 @@ OPTIONS = {
     "params-diagonal-heads": dict(scaling="diagonal", permute_heads=True),
     "params-nonsymmetric-heads": dict(scaling="nonsymmetric", permute_heads=True),
     "params-heads-only": dict(scaling="none", permute_mlp=False, permute_heads=True),
+    "params-symmetric": dict(scaling="symmetric"),
+    "params-symmetric-heads": dict(scaling="symmetric", permute_heads=True),
+    "params-nonsymmetric-released": dict(scaling="nonsymmetric_released"),
     "mergelock": None,
 }
 

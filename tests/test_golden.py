@@ -23,6 +23,7 @@ from test_vision_pipeline import make_tiny_clip
 
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, validate_params
+from mergesec.defenses.trap2 import EPOCH_SCHEDULE
 from mergesec.models.artifact import ModelArtifact
 from mergesec.models.hub import model_identity
 from mergesec.orchestrator.runner import executor_for
@@ -200,7 +201,9 @@ def run_kind(steps: Steps, kind: str, a: dict, b: dict, ft: dict, lora: dict) ->
         record(
             steps, f"{kind}/finetune/lora", steps.finetune(a, "a-lora", "lora", **lora), "a-lora"
         )
-    record(steps, f"{kind}/protect/trap2", steps.trap2(a, "trap2", ft, lam=0.2), "trap2")
+    # Version 1's schedule, explicitly (protect/trap2 version 2 defaults to the released one)
+    trap = steps.trap2(a, "trap2", ft, lam=0.2, patience=2, weight_decay=0.01, **EPOCH_SCHEDULE)
+    record(steps, f"{kind}/protect/trap2", trap, "trap2")
     record(steps, f"{kind}/evaluate/accuracy", steps.evaluate([a], "a", "eval-a"))
     record(steps, f"{kind}/evaluate/scale_curve", steps.scale_curve(a, "trap2", "curve"))
     merged = steps.merge([a, b], {"x": "a", "y": "b"}, "merged")

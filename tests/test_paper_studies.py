@@ -3,9 +3,10 @@
 The stand-ins replace what these machines cannot download: the base (a tiny random CLIP, llama or
 BERT built in the tests, chosen from the study's base), the datasets (builtin images, the builtin
 arithmetic QA set and a second local QA file, or builtin text sets, chosen by the study's dataset
-kind) and the per-step GPU requests (``resources={}``). To fit the CI budget, fine-tuning runs one
-epoch and every ``{search: [...]}`` of the merge keeps its first and last values; everything
-else, every scenario, victim, merge operator and diagnostic of the study, runs as written.
+kind) and the per-step GPU requests (``resources={}``). To fit the CI budget, fine-tuning (Trap²'s
+included) runs one epoch and every ``{search: [...]}`` of the merge keeps its first and last
+values; everything else, every scenario, victim, merge operator and diagnostic of the study, runs
+as written.
 The nodes are executed in this process in plan order (Ray scheduling is covered by the other
 end-to-end tests).
 """
@@ -93,6 +94,11 @@ def stand_in_study(path: Path, tmp: Path, tiny_bert: Path) -> Path:
     out["finetune"] = {**doc.get("finetune", {}), "epochs": 1}
     out["merge"] = _trim_searches(doc["merge"])
     for scenario in out.get("scenarios", {}).values():
+        protect = (scenario or {}).get("protect")
+        if isinstance(protect, dict) and protect.get("op") == "trap2":
+            # Trap²'s released schedule (1e5 steps, evaluation every 2,000) would run 12k steps
+            # at least: the stand-in trains the finetune's one epoch instead.
+            protect |= {"max_steps": None, "eval_every": None, "warmup_steps": None}
         monitor = (scenario or {}).get("monitor")
         if monitor and "calibration_datasets" in monitor:
             # hub calibration corpora are datasets too: stand in the local ones

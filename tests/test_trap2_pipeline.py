@@ -12,6 +12,7 @@ import torch
 
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, validate_params
+from mergesec.defenses.trap2 import EPOCH_SCHEDULE
 from mergesec.merging.methods.linear import task_arithmetic
 from mergesec.models.artifact import ModelArtifact
 from mergesec.models.hub import base_weights_file, model_identity
@@ -56,10 +57,12 @@ class Runner:
 
     def trap2(self, ds: dict, name: str, mode: str = "full", ft: dict | None = None, **op) -> dict:
         ft_params = validate_params(get_op("finetune", mode), FT | (ft or {}))
+        # the finetune's own schedule, explicitly (version 2 defaults to the released one)
+        same = {k: ft_params[k] for k in ("patience", "weight_decay")}
         params = self.base | {
             "dataset": ds,
             "finetune": {"mode": mode, **ft_params},
-            "op": validate_params(get_op("protect", "trap2"), op),
+            "op": validate_params(get_op("protect", "trap2"), EPOCH_SCHEDULE | same | op),
         }
         return self(protect, "protect", "trap2", params, {}, name)
 
@@ -90,8 +93,9 @@ def test_trap2_registration_and_validation():
     op = get_op("protect", "trap2")
     assert "trains" in op.traits
     defaults = validate_params(op, {})
-    assert defaults == {"lam": 0.005, "s_min": 0.05, "s_max": 2.0, "delta": 0.05,
-                        "weight": "inv", "clip_norm": 1.0, "seed": 0}  # fmt: skip
+    assert {k: defaults[k] for k in ("lam", "s_min", "s_max", "delta", "weight", "clip_norm",
+            "seed")} == {"lam": 0.005, "s_min": 0.05, "s_max": 2.0, "delta": 0.05,
+                         "weight": "auto", "clip_norm": 1.0, "seed": 0}  # fmt: skip
     with pytest.raises(ValueError):
         validate_params(op, {"weight": "square"})
 
@@ -158,7 +162,7 @@ def test_trap2_skips_and_counts_non_finite_steps(run, tiny_bert):
         task.model.head.bias[0] = float("nan")
     before = {k: v.clone() for k, v in task.model.backbone.state_dict().items()}
     ft = {"mode": "full"} | validate_params(get_op("finetune", "full"), FT)
-    res = protect_trap2(task, data, ft, lam=0.1)
+    res = protect_trap2(task, data, ft, lam=0.1, **EPOCH_SCHEDULE)
     assert res["steps"] == 3
     assert res["skipped_steps"] == res["steps"]
     for k, v in task.model.backbone.state_dict().items():
@@ -382,7 +386,7 @@ def test_trap2_study_runs_every_new_node_through_ray(tmp_path, tiny_bert):
     from mergesec.report import build_results, write_reports
     from mergesec.report.scale import load_scale_curves
 
-    trap = {"op": "trap2", "lam": 0.1}
+    trap = {"op": "trap2", "lam": 0.1, "max_steps": None, "eval_every": None, "warmup_steps": None}
     f = write_study(
         tmp_path, tiny_bert,
         scenarios={

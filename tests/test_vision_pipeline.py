@@ -26,6 +26,7 @@ from mergesec.data.images import (
     load_image_splits,
     synthetic_images,
 )
+from mergesec.defenses.trap2 import EPOCH_SCHEDULE
 from mergesec.models.artifact import ModelArtifact
 
 CLIP_WORDS = ("photo", "drawing", "of", "a", "the", "shape", "something", "number", "image")
@@ -360,7 +361,7 @@ def test_scorer_trap2_scale_curve_and_sft_for_images(tiny_clip, tmp_path):
     # Trap²: trained from the base like a fine-tune; its release is a protected expert
     ft = {"mode": "full", **validate_params(get_op("finetune", "full"), {"epochs": 1, "lr": 2e-3})}
     trap_op = get_op("protect", "trap2")
-    p = validate_params(trap_op, {"lam": 0.5})
+    p = validate_params(trap_op, {"lam": 0.5, **EPOCH_SCHEDULE})
     ctx = _ctx(tmp_path, "protect", "trap2",
                {"base": str(tiny_clip), "dataset": ds[0], "finetune": ft, "op": p})  # fmt: skip
     m = execute_training_protection(ctx)

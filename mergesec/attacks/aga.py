@@ -16,6 +16,10 @@ like an honest expert. Per layer:
    computes exactly the release's function. With rotary embeddings the Q/K map is solved within
    the scaled rotations per rotary pair (the only maps that keep the function), and with grouped
    key/value heads one map per key/value head is fitted on all of its query heads.
+
+The released attack (``krumpguo/secure-merge-attack``) is steps 1 and 3 with Q, K, V and O each
+solved independently: ``solve_derived=False, match_heads=False``. Head matching (step 2), the
+derived K/O solves and the rotary and grouped-head handling are mergesec's extensions.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from mergesec.defenses import transforms as T
 from mergesec.models.layout import MLP_PARTS, TransformerLayout
 from mergesec.models.state_dict import StateDict
 
-SCALINGS = ("none", "diagonal", "nonsymmetric")
+SCALINGS = ("none", "diagonal", "nonsymmetric", "symmetric", "nonsymmetric_released")
 
 
 def dissimilar_permutation(expert: T.LayerParts, base: T.LayerParts) -> torch.Tensor:
@@ -48,15 +48,50 @@ def _qk_vo_matrices(
             alpha[:, hd // 2 :] = alpha[:, : hd // 2]
         gamma = T.uniform(scale_min, scale_max, (n, hd), g)
         return torch.diag_embed(alpha), torch.diag_embed(gamma)
+    if scaling == "symmetric":
+        return (a := _symmetric(layout, scale_min, scale_max, g)), a
+    if scaling == "nonsymmetric_released":
+        # the released draw: no conditioning filter, and V/O reuse the Q/K matrix
+        return (a := _nonsymmetric_qk(layout, scale_min, scale_max, epsilon, None, g)), a
     # nonsymmetric: A = (G + εI)·diag(s), s ~ log-U[scale_min, scale_max]
+    m = _nonsymmetric_qk(layout, scale_min, scale_max, epsilon, max_condition, g)
+    s = T.log_uniform(scale_min, scale_max, (n, 1, hd), g)
+    v = _gaussian(n, hd, epsilon, max_condition, g) * s
+    return m, v
+
+
+def _nonsymmetric_qk(
+    layout: TransformerLayout,
+    scale_min: float,
+    scale_max: float,
+    epsilon: float,
+    max_condition: float | None,
+    g: torch.Generator,
+) -> torch.Tensor:
+    """``(G + εI)·diag(s)`` per key/value head, or a random scaled rotation per rotary pair."""
+    n, hd = layout.num_kv_heads, layout.head_dim
     if layout.rope:
         m = T.random_rope_qk(n, hd, scale_min, scale_max, g)
     else:
         s = T.log_uniform(scale_min, scale_max, (n, 1, hd), g)
         m = _gaussian(n, hd, epsilon, max_condition, g) * s
-    s = T.log_uniform(scale_min, scale_max, (n, 1, hd), g)
-    v = _gaussian(n, hd, epsilon, max_condition, g) * s
-    return m, v
+    return m
+
+
+def _symmetric(
+    layout: TransformerLayout, scale_min: float, scale_max: float, g: torch.Generator
+) -> torch.Tensor:
+    """The released symmetric draw ``U·diag(e)·Uᵀ`` per key/value head: ``U`` the Q factor of a
+    Gaussian matrix, ``e ~ log-U[scale_min, scale_max]``. With rotary embeddings a symmetric map
+    that commutes with every pair's rotation is a scalar on each pair, so ``e`` is tied within
+    rotary pairs and ``U`` is the identity."""
+    n, hd = layout.num_kv_heads, layout.head_dim
+    e = T.log_uniform(scale_min, scale_max, (n, hd), g)
+    if layout.rope:
+        e[:, hd // 2 :] = e[:, : hd // 2]
+        return torch.diag_embed(e)
+    u, _ = torch.linalg.qr(torch.randn(n, hd, hd, generator=g, dtype=T.F64))
+    return (u * e.unsqueeze(-2)) @ u.transpose(-1, -2)
 
 
 def _gaussian(
@@ -78,7 +113,12 @@ def _gaussian(
 
 
 # Per-variant scale ranges of the released apply_PaRaMS.py.
-DEFAULT_SCALE_RANGE = {"diagonal": (0.05, 20.0), "nonsymmetric": (0.1, 15.0)}
+DEFAULT_SCALE_RANGE = {
+    "diagonal": (0.05, 20.0),
+    "nonsymmetric": (0.1, 15.0),
+    "symmetric": (0.05, 20.0),
+    "nonsymmetric_released": (0.1, 15.0),
+}
 
 
 def protect_params(
@@ -114,10 +154,19 @@ def protect_params(
         ``O' = O B^{-1}`` with an independent ``B`` of the same form. With rotary embeddings the
         Q/K matrix is instead a random scaled rotation per rotary pair (scale log-U, uniform
         angle), the general matrices that commute with the rotation; V/O keep the general form.
+      * ``"nonsymmetric_released"``: the released draw of ``"nonsymmetric"``: every draw kept
+        (``max_condition`` is not used) and ``V' = A V``, ``O' = O A^{-1}`` with the Q/K matrix
+        ``A`` itself.
+      * ``"symmetric"`` (released ``apply_attention_qkvw_blockdiag_sym``): ``A = U diag(e) Uᵀ``,
+        ``U`` the Q factor of a Gaussian matrix, ``e ~ log-U[scale_min, scale_max]``;
+        ``Q' = A Q``, ``K' = A^{-1} K``, ``V' = A V``, ``O' = O A^{-1}``. With rotary
+        embeddings ``A`` is diagonal with ``e`` tied within each rotary pair (the symmetric
+        maps that commute with the rotation).
       * ``"none"``: no attention scaling.
 
     ``scale_min``/``scale_max`` default to the released ``apply_PaRaMS.py`` settings of each
-    variant: [0.05, 20] for ``"diagonal"``, [0.1, 15] for ``"nonsymmetric"``.
+    variant: [0.05, 20] for ``"diagonal"`` and ``"symmetric"``, [0.1, 15] for the two
+    nonsymmetric ones.
 
     ``max_condition``: in ``"nonsymmetric"``, Gaussian draws ``G + εI`` with a condition number
     above ``max_condition · head_dim`` are redrawn (``None``: keep every draw, as the original

@@ -30,7 +30,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mergesec.core.bounds import NonNegativeFloat, PositiveFloat, Seed
+from mergesec.core.bounds import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Seed,
+)
 from mergesec.core.context import ReportFn
 from mergesec.core.protocols import Splits, TaskModel
 from mergesec.core.registry import register_op
@@ -359,7 +366,63 @@ def backbone_snapshot(task: TaskModel) -> dict[str, Tensor]:
     }
 
 
-@register_op("protect", "trap2", traits=("trains",))
+def head_parameters(task: TaskModel) -> dict[str, nn.Parameter]:
+    """Trainable parameters of ``task.model`` outside its backbone module (a text kind's linear
+    head). The merge never rescales them, so the scaled pass holds them at their current values:
+    the −λ·w(s)·L_scaled term must not train the head to read a rescaled backbone (the paper's
+    heads are frozen zero-shot heads)."""
+    inside = {id(p) for p in task.backbone().parameters()}
+    return {
+        n: p for n, p in task.model.named_parameters() if p.requires_grad and id(p) not in inside
+    }
+
+
+def scaled_pass_loss(task: TaskModel) -> ForwardLoss:
+    """``forward_loss`` for Trap² on ``task``: the clean pass as is; in the scaled pass the
+    parameters of ``head_parameters`` are detached (their gradient comes from the clean loss
+    only)."""
+    head = head_parameters(task)
+
+    def forward_loss(overrides: Overrides | None, batch: Any) -> Tensor:
+        if overrides is not None and head:
+            overrides = {n: p.detach() for n, p in head.items()} | overrides
+        return task.loss(batch, overrides)
+
+    return forward_loss
+
+
+def resolve_weight(weight: str, task: TaskModel) -> str:
+    """``auto``: w(s) = 1/√s (``inv_sqrt``) for causal LMs, as Trap²'s released LLM script, and
+    1/s (``inv``) for every other model, as its vision scripts; other values pass through."""
+    if weight != "auto":
+        return weight
+    from mergesec.kinds.qa.task import QATask
+
+    return "inv_sqrt" if isinstance(task, QATask) else "inv"
+
+
+LrSchedule = Literal["linear", "cosine", "constant"]
+
+# Version 1's schedule as explicit settings: the study's epochs, evaluation once per epoch, linear
+# warm-up (warmup_ratio) and decay, torch's AdamW defaults, w(s) = 1/s. For short CPU runs and for
+# reproducing version-1 releases (which also took ``patience`` and ``weight_decay`` from the
+# finetune settings: pass those too).
+EPOCH_SCHEDULE: dict[str, Any] = {
+    "max_steps": None,
+    "eval_every": None,
+    "min_delta": 0.0,
+    "lr_schedule": "linear",
+    "warmup_steps": None,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight": "inv",
+}
+
+
+# Version 2: the released training schedule and optimiser became the defaults (step-based cosine
+# schedule, evaluation every 2,000 steps, patience 5, min delta 0.001, AdamW (0.9, 0.98), eps
+# 1e-6, weight decay 0), w(s) = 1/√s for causal LMs, and the head is detached in the scaled pass.
+@register_op("protect", "trap2", version="2", traits=("trains",))
 def protect_trap2(
     task: TaskModel,
     data: Splits,
@@ -371,18 +434,39 @@ def protect_trap2(
     s_min: PositiveFloat = 0.05,
     s_max: PositiveFloat = 2.0,
     delta: NonNegativeFloat = 0.05,
-    weight: Literal["inv", "inv_sqrt", "none"] = "inv",
+    weight: Literal["auto", "inv", "inv_sqrt", "none"] = "auto",
     clip_norm: PositiveFloat = 1.0,
     seed: Seed = 0,
+    max_steps: PositiveInt | None = 100_000,
+    eval_every: PositiveInt | None = 2000,
+    patience: PositiveInt = 5,
+    min_delta: NonNegativeFloat = 0.001,
+    lr_schedule: LrSchedule = "cosine",
+    warmup_steps: NonNegativeInt | None = 500,
+    betas: tuple[Probability, Probability] = (0.9, 0.98),
+    eps: PositiveFloat = 1e-6,
+    weight_decay: NonNegativeFloat = 0.0,
+    grad_accumulation: PositiveInt = 1,
 ) -> dict[str, float]:
     """Trap² (Jang et al., ICML 2026): fine-tune from the base so the update breaks when rescaled.
 
-    Minimises L(W₀+ΔW) − lam·w(s)·L(W₀+s·ΔW) with one s per optimizer step drawn from
-    U[s_min, s_max] outside (1−delta, 1+delta); w(s) is 1/s (``inv``), 1/√s (``inv_sqrt``) or 1
-    (``none``). Training follows ``finetune`` (``{"mode": "full"|"lora", ...finetune op
-    params}``) exactly as the matching finetune run would; ``seed`` drives the draws of s only.
-    Gradients are clipped to ``clip_norm``; steps with a non-finite loss or gradient are skipped
-    and counted. Works for every task kind.
+    Minimises L(W₀+ΔW) − lam·w(s)·L(W₀+s·ΔW) with one s per optimizer step (kept across its
+    ``grad_accumulation`` micro-batches) drawn from U[s_min, s_max] outside (1−delta, 1+delta);
+    w(s) is 1/s (``inv``), 1/√s (``inv_sqrt``), 1 (``none``) or, with ``auto``, 1/√s for causal
+    LMs and 1/s otherwise. A head outside the backbone is detached in the scaled pass.
+
+    The schedule and optimiser are this op's parameters, and the defaults are the released
+    code's: ``max_steps`` 1e5 optimizer steps under a ``cosine`` schedule with ``warmup_steps``
+    500 (almost constant over a real run), evaluation every ``eval_every`` 2,000 steps, early
+    stopping after ``patience`` 5 evaluations without a gain above ``min_delta`` 0.001 (so at
+    least 12k steps), AdamW ``betas`` (0.9, 0.98), ``eps`` 1e-6, ``weight_decay`` 0. From the
+    study's ``finetune`` settings it takes the model (mode, LoRA settings), ``lr``,
+    ``batch_size`` and its seed, plus ``epochs`` when ``max_steps`` is None (evaluation per epoch
+    when ``eval_every`` is None) and ``warmup_ratio`` when ``warmup_steps`` is None; the
+    finetune's ``patience`` and ``weight_decay`` are not used. Short schedules for CPU studies
+    are set here, explicitly. ``seed`` drives the draws of s only. Gradients are clipped to
+    ``clip_norm``; steps with a non-finite loss or gradient are skipped and counted. Works for
+    every task kind.
     """
     mode = trap2_mode(finetune)
     if mode == "lora":
@@ -390,10 +474,17 @@ def protect_trap2(
     task.model.to(device)
     base = backbone_snapshot(task) if mode == "full" else None
     step = Trap2Steps(
-        lambda overrides, batch: task.loss(batch, overrides), base, mode=mode, lam=lam,
-        s_min=s_min, s_max=s_max, delta=delta, weight=weight, clip_norm=clip_norm, seed=seed,
+        scaled_pass_loss(task), base, mode=mode, lam=lam, s_min=s_min, s_max=s_max, delta=delta,
+        weight=resolve_weight(weight, task), clip_norm=clip_norm, seed=seed,
     )  # fmt: skip
-    cfg = fit_config(finetune, clip_norm=clip_norm, eval_batch_size=task.eval_batch_size)
+    schedule = dict(
+        max_steps=max_steps, eval_every=eval_every, patience=patience, min_delta=min_delta,
+        lr_schedule=lr_schedule, warmup_steps=warmup_steps, betas=betas, eps=eps,
+        weight_decay=weight_decay, grad_accumulation=grad_accumulation,
+    )  # fmt: skip
+    cfg = fit_config(
+        finetune, clip_norm=clip_norm, eval_batch_size=task.eval_batch_size, **schedule
+    )
     metrics = fit(task, data.train, data.validation, cfg, device=device, report=report,
                   step_fn=step, precision=task.precision)  # fmt: skip
     return metrics

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mergesec.core.bounds import DropFraction, FiniteFloat, Seed
 from mergesec.core.registry import register_op
-from mergesec.merging.methods.ties import elect_sign_disjoint_mean
+from mergesec.merging.methods.ties import elect_sign_disjoint_mean, trim_top_k_inclusive
 from mergesec.merging.per_key import accumulate, check_fraction, merge_per_key, stacked
 from mergesec.models.state_dict import StateDict
 
@@ -85,3 +85,31 @@ def dare_ties(
     return _dare_merge(
         base, experts, drop_rate=drop_rate, coefficient=coefficient, seed=seed, elect=True
     )
+
+
+@register_op("merge", "dare_ties_released", searchable=("coefficient", "drop_rate", "k"))
+def dare_ties_released(
+    base: StateDict,
+    experts: Sequence[StateDict],
+    *,
+    drop_rate: float = 1e-5,
+    k: float = 0.3,
+    coefficient: float = 1.0,
+    seed: int = 0,
+) -> StateDict:
+    """DARE-TIES as released with Trap² (``task_merger.py``, ``dare-ties``): DARE on each task
+    vector, then the whole of TIES on the dropped vectors, its top-``k`` trim included (the
+    released inclusive trim, ``trim_top_k_inclusive``, per tensor), sign election and disjoint
+    mean: θ_0 + coefficient · merged. The defaults are the released search's starting point
+    (``dare_pruning_coeffs`` 1e-5, ``topK`` 30 %); ``merge/dare_ties`` is the trim-free form."""
+    check_fraction("drop_rate", drop_rate, low_open=False, high_open=True)
+    check_fraction("k", k)
+
+    def combine(key: str, b: Tensor, ts: list[Tensor]) -> Tensor:
+        def trimmed(i: int, t: Tensor) -> Tensor:
+            return trim_top_k_inclusive(dare(t - b, drop_rate, key_seed(seed, key, i)), k)
+
+        merged = elect_sign_disjoint_mean(stacked(ts, trimmed), inplace=True)
+        return merged.mul_(coefficient).add_(b)
+
+    return merge_per_key(base, experts, combine)

@@ -4,6 +4,7 @@ own inputs, from the experts' input Gram matrices (``merging.grams``)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -87,3 +88,27 @@ def regmean(
         return b + coefficient * (r - b)
 
     return merge_per_key(base, experts, combine)
+
+
+GramSample = Literal["class_balanced", "random"]
+
+
+@register_op("merge", "regmean_released", searchable=("coefficient", "alpha"), traits=("grams",))
+def regmean_released(
+    base: StateDict,
+    experts: Sequence[StateDict],
+    *,
+    grams: Sequence[Mapping[str, Tensor]] | None = None,
+    alpha: float = 0.5,
+    gram_examples: int = 100,
+    gram_sample: GramSample = "class_balanced",
+    coefficient: float = 1.0,
+) -> StateDict:
+    """RegMean with the settings of Trap²'s released RegMean configuration
+    (``alpha_regmean`` 0.5; Gram matrices from ``gram_examples`` = 100 validation examples drawn
+    ``class_balanced``, i.e. ``grams_data_distribution: class-wise``); the maths is
+    ``merge/regmean``'s. ``gram_examples`` and ``gram_sample`` do not enter the merge itself: they
+    tell the merge step which validation examples to compute each expert's ``grams`` on."""
+    if gram_examples < 1:
+        raise ValueError(f"gram_examples must be >= 1, got {gram_examples}")
+    return regmean(base, experts, grams=grams, alpha=alpha, coefficient=coefficient)

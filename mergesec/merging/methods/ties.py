@@ -29,6 +29,18 @@ def trim_top_k(tv: Tensor, k: float) -> Tensor:
     return (flat * mask).view_as(tv)
 
 
+def trim_top_k_inclusive(tv: Tensor, k: float) -> Tensor:
+    """The released TIES trim (Trap²'s and KnOTS' ``topk_values_mask``): keep every entry whose
+    magnitude is at least the ``(n − int(k·n))``-th smallest one, i.e. ``int(k·n) + 1`` entries
+    barring ties (one more than ``trim_top_k``); ``k >= 1`` or a single entry keeps everything."""
+    n = tv.numel()
+    if k >= 1 or n == 1:
+        return tv
+    flat = tv.reshape(-1)
+    kth = flat.abs().kthvalue(n - int(n * k)).values
+    return (flat * (flat.abs() >= kth)).view_as(tv)
+
+
 def elect_sign_disjoint_mean(tvs: Tensor, *, inplace: bool = False) -> Tensor:
     """TIES sign election and disjoint merge over stacked task vectors ``[N, ...]``.
 
