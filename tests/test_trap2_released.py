@@ -123,3 +123,12 @@ def test_the_op_stops_after_patience_evaluations_without_gain(tiny_bert):
     )
     # nothing can gain 0.5 accuracy: the first evaluation sets the best, two more end the run
     assert res["evaluations"] == 3 and res["steps"] == 3
+
+
+def test_betas_from_a_yaml_list_validate_as_a_pair():
+    from mergesec.core.registry import OpError, get_op, validate_params
+
+    op = get_op("protect", "trap2")
+    assert validate_params(op, {"betas": [0.9, 0.95]})["betas"] == (0.9, 0.95)
+    with pytest.raises(OpError, match="at most 2 items"):
+        validate_params(op, {"betas": [0.9, 0.95, 0.99]})

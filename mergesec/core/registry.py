@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -219,9 +219,18 @@ def _check_ranges(params: dict[str, Any], path: str) -> None:
             )
 
 
+def _takes_tuple(annotation: Any) -> bool:
+    """Whether ``annotation`` (through Annotated and unions) admits a tuple."""
+    if get_origin(annotation) is tuple or annotation is tuple:
+        return True
+    return any(_takes_tuple(a) for a in get_args(annotation) if a is not type(None))
+
+
 def _coerce(p: OpParam, value: Any, path: str) -> Any:
     if p.annotation is Any:
         return value
+    if isinstance(value, list) and _takes_tuple(p.annotation):
+        value = tuple(value)  # YAML has lists only; a fixed-length tuple parameter takes one
     try:
         # Strict: YAML already gives typed values, so "3" for an int or 1 for a bool is a mistake.
         return TypeAdapter(p.annotation).validate_python(value, strict=True)
