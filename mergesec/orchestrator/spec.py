@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergesec.orchestrator.errors import StudyError
 from mergesec.orchestrator.grid import apply_overrides, expand_grid, grid_paths
@@ -83,7 +83,16 @@ class DiagnosticsSpec(_Strict):
 
 class Resources(_Strict):
     cpu: float = Field(default=1.0, ge=0)
-    gpu: float = Field(default=0.0, ge=0)
+    # One op runs on one device: a fraction of a GPU or one whole GPU.
+    gpu: float = Field(default=0.0, ge=0, le=1)
+    # Seconds a node of this step may run before it is failed (None: no limit).
+    timeout: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _something(self) -> Resources:
+        if self.cpu == 0 and self.gpu == 0:
+            raise ValueError("cpu and gpu cannot both be 0")
+        return self
 
 
 class EvaluateSpec(_Strict):

@@ -69,6 +69,41 @@ class Store:
     def is_failed(self, node_id: str) -> bool:
         return not self.is_done(node_id) and self._exists(f"{self._node(node_id)}/{FAILED}")
 
+    def states(self) -> dict[str, str]:
+        """``{node_id: "done" | "failed"}`` for every node the store holds, from one listing.
+
+        Nodes absent from the result are pending. On an object store this is one (paginated)
+        recursive listing instead of one or two requests per node.
+        """
+        out: dict[str, str] = {}
+        if self.local is not None:
+            nodes = self.local / "nodes"
+            if not nodes.is_dir():
+                return out
+            with os.scandir(nodes) as it:
+                for e in it:
+                    if e.name.startswith(".") or not _ID_RE.match(e.name):
+                        continue
+                    if os.path.exists(f"{e.path}/{SUCCESS}"):
+                        out[e.name] = "done"
+                    elif os.path.exists(f"{e.path}/{FAILED}"):
+                        out[e.name] = "failed"
+            return out
+        import pyarrow.fs
+
+        sel = pyarrow.fs.FileSelector(f"{self.root}/nodes", allow_not_found=True, recursive=True)
+        prefix = f"{self.root}/nodes/"
+        for info in self.fs.get_file_info(sel):
+            rel = info.path[len(prefix) :].split("/") if info.path.startswith(prefix) else []
+            if len(rel) != 2:
+                continue  # only markers directly inside a node directory count
+            node_id, name = rel
+            if name == SUCCESS:
+                out[node_id] = "done"
+            elif name == FAILED and out.get(node_id) != "done":
+                out[node_id] = "failed"
+        return {i: s for i, s in out.items() if _ID_RE.match(i)}
+
     def failure(self, node_id: str) -> str:
         return self.read_text(f"nodes/{_check_id(node_id)}/{FAILED}")
 
