@@ -35,10 +35,14 @@ class RunSummary:
     reports: dict[str, str] = field(default_factory=dict)
     wall_time_s: float = 0.0
     parent_run_id: str | None = None
+    # Nodes whose MLflow run could not be written (the tracking server stayed unreachable); the
+    # next invocation logs them.
+    untracked: list[str] = field(default_factory=list)
+    tracking_error: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.skipped
+        return not self.failed and not self.skipped and not self.untracked
 
 
 def node_states(plan: Plan, store: Store) -> dict[str, str]:
@@ -284,7 +288,7 @@ def _run_nodes(
 ):
     import ray
 
-    from mergesec.orchestrator.tracking import MlflowCallback, StudyTracker
+    from mergesec.orchestrator.tracking import MlflowCallback, StudyTracker, TrackingWriter
 
     spec = study.spec
     started_ray = _ray_init(address)
@@ -302,12 +306,25 @@ def _run_nodes(
             if started_ray:
                 ray.shutdown()
             raise
-    tracker = StudyTracker(tracking_uri, study.name, spec.tracking.experiment)
-    tracker.reconcile(store, plan.nodes)
-    summary.parent_run_id = tracker.start_parent(
-        study.name, study.raw, {"mergesec.store": store.uri, "mergesec.study_file": study.file}
-    )
     todo_ids = {n.id for n in todo}
+
+    def record(w: TrackingWriter) -> None:
+        summary.parent_run_id = w.parent_id
+        summary.untracked = w.unsent()
+        summary.tracking_error = w.last_error if summary.untracked else ""
+
+    tracker = TrackingWriter(
+        lambda: StudyTracker(tracking_uri, study.name, spec.tracking.experiment),
+        store,
+        log_weights=spec.tracking.log_weights,
+        on_close=record,
+    )
+    tracker.open(
+        study.raw,
+        {"mergesec.store": store.uri, "mergesec.study_file": study.file},
+        {i: "done" for i in plan.nodes if i not in todo_ids},
+        plan.nodes,
+    )
     cached: dict[str, int] = {}
     for n in plan.topological():
         if n.id not in todo_ids:
@@ -325,7 +342,7 @@ def _run_nodes(
             store,
             name=study.name,
             resources=resources,
-            callbacks=[MlflowCallback(tracker, store, spec.tracking.log_weights)],
+            callbacks=[MlflowCallback(tracker)],
             retries=spec.retries,
             max_concurrent=max_concurrent,
             allow_remote_code=spec.allow_remote_code,

@@ -137,6 +137,33 @@ class Store:
             os.replace(tmp, target)
         return target
 
+    def fetch_files(
+        self, node_id: str, dest: str | Path, *, names: tuple[str, ...] = (), suffixes=()
+    ) -> list[Path]:
+        """Local paths of the node's top-level files named ``names`` (in that order), then those
+        ending in one of ``suffixes`` (sorted). A remote store downloads only these into ``dest``.
+        """
+        node_dir = self._node(node_id)
+        if self.local is not None:
+            entries = [p.name for p in Path(node_dir).iterdir() if p.is_file()]
+        else:
+            import pyarrow.fs
+
+            infos = self.fs.get_file_info(pyarrow.fs.FileSelector(node_dir))
+            entries = [i.base_name for i in infos if i.type == pyarrow.fs.FileType.File]
+        picked = [n for n in names if n in entries]
+        picked += sorted(n for n in entries if n.endswith(tuple(suffixes)) and n not in names)
+        if self.local is not None:
+            return [Path(node_dir) / n for n in picked]
+        out = []
+        for n in picked:
+            target = Path(dest) / n
+            with self.fs.open_input_stream(f"{node_dir}/{n}") as src, target.open("wb") as f:
+                while chunk := src.read(1 << 20):
+                    f.write(chunk)
+            out.append(target)
+        return out
+
     # ---- writing
     @contextlib.contextmanager
     def writing(self, node_id: str, record: dict[str, Any]) -> Iterator[Path]:

@@ -12,11 +12,12 @@ def _execute(ctx) -> dict[str, float]:
     log = Path(ctx.params["log"])
     tag = ctx.params["tag"]
     (log / f"{tag}.start").write_text(str(time.time()))
-    deadline = time.time() + (1e9 if ctx.params["hang"] else ctx.params["seconds"])
+    hang, seconds = ctx.params.get("hang", False), float(ctx.params.get("seconds", 0.0))
+    deadline = time.time() + (1e9 if hang else seconds)
     while time.time() < deadline:
         time.sleep(0.05)
     (log / f"{tag}.end").write_text(str(time.time()))
-    return {"slept": float(ctx.params["seconds"])}
+    return {"slept": seconds}
 
 
 def sleepy(*, tag: str = "", log: str = "", seconds: float = 0.0, hang: bool = False) -> None:
