@@ -307,6 +307,7 @@ class TrackingWriter:
         self._cv = threading.Condition()
         self._busy: _Op | None = None
         self._closing = False
+        self._abandoned = False
         self._last_ok = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="mergesec-tracking", daemon=True)
         self._thread.start()
@@ -358,6 +359,8 @@ class TrackingWriter:
         self.close(grace_s)
 
     def close(self, grace_s: float | None = None) -> None:
+        """Wait for the queue to drain while MLflow answers; give up after ``grace_s`` seconds
+        without progress. What is left stays unsent (``unsent``) and is never sent later."""
         grace = float(
             grace_s if grace_s is not None else os.environ.get("MERGESEC_TRACKING_GRACE_S", 60)
         )
@@ -366,6 +369,7 @@ class TrackingWriter:
             self._cv.notify_all()
             while (self._ops or self._busy) and time.monotonic() - self._last_ok < grace:
                 self._cv.wait(timeout=0.2)
+            self._abandoned = True  # the thread stops at its next step
         if self.on_close is not None:
             self.on_close(self)
 
@@ -382,8 +386,8 @@ class TrackingWriter:
     # ---- the writer thread
     def _next(self) -> _Op | None:
         with self._cv:
-            while not self._ops:
-                if self._closing:
+            while not self._ops or self._abandoned:
+                if self._closing or self._abandoned:
                     return None
                 self._cv.wait(timeout=0.5)
             op = self._ops.popleft()
@@ -418,7 +422,7 @@ class TrackingWriter:
                     if op.attempts == 1:
                         log.warning("MLflow unreachable (%s); retrying", self.last_error)
                     with self._cv:
-                        if self._closing and time.monotonic() - self._last_ok >= self._grace():
+                        if self._abandoned:
                             self._busy = None
                             self._ops.appendleft(op)  # keep it listed as unsent
                             self._cv.notify_all()
@@ -429,10 +433,6 @@ class TrackingWriter:
                 self._busy = None
                 self._last_ok = time.monotonic()
                 self._cv.notify_all()
-
-    @staticmethod
-    def _grace() -> float:
-        return float(os.environ.get("MERGESEC_TRACKING_GRACE_S", 60))
 
     def _apply(self, op: _Op) -> None:
         if self.tracker is None:
