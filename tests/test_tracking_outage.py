@@ -127,8 +127,10 @@ def node_runs(url: str) -> list:
     return [r for r in runs if "mergesec.node_id" in r.data.tags]
 
 
-def writer_for(url: str, store: Store, nodes: list[Node], states: dict[str, str]):
-    w = TrackingWriter(lambda: StudyTracker(url, "outage"), store, backoff=(0.2, 1.0))
+def writer_for(url: str, store: Store, nodes: list[Node], states: dict[str, str], threads=1):
+    w = TrackingWriter(
+        lambda: StudyTracker(url, "outage"), store, backoff=(0.2, 1.0), threads=threads
+    )
     w.open({"n": len(nodes)}, {}, states, {n.id: n for n in nodes})
     return w
 
@@ -138,7 +140,7 @@ def test_server_killed_mid_study_and_restarted(ray_local, server, tmp_path):
     log.mkdir()
     nodes = dag(log, 12, 0.8)
     store = Store(str(tmp_path / "store"))
-    writer = writer_for(server.url, store, nodes, {})
+    writer = writer_for(server.url, store, nodes, {}, threads=3)
     down_while = {}
     over = threading.Event()
 
@@ -170,6 +172,11 @@ def test_server_killed_mid_study_and_restarted(ray_local, server, tmp_path):
     assert sorted(ids) == sorted(n.id for n in nodes), "exactly one run per node"
     assert all(r.info.status == "FINISHED" for r in runs)
     assert all(r.data.tags["mlflow.parentRunId"] == writer.parent_id for r in runs)
+    by_node = {r.data.tags["mergesec.node_id"]: r.info.run_id for r in runs}
+    for r in runs:  # lineage: a child's run names its input's run, whichever thread sent it
+        up = r.data.tags.get("mergesec.input_node.up")
+        if up is not None:
+            assert r.data.tags["mergesec.input.up"] == by_node[up]
 
 
 def test_server_down_for_the_whole_study_then_the_next_run_logs_it(ray_local, tmp_path):

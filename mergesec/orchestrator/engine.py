@@ -246,6 +246,8 @@ def run_dag(
         else tempfile.mkdtemp(prefix="mergesec-tune-")
     )
     pending = str(max(1, window * len(shapes)))
+    # Without per-trial result files Tune's end-of-run analysis warns once per trial.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     try:
         with _env(_TUNE_ENV | {"TUNE_MAX_PENDING_TRIALS_PG": pending}):
             tune.Tuner(
@@ -288,7 +290,12 @@ def _run_nodes(
 ):
     import ray
 
-    from mergesec.orchestrator.tracking import MlflowCallback, StudyTracker, TrackingWriter
+    from mergesec.orchestrator.tracking import (
+        MlflowCallback,
+        StudyTracker,
+        TrackingWriter,
+        tracking_threads,
+    )
 
     spec = study.spec
     started_ray = _ray_init(address)
@@ -317,6 +324,7 @@ def _run_nodes(
         lambda: StudyTracker(tracking_uri, study.name, spec.tracking.experiment),
         store,
         log_weights=spec.tracking.log_weights,
+        threads=tracking_threads(tracking_uri),
         on_close=record,
     )
     tracker.open(

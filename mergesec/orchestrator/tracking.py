@@ -46,6 +46,13 @@ def tracking_uri(explicit: str | None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def tracking_threads(uri: str | None) -> int:
+    """Writer threads: several for a tracking server, one for a local database or directory."""
+    if "MERGESEC_TRACKING_THREADS" in os.environ:
+        return max(1, int(os.environ["MERGESEC_TRACKING_THREADS"]))
+    return 4 if tracking_uri(uri).startswith(("http://", "https://")) else 1
+
+
 _MLFLOW_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 
@@ -135,6 +142,7 @@ class StudyTracker:
         self.parent_id: str | None = None
         self._node_runs: dict[str, str] = {}
         self._finished: set[str] = set()  # node ids whose run is FINISHED
+        self._params_due: set[str] = set()  # runs created without their params
 
     def connect(self) -> None:
         if self.experiment_id is None:
@@ -204,11 +212,12 @@ class StudyTracker:
         )
         return runs[0].info.run_id if runs else None
 
-    def start_node(self, node: Node, retry: bool = False) -> str:
+    def start_node(self, node: Node, retry: bool = False, params: bool = True) -> str:
         """The node's run, created or reused and set RUNNING.
 
         ``retry``: an earlier attempt failed and may have created the run before the connection
-        dropped, so look for it once before creating another.
+        dropped, so look for it once before creating another. ``params=False`` leaves the params
+        to ``finish_node`` (one request less when the node is already over).
         """
         from mlflow.entities import RunTag
 
@@ -217,6 +226,7 @@ class StudyTracker:
             found = self._find(node.id)
             if found:
                 self._node_runs[node.id] = found
+                self._params_due.add(node.id)  # the lost attempt may not have sent them
         tags = node_tags(node, self.parent_id, self._node_runs)
         existing = self._node_runs.get(node.id)
         if existing:
@@ -226,7 +236,10 @@ class StudyTracker:
             return existing
         run = self.client.create_run(self.experiment_id, run_name=node_run_name(node), tags=tags)
         self._node_runs[node.id] = run.info.run_id
-        self._log_params(run.info.run_id, node_params(node))
+        if params:
+            self._log_params(run.info.run_id, node_params(node))
+        else:
+            self._params_due.add(node.id)
         return run.info.run_id
 
     def log_metrics(self, node_id: str, metrics: list) -> None:
@@ -241,11 +254,21 @@ class StudyTracker:
         if run_id is None:
             return
         with tempfile.TemporaryDirectory() as tmp:
+            from mlflow.entities import Param
+
+            params = (
+                [Param(k, v) for k, v in node_params(node).items()]
+                if node.id in self._params_due
+                else []
+            )
+            metrics = []
             if status == "FINISHED":
-                metrics = store.read_metrics(node.id)
-                self.client.log_batch(
-                    run_id, metrics=numeric_metrics(metrics, None, int(time.time() * 1000))
-                )
+                ts = int(time.time() * 1000)
+                metrics = numeric_metrics(store.read_metrics(node.id), None, ts)
+            if params or metrics:
+                self.client.log_batch(run_id, metrics=metrics, params=params)
+                self._params_due.discard(node.id)
+            if status == "FINISHED":
                 suffixes = SMALL_FILES + ((".safetensors",) if log_weights else ())
                 files = store.fetch_files(
                     node.id, tmp, names=("node.json", "metrics.json"), suffixes=suffixes
@@ -275,10 +298,13 @@ class _Op:
 
 
 class TrackingWriter:
-    """Sends tracking events to MLflow from one background thread, in order, with retries.
+    """Sends tracking events to MLflow from background threads, in order per node, with retries.
 
-    ``max_metric_events`` bounds the queued metric reports (the oldest are dropped first and
-    counted in ``dropped_metrics``); start and finish events are never dropped (two per node).
+    Events are sharded by node over ``threads`` threads (one is right for a local database; a
+    tracking server answers several requests at once). A node's run is created after its inputs'
+    runs, so lineage tags can name them. ``max_metric_events`` bounds the queued metric reports
+    (the oldest are dropped first and counted in ``dropped_metrics``); start and finish events are
+    never dropped (two per node).
     """
 
     def __init__(
@@ -287,6 +313,7 @@ class TrackingWriter:
         store: Store,
         *,
         log_weights: bool = False,
+        threads: int = 1,
         max_metric_events: int = 10_000,
         backoff: tuple[float, float] = (0.2, 15.0),
         on_close: Callable[[TrackingWriter], None] | None = None,
@@ -302,30 +329,53 @@ class TrackingWriter:
         self.errors = 0
         self.last_error = ""
         self.parent_id: str | None = None
-        self._ops: collections.deque[_Op] = collections.deque()
+        self._queues: list[collections.deque[_Op]] = [collections.deque() for _ in range(threads)]
+        self._busy: list[_Op | None] = [None] * threads
+        self._starting: set[str] = set()  # nodes whose start is queued, not yet sent
+        self._finishing: set[str] = set()  # nodes whose finish is queued, not yet sent
         self._n_metrics = 0
         self._cv = threading.Condition()
-        self._busy: _Op | None = None
-        self._closing = False
+        self._opened = False
         self._abandoned = False
         self._last_ok = time.monotonic()
-        self._thread = threading.Thread(target=self._loop, name="mergesec-tracking", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(k,), name=f"mergesec-tracking-{k}")
+            for k in range(threads)
+        ]
+        for t in self._threads:
+            t.daemon = True
+            t.start()
 
     # ---- producers (Tune's thread): never block for long, never raise
-    def _put(self, op: _Op) -> None:
+    def _shard(self, node: Node | None) -> int:
+        return 0 if node is None else hash(node.id) % len(self._queues)
+
+    def _put(self, op: _Op, front: bool = False) -> None:
+        """Queue ``op``; the caller holds ``self._cv``."""
+        q = self._queues[self._shard(op.node)]
+        if op.kind == "metrics":
+            if self._n_metrics >= self.max_metric_events:
+                old = next((i for i, o in enumerate(q) if o.kind == "metrics"), None)
+                if old is None:
+                    self.dropped_metrics += 1
+                    return
+                del q[old]
+                self._n_metrics -= 1
+                self.dropped_metrics += 1
+            self._n_metrics += 1
+        elif op.kind == "start":
+            self._starting.add(op.node.id)
+        elif op.kind == "finish":
+            self._finishing.add(op.node.id)
+        if front:
+            q.appendleft(op)
+        else:
+            q.append(op)
+        self._cv.notify_all()
+
+    def _enqueue(self, op: _Op) -> None:
         with self._cv:
-            if op.kind == "metrics":
-                if self._n_metrics >= self.max_metric_events:
-                    for i, old in enumerate(self._ops):
-                        if old.kind == "metrics":
-                            del self._ops[i]
-                            self._n_metrics -= 1
-                            self.dropped_metrics += 1
-                            break
-                self._n_metrics += 1
-            self._ops.append(op)
-            self._cv.notify()
+            self._put(op)
 
     def open(
         self,
@@ -334,80 +384,100 @@ class TrackingWriter:
         states: dict[str, str],
         nodes: dict[str, Node],
     ) -> None:
-        """Connect, index and reconcile the study's runs, start the parent run (all in order)."""
-        self._put(
-            _Op("open", args={"params": params, "tags": tags, "states": states, "nodes": nodes})
-        )
+        """Connect, index and reconcile the study's runs, start the parent run (before anything)."""
+        args = {"params": params, "tags": tags, "states": states, "nodes": nodes}
+        self._enqueue(_Op("open", args=args))
 
     def start(self, node: Node) -> None:
-        self._put(_Op("start", node))
+        self._enqueue(_Op("start", node))
 
     def metrics(self, node: Node, metrics: dict[str, Any], step: int | None) -> None:
         ms = numeric_metrics(metrics, step, int(time.time() * 1000))
         if ms:
-            self._put(_Op("metrics", node, metrics=ms))
+            self._enqueue(_Op("metrics", node, metrics=ms))
 
     def finish(self, node: Node, status: str) -> None:
-        self._put(_Op("finish", node, args={"status": status}))
+        self._enqueue(_Op("finish", node, args={"status": status}))
 
     def end_parent(
         self, status: str, artifacts: list[str] = (), grace_s: float | None = None
     ) -> None:
-        """Queue the parent's end, then wait until everything is sent, or nothing could be sent
+        """Send everything queued, then end the parent run; give up when nothing could be sent
         for ``grace_s`` seconds (``MERGESEC_TRACKING_GRACE_S``, default 60)."""
-        self._put(_Op("end", args={"status": status, "artifacts": list(artifacts)}))
-        self.close(grace_s)
+        grace = self._grace(grace_s)
+        if self._drain(grace):
+            self._enqueue(_Op("end", args={"status": status, "artifacts": list(artifacts)}))
+            self._drain(grace)
+        self._stop()
 
     def close(self, grace_s: float | None = None) -> None:
-        """Wait for the queue to drain while MLflow answers; give up after ``grace_s`` seconds
-        without progress. What is left stays unsent (``unsent``) and is never sent later."""
-        grace = float(
-            grace_s if grace_s is not None else os.environ.get("MERGESEC_TRACKING_GRACE_S", 60)
-        )
+        """Send what is queued (same ``grace_s`` as ``end_parent``) and stop; what is left stays
+        unsent (``unsent``) and is never sent later."""
+        self._drain(self._grace(grace_s))
+        self._stop()
+
+    @staticmethod
+    def _grace(grace_s: float | None) -> float:
+        if grace_s is not None:
+            return float(grace_s)
+        return float(os.environ.get("MERGESEC_TRACKING_GRACE_S", 60))
+
+    def _drain(self, grace: float) -> bool:
+        """Wait until every queue is empty (True), or nothing was sent for ``grace`` seconds."""
         with self._cv:
-            self._closing = True
-            self._cv.notify_all()
-            while (self._ops or self._busy) and time.monotonic() - self._last_ok < grace:
+            while self._pending() and time.monotonic() - self._last_ok < grace:
                 self._cv.wait(timeout=0.2)
-            self._abandoned = True  # the thread stops at its next step
+            return not self._pending()
+
+    def _pending(self) -> bool:
+        return any(self._queues) or any(b is not None for b in self._busy)
+
+    def _stop(self) -> None:
+        with self._cv:
+            self._abandoned = True  # the threads stop at their next step
+            self._cv.notify_all()
         if self.on_close is not None:
             self.on_close(self)
 
     def unsent(self) -> list[str]:
         """Titles of the nodes whose start or finish has not reached MLflow."""
         with self._cv:
-            ops = ([self._busy] if self._busy else []) + list(self._ops)
+            ops = [b for b in self._busy if b is not None] + [o for q in self._queues for o in q]
         titles = []
         for op in ops:
             if op.kind in ("start", "finish") and op.node.title() not in titles:
                 titles.append(op.node.title())
         return titles
 
-    # ---- the writer thread
-    def _next(self) -> _Op | None:
+    # ---- the writer threads
+    def _next(self, k: int) -> _Op | None:
+        q = self._queues[k]
         with self._cv:
-            while not self._ops or self._abandoned:
-                if self._closing or self._abandoned:
-                    return None
+            while not self._abandoned and (not q or (k > 0 and not self._opened)):
                 self._cv.wait(timeout=0.5)
-            op = self._ops.popleft()
+            if self._abandoned:
+                return None
+            op = q.popleft()
+            self._busy[k] = op
             if op.kind == "metrics":
                 self._n_metrics -= 1
                 # one request for consecutive reports of the same node
-                while (
-                    self._ops
-                    and self._ops[0].kind == "metrics"
-                    and self._ops[0].node.id == op.node.id
-                    and len(op.metrics) < 900
-                ):
-                    op.metrics.extend(self._ops.popleft().metrics)
+                while q and q[0].kind == "metrics" and q[0].node.id == op.node.id:
+                    if len(op.metrics) >= 900:
+                        break
+                    op.metrics.extend(q.popleft().metrics)
                     self._n_metrics -= 1
-            self._busy = op
+            elif op.kind == "start":
+                # the inputs' runs first, so that this run's lineage tags can name them
+                while not self._abandoned and any(
+                    up in self._starting for up in op.node.inputs.values()
+                ):
+                    self._cv.wait(timeout=0.2)
             return op
 
-    def _loop(self) -> None:
+    def _loop(self, k: int) -> None:
         while True:
-            op = self._next()
+            op = self._next(k)
             if op is None:
                 return
             delay = self.backoff[0]
@@ -423,14 +493,18 @@ class TrackingWriter:
                         log.warning("MLflow unreachable (%s); retrying", self.last_error)
                     with self._cv:
                         if self._abandoned:
-                            self._busy = None
-                            self._ops.appendleft(op)  # keep it listed as unsent
+                            self._busy[k] = None
+                            self._queues[k].appendleft(op)  # keep it listed as unsent
                             self._cv.notify_all()
                             return
                     time.sleep(delay)
                     delay = min(delay * 2, self.backoff[1])
             with self._cv:
-                self._busy = None
+                self._busy[k] = None
+                if op.kind == "start":
+                    self._starting.discard(op.node.id)
+                elif op.kind == "finish":
+                    self._finishing.discard(op.node.id)
                 self._last_ok = time.monotonic()
                 self._cv.notify_all()
 
@@ -443,13 +517,16 @@ class TrackingWriter:
             backlog = t.reconcile(a["states"], a["nodes"])
             if t.parent_id is None:
                 self.parent_id = t.start_parent(a["params"], a["tags"])
-            # nodes an earlier invocation finished but could not log: log them after this op
+            # nodes an earlier invocation finished but could not log: log them before the rest
             with self._cv:
                 for n in reversed(backlog):
-                    self._ops.appendleft(_Op("finish", n, args={"status": "FINISHED"}))
-                    self._ops.appendleft(_Op("start", n))
+                    self._put(_Op("finish", n, args={"status": "FINISHED"}), front=True)
+                    self._put(_Op("start", n), front=True)
+                self._opened = True
         elif op.kind == "start":
-            t.start_node(op.node, retry=op.attempts > 0)
+            # a node already over sends its params with its metrics, in one request
+            over = op.node.id in self._finishing
+            t.start_node(op.node, retry=op.attempts > 0, params=not over)
         elif op.kind == "metrics":
             t.log_metrics(op.node.id, op.metrics)
         elif op.kind == "finish":
