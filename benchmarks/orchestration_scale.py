@@ -134,13 +134,22 @@ class MlflowServer:
 def run_mergesec(nodes, root: Path, tracking_uri: str | None) -> float:
     from mergesec.orchestrator.engine import run_dag
     from mergesec.orchestrator.store import Store
-    from mergesec.orchestrator.tracking import MlflowCallback, StudyTracker, TrackingWriter
+    from mergesec.orchestrator.tracking import (
+        MlflowCallback,
+        StudyTracker,
+        TrackingWriter,
+        tracking_threads,
+    )
 
     store = Store(str(root / "store"))
     callbacks, writer = [], None
     t = time.perf_counter()
     if tracking_uri:
-        writer = TrackingWriter(lambda: StudyTracker(tracking_uri, "bench"), store)
+        writer = TrackingWriter(
+            lambda: StudyTracker(tracking_uri, "bench"),
+            store,
+            threads=tracking_threads(tracking_uri),
+        )
         writer.open({}, {}, {}, {})
         callbacks.append(MlflowCallback(writer))
     with open(os.devnull, "w") as quiet:

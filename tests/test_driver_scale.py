@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 from ray.tune.search import Searcher
@@ -143,3 +144,22 @@ def test_infeasible_resources_fail_with_one_line():
     msg = str(e.value)
     assert "\n" not in msg and "resources.finetune asks cpu=8, gpu=1" in msg
     assert "6 CPU and 1 GPU in all, at most 4 CPU and 1 GPU on one node" in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("resources.finetune.gpu=2", "resources.finetune: gpu is 2, but an op runs on one device"),
+        ("resources.evaluate.cpu=0", "resources.evaluate: cpu and gpu cannot both be 0"),
+        ("resources.merge.timeout=0", "resources.merge.timeout"),
+    ],
+)
+def test_resource_requests_that_cannot_work_are_refused(override, expected):
+    from mergesec.orchestrator.errors import StudyError
+    from mergesec.orchestrator.spec import load_study
+
+    smoke = Path(__file__).resolve().parents[1] / "conf" / "smoke.yaml"
+    with pytest.raises(StudyError) as e:
+        load_study(smoke, [override])
+    assert any(expected in line for line in e.value.lines()), e.value.lines()
+    assert load_study(smoke, ["resources.merge.timeout=600"]).spec.resources_for("merge").timeout

@@ -83,8 +83,7 @@ class DiagnosticsSpec(_Strict):
 
 class Resources(_Strict):
     cpu: float = Field(default=1.0, ge=0)
-    # One op runs on one device: a fraction of a GPU or one whole GPU.
-    gpu: float = Field(default=0.0, ge=0, le=1)
+    gpu: float = Field(default=0.0, ge=0)
     # Seconds a node of this step may run before it is failed (None: no limit).
     timeout: float | None = Field(default=None, gt=0)
 
@@ -92,6 +91,12 @@ class Resources(_Strict):
     def _something(self) -> Resources:
         if self.cpu == 0 and self.gpu == 0:
             raise ValueError("cpu and gpu cannot both be 0")
+        if self.gpu > 1:
+            # An op runs on one device; reserving more GPUs would leave them idle.
+            raise ValueError(
+                f"gpu is {self.gpu:g}, but an op runs on one device: ask for at most 1 "
+                "(a fraction shares a GPU between nodes)"
+            )
         return self
 
 

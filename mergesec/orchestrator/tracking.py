@@ -48,7 +48,7 @@ def tracking_uri(explicit: str | None) -> str:
 
 def tracking_threads(uri: str | None) -> int:
     """Writer threads: several for a tracking server, one for a local database or directory."""
-    if "MERGESEC_TRACKING_THREADS" in os.environ:
+    if os.environ.get("MERGESEC_TRACKING_THREADS"):
         return max(1, int(os.environ["MERGESEC_TRACKING_THREADS"]))
     return 4 if tracking_uri(uri).startswith(("http://", "https://")) else 1
 
