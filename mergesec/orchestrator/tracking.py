@@ -135,6 +135,8 @@ class StudyTracker:
             # exponential waits) would hold one event for minutes while the server is down.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+            # Ending a run would otherwise fetch it again just to print its URL on stdout.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.study = study
         self.experiment_name = experiment or f"mergesec/{study}"
         self.client = MlflowClient(self.uri)
