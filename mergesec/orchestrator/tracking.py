@@ -134,7 +134,7 @@ class StudyTracker:
             # The writer retries with its own back-off; MLflow's default (7 retries with
             # exponential waits) would hold one event for minutes while the server is down.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
             # Ending a run would otherwise fetch it again just to print its URL on stdout.
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.study = study
@@ -339,6 +339,7 @@ class TrackingWriter:
         self._cv = threading.Condition()
         self._opened = False
         self._abandoned = False
+        self._failing = False  # the last request failed (no answer yet since)
         self._last_ok = time.monotonic()
         self._threads = [
             threading.Thread(target=self._loop, args=(k,), name=f"mergesec-tracking-{k}")
@@ -427,7 +428,10 @@ class TrackingWriter:
     def _drain(self, grace: float) -> bool:
         """Wait until every queue is empty (True), or nothing was sent for ``grace`` seconds."""
         with self._cv:
-            while self._pending() and time.monotonic() - self._last_ok < grace:
+            # a slow server that still answers is waited for; one that fails gets ``grace``
+            while self._pending() and (
+                not self._failing or time.monotonic() - self._last_ok < grace
+            ):
                 self._cv.wait(timeout=0.2)
             return not self._pending()
 
@@ -494,6 +498,7 @@ class TrackingWriter:
                     if op.attempts == 1:
                         log.warning("MLflow unreachable (%s); retrying", self.last_error)
                     with self._cv:
+                        self._failing = True
                         if self._abandoned:
                             self._busy[k] = None
                             self._queues[k].appendleft(op)  # keep it listed as unsent
@@ -508,6 +513,7 @@ class TrackingWriter:
                 elif op.kind == "finish":
                     self._finishing.discard(op.node.id)
                 self._last_ok = time.monotonic()
+                self._failing = False
                 self._cv.notify_all()
 
     def _apply(self, op: _Op) -> None:
