@@ -158,6 +158,15 @@ def run(
             err.print(f"FAILED  {title}: {line}", highlight=False, markup=False)
         for title in summary.skipped:
             err.print(f"skipped {title} (an input failed)", highlight=False, markup=False)
+        for title in summary.untracked:
+            err.print(f"not in MLflow {title}", highlight=False, markup=False)
+        if summary.untracked:
+            err.print(
+                f"tracking: {len(summary.untracked)} node(s) could not be logged "
+                f"({summary.tracking_error}); the next run logs them",
+                highlight=False,
+                markup=False,
+            )
         raise typer.Exit(1)
 
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from rich.console import Console
 
+from mergesec.core.uris import redact_uri
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.plan import Plan, build_plan
-from mergesec.orchestrator.searcher import DONE, FAILED, SKIPPED, DagSearcher
+from mergesec.orchestrator.searcher import DONE, FAILED, PENDING, RUNNING, SKIPPED, DagSearcher
 from mergesec.orchestrator.spec import STEP_NAMES, Study
 from mergesec.orchestrator.store import Store, safe_name
 
@@ -39,17 +42,20 @@ class RunSummary:
     parent_run_id: str | None = None
     plan: Plan | None = None
     store: Store | None = None
+    # Nodes whose MLflow run could not be written (the tracking server stayed unreachable); the
+    # next invocation logs them.
+    untracked: list[str] = field(default_factory=list)
+    tracking_error: str = ""
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.skipped
+        return not self.failed and not self.skipped and not self.untracked
 
 
 def node_states(plan: Plan, store: Store) -> dict[str, str]:
-    return {
-        i: "done" if store.is_done(i) else ("failed" if store.is_failed(i) else "pending")
-        for i in plan.nodes
-    }
+    """Every plan node's state in the store (done, failed or pending), from one listing."""
+    held = store.states()
+    return {i: held.get(i, "pending") for i in plan.nodes}
 
 
 def _trial_name(trial) -> str:
@@ -57,28 +63,44 @@ def _trial_name(trial) -> str:
     return f"{node['step']}-{node['op']}-{node['id'][:10]}"
 
 
+FORWARDED_ENV = (
+    "MERGESEC_PLUGINS",
+    "MERGESEC_PRECISION",
+    "MERGESEC_DATA_WORKERS",
+    "HF_HUB_CACHE",
+    "HF_HOME",
+    "MERGESEC_CACHE",
+    "HF_HUB_OFFLINE",
+    "PYTHONPATH",
+    "MERGESEC_STORE_URI",
+)
+
+
+def worker_env(environ: dict[str, str]) -> dict[str, str]:
+    """The driver's variables the workers need, minus those a ``ray job submit`` runtime env sets.
+
+    Ray refuses to merge a job's runtime env with a driver's that sets the same variable; the job's
+    own value is the one its submitter chose, so it wins.
+    """
+    env = {k: environ[k] for k in FORWARDED_ENV if k in environ}
+    job = environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job:
+        import json
+
+        job_env = ((json.loads(job).get("runtime_env") or {}).get("env_vars")) or {}
+        env = {k: v for k, v in env.items() if k not in job_env}
+    return env
+
+
 def _ray_init(address: str | None) -> bool:
-    """Start Ray in-process (or join ``address``); returns whether this call started it."""
+    """Start Ray in-process (or join ``address``, or the cluster of a Ray job); True if started."""
     import ray
 
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "100")
-    env = {
-        k: os.environ[k]
-        for k in (
-            "MERGESEC_PLUGINS",
-            "MERGESEC_PRECISION",
-            "MERGESEC_DATA_WORKERS",
-            "HF_HUB_CACHE",
-            "MERGESEC_CACHE",
-            "HF_HUB_OFFLINE",
-            "PYTHONPATH",
-        )
-        if k in os.environ
-    }
+    env = worker_env(dict(os.environ))
     logging.getLogger("ray.tune").setLevel(logging.ERROR)
     ray.init(
         address=address,
@@ -89,6 +111,30 @@ def _ray_init(address: str | None) -> bool:
         configure_logging=True,
     )
     return True
+
+
+def check_resources(needs: dict[str, dict[str, float]], nodes: list[dict[str, float]]) -> None:
+    """Raise ``InfeasibleResources`` for a step no Ray node can ever host, instead of hanging.
+
+    ``needs`` maps a step to ``{"cpu":, "gpu":}``; ``nodes`` are the alive Ray nodes' resources.
+    """
+    from mergesec.orchestrator.errors import InfeasibleResources
+
+    big_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+    big_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in ("CPU", "GPU")}
+    steps = [
+        f"resources.{step} asks cpu={r['cpu']:g}, gpu={r['gpu']:g}"
+        for step, r in sorted(needs.items())
+        if r["cpu"] > big_cpu or r["gpu"] > big_gpu
+    ]
+    if steps:
+        raise InfeasibleResources(
+            f"{'; '.join(steps)}, but the cluster has {len(nodes)} node(s) with "
+            f"{total['CPU']:g} CPU and {total['GPU']:g} GPU in all, at most {big_cpu:g} CPU and "
+            f"{big_gpu:g} GPU on one node (set MERGESEC_AUTOSCALING=1 when an autoscaler adds "
+            "nodes)"
+        )
 
 
 def run_study(
@@ -124,6 +170,33 @@ def run_study(
     return summary
 
 
+# Tune features the project does not use: per-trial result loggers (the store and MLflow hold
+# the results) and periodic experiment checkpoints (the store is the checkpoint; a rerun resumes).
+_TUNE_ENV = {
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
+    "TUNE_GLOBAL_CHECKPOINT_S": str(10**9),
+}
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def queue_window(cluster: dict[str, float]) -> int:
+    """How many nodes of one resource shape may wait in Ray's queue: enough to fill the cluster."""
+    return max(8, int(cluster.get("CPU", 0)) + int(cluster.get("GPU", 0)))
+
+
 def run_dag(
     nodes: list[Node],
     store: Store,
@@ -136,21 +209,41 @@ def run_dag(
     allow_remote_code: bool = False,
     cached: dict[str, int] | None = None,
     console: Console | None = None,
+    timeouts: dict[str, float] | None = None,
 ) -> DagSearcher:
     """Run ``nodes`` (inputs outside the list count as done) as one Tuner; return the searcher's end state.
 
     Ray must already be initialised. ``resources`` maps a step to ``{"cpu": .., "gpu": ..}``.
+    Every ready node is handed to Tune with its own resource shape (up to ``queue_window`` of each
+    shape waiting at once), so nodes waiting for a GPU never hold back CPU nodes;
+    ``max_concurrent`` bounds the nodes handed out and not finished.
     """
+    import ray
     from ray import tune
 
     from mergesec.orchestrator.progress import ProgressCallback
     from mergesec.orchestrator.runner import run_trial
+    from mergesec.orchestrator.searcher import DagCallback
 
+    default = {"cpu": 1.0, "gpu": 0.0}
+
+    def shape_of(node: dict[str, Any]) -> tuple[float, float]:
+        r = resources.get(node["step"], default)
+        return (float(r.get("cpu", 0)), float(r.get("gpu", 0)))
+
+    window = queue_window(ray.cluster_resources())
     searcher = DagSearcher(
         [n.to_dict() for n in nodes],
-        extra={"store": store.uri, "allow_remote_code": allow_remote_code},
+        extra={
+            "store": redact_uri(store.uri),
+            "allow_remote_code": allow_remote_code,
+            "timeouts": dict(timeouts or {}),
+        },
+        shape=shape_of,
+        window=window,
+        max_running=max_concurrent,
     )
-    default = {"cpu": 1.0, "gpu": 0.0}
+    shapes = {shape_of(n) for n in searcher.nodes.values()}
     trainable = tune.with_resources(
         run_trial, lambda config: resources.get(config["node"]["step"], default)
     )
@@ -160,26 +253,33 @@ def run_dag(
         if store.local is not None
         else tempfile.mkdtemp(prefix="mergesec-tune-")
     )
+    pending = str(max(1, window * len(shapes)))
+    # Without per-trial result files Tune's end-of-run analysis warns once per trial.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     try:
-        tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                num_samples=-1,
-                max_concurrent_trials=max_concurrent,
-                # Workers keep their imports (torch, transformers) between nodes.
-                reuse_actors=True,
-                trial_name_creator=_trial_name,
-                trial_dirname_creator=_trial_name,
-            ),
-            run_config=tune.RunConfig(
-                name=safe_name(name),
-                storage_path=str(tune_dir),
-                callbacks=[progress, *(callbacks or [])],
-                failure_config=tune.FailureConfig(max_failures=retries),
-                verbose=0,
-            ),
-        ).fit()
+        with _env(_TUNE_ENV | {"TUNE_MAX_PENDING_TRIALS_PG": pending}):
+            tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    num_samples=-1,
+                    # Not passed to Tune: there it would also cap the trials waiting for
+                    # resources (its pending window); the searcher applies it instead.
+                    max_concurrent_trials=None,
+                    # Workers keep their imports (torch, transformers) between nodes.
+                    reuse_actors=True,
+                    trial_name_creator=_trial_name,
+                    trial_dirname_creator=_trial_name,
+                ),
+                run_config=tune.RunConfig(
+                    name=safe_name(name),
+                    storage_path=str(tune_dir),
+                    callbacks=[DagCallback(searcher), progress, *(callbacks or [])],
+                    failure_config=tune.FailureConfig(max_failures=retries),
+                    sync_config=tune.SyncConfig(sync_artifacts=False),
+                    verbose=0,
+                ),
+            ).fit()
     finally:
         progress.close()
     return searcher
@@ -198,23 +298,57 @@ def _run_nodes(
 ):
     import ray
 
-    from mergesec.orchestrator.tracking import MlflowCallback, StudyTracker
+    from mergesec.orchestrator.tracking import (
+        MlflowCallback,
+        StudyTracker,
+        TrackingWriter,
+        tracking_threads,
+    )
 
     spec = study.spec
     started_ray = _ray_init(address)
-    tracker = StudyTracker(tracking_uri, study.name, spec.tracking.experiment)
-    tracker.reconcile(store, plan.nodes)
-    summary.parent_run_id = tracker.start_parent(
-        study.name, study.raw, {"mergesec.store": store.uri, "mergesec.study_file": study.file}
-    )
+    resources = {
+        step: {"cpu": spec.resources_for(step).cpu, "gpu": spec.resources_for(step).gpu}
+        for step in STEP_NAMES
+    }
+    if os.environ.get("MERGESEC_AUTOSCALING") != "1":  # an autoscaler adds nodes later
+        try:
+            check_resources(
+                {n.step: resources[n.step] for n in todo},
+                [n["Resources"] for n in ray.nodes() if n.get("Alive")],
+            )
+        except ValueError:
+            if started_ray:
+                ray.shutdown()
+            raise
     todo_ids = {n.id for n in todo}
+
+    def record(w: TrackingWriter) -> None:
+        summary.parent_run_id = w.parent_id
+        summary.untracked = w.unsent()
+        summary.tracking_error = w.last_error if summary.untracked else ""
+
+    tracker = TrackingWriter(
+        lambda: StudyTracker(tracking_uri, study.name, spec.tracking.experiment),
+        store,
+        log_weights=spec.tracking.log_weights,
+        threads=tracking_threads(tracking_uri),
+        on_close=record,
+    )
+    tracker.open(
+        study.raw,
+        {"mergesec.store": redact_uri(store.uri), "mergesec.study_file": study.file},
+        {i: "done" for i in plan.nodes if i not in todo_ids},
+        plan.nodes,
+    )
     cached: dict[str, int] = {}
     for n in plan.topological():
         if n.id not in todo_ids:
             cached[n.step] = cached.get(n.step, 0) + 1
-    resources = {
-        step: {"cpu": spec.resources_for(step).cpu, "gpu": spec.resources_for(step).gpu}
+    timeouts = {
+        step: spec.resources_for(step).timeout
         for step in STEP_NAMES
+        if spec.resources_for(step).timeout
     }
     status = "FAILED"
     searcher = None
@@ -224,12 +358,13 @@ def _run_nodes(
             store,
             name=study.name,
             resources=resources,
-            callbacks=[MlflowCallback(tracker, store, spec.tracking.log_weights)],
+            callbacks=[MlflowCallback(tracker)],
             retries=spec.retries,
             max_concurrent=max_concurrent,
             allow_remote_code=spec.allow_remote_code,
             cached=cached,
             console=console,
+            timeouts=timeouts,
         )
         status = "FINISHED"
     finally:
@@ -248,6 +383,9 @@ def _run_nodes(
                 summary.skipped.append(node.title())
         if summary.failed or summary.skipped:
             status = "FAILED"
+        if any(s in (PENDING, RUNNING) for s in states.values()):
+            # Stopped before every node ended (SIGINT/SIGTERM): the parent run says so.
+            status = "KILLED"
         if started_ray:
             ray.shutdown()
     return tracker, status

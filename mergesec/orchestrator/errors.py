@@ -13,3 +13,7 @@ class StudyError(Exception):
 
     def lines(self) -> list[str]:
         return [f"{self.file}: {path or '<root>'}: {msg}" for path, msg in self.problems]
+
+
+class InfeasibleResources(ValueError):
+    """A step asks for more than any Ray node has (the CLI prints it as one line, exit status 2)."""

@@ -1,22 +1,34 @@
-"""``DagSearcher``: a Ray Tune ``Searcher`` that hands out plan nodes once their inputs are done."""
+"""``DagSearcher``: a Ray Tune ``Searcher`` that hands out plan nodes once their inputs are done.
+
+The DAG state is kept with in-degree counts and one ready queue per resource shape, so every event
+(a suggestion, a start, a completion) costs O(1) plus the node's own edges, whatever the plan size.
+"""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
+from ray.tune import Callback
 from ray.tune.search import Searcher
 
 PENDING, RUNNING, DONE, FAILED, SKIPPED = "pending", "running", "done", "failed", "skipped"
+STATES = (PENDING, RUNNING, DONE, FAILED, SKIPPED)
 
 
 class DagSearcher(Searcher):
     """Releases each node of a DAG as one trial, never before all of its inputs are done.
 
     ``suggest`` returns a config ``{"node": node_dict, **extra}`` for a ready node, ``None`` while
-    nodes wait on running inputs, and ``Searcher.FINISHED`` when nothing is left to start. A failed
-    node blocks exactly its descendants (marked skipped); everything else still runs.
+    nodes wait on running inputs (or every shape's queue window is full), and ``Searcher.FINISHED``
+    when nothing is left to start. A failed node blocks exactly its descendants (marked skipped);
+    everything else still runs.
+
+    ``shape`` maps a node to its resource shape. Nodes handed to Tune but not yet started are
+    "waiting"; at most ``window`` of each shape wait at once, and the next suggestion comes from the
+    shape with the fewest waiting nodes, so nodes that wait for a GPU never hold back CPU nodes.
+    ``max_running`` bounds the nodes handed out and not finished (running or waiting).
     """
 
     def __init__(
@@ -24,39 +36,95 @@ class DagSearcher(Searcher):
         nodes: Iterable[dict[str, Any]],
         done: Iterable[str] = (),
         extra: dict[str, Any] | None = None,
+        *,
+        shape: Callable[[dict[str, Any]], Hashable] | None = None,
+        window: int = 1 << 30,
+        max_running: int | None = None,
     ):
         super().__init__(metric=None, mode=None)
-        self.order: list[str] = []
-        self.nodes: dict[str, dict[str, Any]] = {}
-        for n in nodes:
-            self.order.append(n["id"])
-            self.nodes[n["id"]] = n
-        done = set(done)
-        self.state: dict[str, str] = {i: DONE if i in done else PENDING for i in self.order}
-        self.trials: dict[str, str] = {}
         self.extra = dict(extra or {})
+        self.shape = shape
+        self.window = window
+        self.max_running = max_running
+        self._build(list(nodes), set(done))
+
+    # ---- state
+    def _build(self, nodes: list[dict[str, Any]], done: set[str], running_to_pending=False) -> None:
+        self.order: list[str] = [n["id"] for n in nodes]
+        self.nodes: dict[str, dict[str, Any]] = {n["id"]: n for n in nodes}
+        self.state: dict[str, str] = {}
+        self.trials: dict[str, str] = {}
+        self.waiting: set[str] = set()  # trial ids handed out, not started yet
         self.children: dict[str, list[str]] = {}
+        self.missing: dict[str, int] = {}  # inputs of a pending node that are not done yet
+        self.ready: dict[Hashable, deque[str]] = {}
+        self.waiting_by_shape: dict[Hashable, int] = {}
+        self.by_step: dict[str, dict[str, int]] = {}
+        self.totals = dict.fromkeys(STATES, 0)
         for i, n in self.nodes.items():
+            self._count(n["step"], None, DONE if i in done else PENDING)
+            self.state[i] = DONE if i in done else PENDING
             for up in n["inputs"].values():
                 self.children.setdefault(up, []).append(i)
+        for i in self.order:
+            if self.state[i] != PENDING:
+                continue
+            m = sum(
+                1 for up in self.nodes[i]["inputs"].values() if self.state.get(up, DONE) != DONE
+            )
+            self.missing[i] = m
+            if m == 0:
+                self._push(i)
+
+    def _shape(self, node_id: str) -> Hashable:
+        return self.shape(self.nodes[node_id]) if self.shape is not None else ""
+
+    def _push(self, node_id: str) -> None:
+        s = self._shape(node_id)
+        self.ready.setdefault(s, deque()).append(node_id)
+        self.waiting_by_shape.setdefault(s, 0)
+
+    def _count(self, step: str, old: str | None, new: str) -> None:
+        row = self.by_step.setdefault(step, dict.fromkeys(STATES, 0))
+        if old is not None:
+            row[old] -= 1
+            self.totals[old] -= 1
+        row[new] += 1
+        self.totals[new] += 1
+
+    def _set(self, node_id: str, new: str) -> None:
+        self._count(self.nodes[node_id]["step"], self.state[node_id], new)
+        self.state[node_id] = new
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
 
-    def _ready(self, node_id: str) -> bool:
-        return all(
-            self.state.get(up, DONE) == DONE for up in self.nodes[node_id]["inputs"].values()
-        )
-
+    # ---- Tune's hooks
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        for i in self.order:
-            if self.state[i] == PENDING and self._ready(i):
-                self.state[i] = RUNNING
-                self.trials[trial_id] = i
-                return {"node": copy.deepcopy(self.nodes[i]), **self.extra}
-        if RUNNING not in self.state.values():
+        if self.max_running is not None and len(self.trials) >= self.max_running:
+            return None
+        best = None
+        for s, q in self.ready.items():  # one entry per resource shape: a handful
+            w = self.waiting_by_shape[s]
+            if q and w < self.window and (best is None or w < self.waiting_by_shape[best]):
+                best = s
+        if best is not None:
+            node_id = self.ready[best].popleft()
+            self._set(node_id, RUNNING)
+            self.trials[trial_id] = node_id
+            self.waiting.add(trial_id)
+            self.waiting_by_shape[best] += 1
+            # Tune copies the config into the trial; the node dict itself is never mutated.
+            return {"node": self.nodes[node_id], **self.extra}
+        if not self.trials and not any(self.ready.values()):
             return Searcher.FINISHED
         return None
+
+    def on_trial_start(self, trial_id: str) -> None:
+        """The trial got its resources and started (called by ``DagCallback``)."""
+        if trial_id in self.waiting:
+            self.waiting.discard(trial_id)
+            self.waiting_by_shape[self._shape(self.trials[trial_id])] -= 1
 
     def on_trial_complete(
         self, trial_id: str, result: dict | None = None, error: bool = False
@@ -64,49 +132,53 @@ class DagSearcher(Searcher):
         node_id = self.trials.pop(trial_id, None)
         if node_id is None:
             return
+        if trial_id in self.waiting:
+            self.waiting.discard(trial_id)
+            self.waiting_by_shape[self._shape(node_id)] -= 1
         if error:
-            self.state[node_id] = FAILED
+            self._set(node_id, FAILED)
             self._skip_descendants(node_id)
-        else:
-            self.state[node_id] = DONE
+            return
+        self._set(node_id, DONE)
+        for c in self.children.get(node_id, ()):
+            if self.state[c] == PENDING:
+                self.missing[c] -= 1
+                if self.missing[c] == 0:
+                    self._push(c)
 
     def _skip_descendants(self, node_id: str) -> None:
         stack = list(self.children.get(node_id, []))
         while stack:
             c = stack.pop()
             if self.state.get(c) == PENDING:
-                self.state[c] = SKIPPED
+                self._set(c, SKIPPED)
                 stack.extend(self.children.get(c, []))
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in (PENDING, RUNNING, DONE, FAILED, SKIPPED)}
-        for s in self.state.values():
-            out[s] += 1
-        return out
-
-    def node_of_trial(self, trial_id: str) -> str | None:
-        return self.trials.get(trial_id)
+        return dict(self.totals)
 
     def get_state(self) -> dict[str, Any]:
         return {
             "order": self.order,
             "nodes": self.nodes,
             "state": self.state,
-            "trials": self.trials,
             "extra": self.extra,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.order = state["order"]
-        self.nodes = state["nodes"]
         # A trial that was running when the state was saved has to run again after a restore.
-        self.state = {i: PENDING if s == RUNNING else s for i, s in state["state"].items()}
-        self.trials = {}
+        old = state["state"]
         self.extra = state["extra"]
-        self.children = {}
-        for i, n in self.nodes.items():
-            for up in n["inputs"].values():
-                self.children.setdefault(up, []).append(i)
+        self._build(
+            [state["nodes"][i] for i in state["order"]],
+            {i for i, s in old.items() if s == DONE},
+        )
+        for i, s in old.items():
+            if s in (FAILED, SKIPPED):
+                self._set(i, s)
+        for q in self.ready.values():
+            for i in [i for i in q if self.state[i] != PENDING]:
+                q.remove(i)
 
     def save(self, checkpoint_path: str) -> None:
         import pickle
@@ -119,3 +191,17 @@ class DagSearcher(Searcher):
 
         with open(checkpoint_path, "rb") as f:
             self.set_state(pickle.load(f))
+
+
+class DagCallback(Callback):
+    """Tells the searcher when a trial has actually started (left Ray's resource queue)."""
+
+    def __init__(self, searcher: DagSearcher):
+        self.searcher = searcher
+
+    def __getstate__(self) -> dict:
+        return {"searcher": None}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.searcher is not None:
+            self.searcher.on_trial_start(trial.trial_id)

@@ -114,15 +114,9 @@ class DiagnosticsSpec(_Strict):
 
 class Resources(_Strict):
     cpu: float = Field(default=1.0, ge=0, le=1024, allow_inf_nan=False)
-    gpu: float = Field(default=0.0, ge=0, le=64, allow_inf_nan=False)
-
-    @field_validator("gpu")
-    @classmethod
-    def _whole_gpus(cls, v: float) -> float:
-        # A node runs on one device (a fraction of it) or on several whole ones.
-        if v > 1 and v != int(v):
-            raise ValueError(f"a fraction of one GPU or a whole number of GPUs, not {v}")
-        return v
+    gpu: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
+    # Seconds a node of this step may run before it is failed (None: no limit).
+    timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _something(self) -> Resources:

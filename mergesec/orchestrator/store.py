@@ -69,6 +69,41 @@ class Store:
     def is_failed(self, node_id: str) -> bool:
         return not self.is_done(node_id) and self._exists(f"{self._node(node_id)}/{FAILED}")
 
+    def states(self) -> dict[str, str]:
+        """``{node_id: "done" | "failed"}`` for every node the store holds, from one listing.
+
+        Nodes absent from the result are pending. On an object store this is one (paginated)
+        recursive listing instead of one or two requests per node.
+        """
+        out: dict[str, str] = {}
+        if self.local is not None:
+            nodes = self.local / "nodes"
+            if not nodes.is_dir():
+                return out
+            with os.scandir(nodes) as it:
+                for e in it:
+                    if e.name.startswith(".") or not _ID_RE.match(e.name):
+                        continue
+                    if os.path.exists(f"{e.path}/{SUCCESS}"):
+                        out[e.name] = "done"
+                    elif os.path.exists(f"{e.path}/{FAILED}"):
+                        out[e.name] = "failed"
+            return out
+        import pyarrow.fs
+
+        sel = pyarrow.fs.FileSelector(f"{self.root}/nodes", allow_not_found=True, recursive=True)
+        prefix = f"{self.root}/nodes/"
+        for info in self.fs.get_file_info(sel):
+            rel = info.path[len(prefix) :].split("/") if info.path.startswith(prefix) else []
+            if len(rel) != 2:
+                continue  # only markers directly inside a node directory count
+            node_id, name = rel
+            if name == SUCCESS:
+                out[node_id] = "done"
+            elif name == FAILED and out.get(node_id) != "done":
+                out[node_id] = "failed"
+        return {i: s for i, s in out.items() if _ID_RE.match(i)}
+
     def failure(self, node_id: str) -> str:
         return self.read_text(f"nodes/{_check_id(node_id)}/{FAILED}")
 
@@ -90,8 +125,9 @@ class Store:
         if self.local is not None:
             return self.local / "nodes" / _check_id(node_id)
         from mergesec.core.paths import cache_root
+        from mergesec.core.uris import redact_uri
 
-        target = cache_root() / "store" / safe_name(self.uri) / node_id
+        target = cache_root() / "store" / safe_name(redact_uri(self.uri)) / node_id
         if not (target / SUCCESS).exists():
             import pyarrow.fs
 
@@ -101,6 +137,33 @@ class Store:
             shutil.rmtree(target, ignore_errors=True)
             os.replace(tmp, target)
         return target
+
+    def fetch_files(
+        self, node_id: str, dest: str | Path, *, names: tuple[str, ...] = (), suffixes=()
+    ) -> list[Path]:
+        """Local paths of the node's top-level files named ``names`` (in that order), then those
+        ending in one of ``suffixes`` (sorted). A remote store downloads only these into ``dest``.
+        """
+        node_dir = self._node(node_id)
+        if self.local is not None:
+            entries = [p.name for p in Path(node_dir).iterdir() if p.is_file()]
+        else:
+            import pyarrow.fs
+
+            infos = self.fs.get_file_info(pyarrow.fs.FileSelector(node_dir))
+            entries = [i.base_name for i in infos if i.type == pyarrow.fs.FileType.File]
+        picked = [n for n in names if n in entries]
+        picked += sorted(n for n in entries if n.endswith(tuple(suffixes)) and n not in names)
+        if self.local is not None:
+            return [Path(node_dir) / n for n in picked]
+        out = []
+        for n in picked:
+            target = Path(dest) / n
+            with self.fs.open_input_stream(f"{node_dir}/{n}") as src, target.open("wb") as f:
+                while chunk := src.read(1 << 20):
+                    f.write(chunk)
+            out.append(target)
+        return out
 
     # ---- writing
     @contextlib.contextmanager

@@ -1,16 +1,31 @@
-"""MLflow tracking from the driver, as a Ray Tune ``Callback``.
+"""MLflow tracking from the driver: a background writer fed by a Ray Tune ``Callback``.
 
 One experiment per study, one parent run per invocation, one child run per node. A node's child run
-is found again by the tag ``mergesec.node_id``, so a resumed study reuses it instead of adding a
-duplicate. Workers never talk to MLflow.
+is found again by the tag ``mergesec.node_id`` (all of a study's runs are listed once per
+invocation), so a resumed study reuses it instead of adding a duplicate. Workers never talk to
+MLflow.
+
+Tune's callbacks only put events on a queue; one thread sends them to MLflow in order, merging
+consecutive metric reports of a run into one request and retrying with back-off while the tracking
+server is unreachable. Nothing here raises into Tune. What is still unsent when the study ends is
+listed in the run summary, and the next invocation logs the nodes it missed (``reconcile``).
+
+Run names, tags and params are made by ``node_run_name``, ``node_tags``, ``node_params`` and
+``parent_tags`` alone.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import re
 import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray.tune import Callback
@@ -20,11 +35,22 @@ from mergesec.orchestrator.runner import STEP_KEY
 from mergesec.orchestrator.store import Store
 
 TAG_NODE = "mergesec.node_id"
+TAG_STUDY = "mergesec.study"
 DEFAULT_URI = "sqlite:///mlflow.db"
+# Files of a node the driver logs as artifacts; everything else (weights) stays in the store.
+SMALL_FILES = (".png", ".md")
+log = logging.getLogger("mergesec.tracking")
 
 
 def tracking_uri(explicit: str | None) -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def tracking_threads(uri: str | None) -> int:
+    """Writer threads: several for a tracking server, one for a local database or directory."""
+    if os.environ.get("MERGESEC_TRACKING_THREADS"):
+        return max(1, int(os.environ["MERGESEC_TRACKING_THREADS"]))
+    return 4 if tracking_uri(uri).startswith(("http://", "https://")) else 1
 
 
 _MLFLOW_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -49,57 +75,125 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return {mlflow_key(k): v[:6000] for k, v in out.items()}
 
 
+# ---- what a run is called and tagged with (the one place that decides it)
+def parent_run_name(study: str) -> str:
+    return study
+
+
+def parent_tags(study: str, extra: dict[str, str]) -> dict[str, str]:
+    return {TAG_STUDY: study, **extra}
+
+
+def node_run_name(node: Node) -> str:
+    return node.title()
+
+
+def node_tags(node: Node, parent_id: str | None, input_runs: dict[str, str]) -> dict[str, str]:
+    tags = {
+        TAG_NODE: node.id,
+        "mergesec.step": node.step,
+        "mergesec.op": node.op,
+        "mergesec.scenario": ";".join(node.labels.get("scenario", [])) or "-",
+        "mergesec.what": ",".join(node.labels.get("what", [])),
+        "mlflow.parentRunId": parent_id or "",
+    }
+    for role, up in node.inputs.items():
+        tags[f"mergesec.input_node.{role}"] = up
+        if up in input_runs:
+            tags[f"mergesec.input.{role}"] = input_runs[up]
+    return tags
+
+
+def node_params(node: Node) -> dict[str, str]:
+    return flatten({"op": node.op_key} | node.params)
+
+
+def numeric_metrics(metrics: dict[str, Any], step: int | None, ts: int) -> list:
+    from mlflow.entities import Metric
+
+    return [
+        Metric(mlflow_key(k), float(v), ts, step or 0)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
+
+
 class StudyTracker:
-    """Owns the MLflow client, the study's experiment and this invocation's parent run."""
+    """Synchronous MLflow calls for one study: its experiment, parent run and child runs.
+
+    Only the ``TrackingWriter`` thread calls it during a run; every method may raise.
+    """
 
     def __init__(self, uri: str | None, study: str, experiment: str | None = None):
-        import logging
-
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
-
         self.uri = tracking_uri(uri)
+        if self.uri.startswith(("http://", "https://")):
+            # The writer retries with its own back-off; MLflow's default (7 retries with
+            # exponential waits) would hold one event for minutes while the server is down.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+            # Ending a run would otherwise fetch it again just to print its URL on stdout.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        self.study = study
+        self.experiment_name = experiment or f"mergesec/{study}"
         self.client = MlflowClient(self.uri)
-        name = experiment or f"mergesec/{study}"
-        exp = self.client.get_experiment_by_name(name)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(name)
+        self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self._node_runs: dict[str, str] = {}
+        self._finished: set[str] = set()  # node ids whose run is FINISHED
+        self._params_due: set[str] = set()  # runs created without their params
 
-    def start_parent(self, study: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-        # An invocation that was killed left its parent run RUNNING; it is over now.
-        stale = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`mergesec.study` = '{study}' and attributes.status = 'RUNNING'",
-            max_results=100,
-        )
-        for r in stale:
-            if "mlflow.parentRunId" not in r.data.tags:
-                self.client.set_terminated(r.info.run_id, status="KILLED")
+    def connect(self) -> None:
+        if self.experiment_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment_name)
+            self.experiment_id = (
+                exp.experiment_id if exp else self.client.create_experiment(self.experiment_name)
+            )
+
+    def _all_runs(self) -> list:
+        """Every run of the experiment, paginated: one listing per invocation."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def start_parent(self, params: dict[str, Any], tags: dict[str, str]) -> str:
+        self.connect()
         run = self.client.create_run(
-            self.experiment_id, run_name=f"{study}", tags={"mergesec.study": study, **tags}
+            self.experiment_id,
+            run_name=parent_run_name(self.study),
+            tags=parent_tags(self.study, tags),
         )
         self.parent_id = run.info.run_id
-        items = list(flatten(params).items())
-        for i in range(0, len(items), 100):
-            self._log_params(self.parent_id, dict(items[i : i + 100]))
+        self._log_params(self.parent_id, flatten(params))
         return self.parent_id
 
-    def reconcile(self, store: Store, nodes: dict[str, Node]) -> None:
-        """Close child runs a killed invocation left RUNNING: FINISHED when the store has the node."""
-        running = self.client.search_runs(
-            [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
-        )
-        for r in running:
-            node_id = r.data.tags.get(TAG_NODE)
-            if node_id in nodes:
-                self._node_runs[node_id] = r.info.run_id
-                if store.is_done(node_id):
-                    self.finish_node(nodes[node_id], store, "FINISHED")
-                else:
-                    self.client.set_terminated(r.info.run_id, status="KILLED")
+    def reconcile(self, states: dict[str, str], nodes: dict[str, Node]) -> list[Node]:
+        """Index the study's runs; close what a killed invocation left RUNNING.
+
+        Returns the plan's nodes the store holds as done that have no FINISHED run yet (an earlier
+        invocation could not log them); the caller logs them.
+        """
+        self.connect()
+        for r in self._all_runs():
+            tags, status = r.data.tags, r.info.status
+            node_id = tags.get(TAG_NODE)
+            if node_id is None:
+                if status == "RUNNING" and tags.get(TAG_STUDY) == self.study:
+                    self.client.set_terminated(r.info.run_id, status="KILLED")  # a stale parent
+                continue
+            self._node_runs.setdefault(node_id, r.info.run_id)
+            if status == "FINISHED":
+                self._finished.add(node_id)
+            elif status == "RUNNING" and states.get(node_id) != "done":
+                self.client.set_terminated(r.info.run_id, status="KILLED")
+        return [n for i, n in nodes.items() if states.get(i) == "done" and i not in self._finished]
 
     def end_parent(self, status: str, artifacts: list[str] = ()) -> None:
         if self.parent_id is None:
@@ -114,116 +208,369 @@ class StudyTracker:
 
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
 
-    def node_run(self, node_id: str) -> str | None:
-        if node_id in self._node_runs:
-            return self._node_runs[node_id]
+    def _find(self, node_id: str) -> str | None:
         runs = self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{TAG_NODE}` = '{node_id}'", max_results=1
         )
-        if runs:
-            self._node_runs[node_id] = runs[0].info.run_id
-            return runs[0].info.run_id
-        return None
+        return runs[0].info.run_id if runs else None
 
-    def start_node(self, node: Node) -> str:
-        tags = {
-            TAG_NODE: node.id,
-            "mergesec.step": node.step,
-            "mergesec.op": node.op,
-            "mergesec.scenario": ";".join(node.labels.get("scenario", [])) or "-",
-            "mergesec.what": ",".join(node.labels.get("what", [])),
-            "mlflow.parentRunId": self.parent_id or "",
-        }
-        for role, up in node.inputs.items():
-            tags[f"mergesec.input_node.{role}"] = up
-            up_run = self.node_run(up)
-            if up_run:
-                tags[f"mergesec.input.{role}"] = up_run
-        existing = self.node_run(node.id)
+    def start_node(self, node: Node, retry: bool = False, params: bool = True) -> str:
+        """The node's run, created or reused and set RUNNING.
+
+        ``retry``: an earlier attempt failed and may have created the run before the connection
+        dropped, so look for it once before creating another. ``params=False`` leaves the params
+        to ``finish_node`` (one request less when the node is already over).
+        """
+        from mlflow.entities import RunTag
+
+        self.connect()
+        if retry and node.id not in self._node_runs:
+            found = self._find(node.id)
+            if found:
+                self._node_runs[node.id] = found
+                self._params_due.add(node.id)  # the lost attempt may not have sent them
+        tags = node_tags(node, self.parent_id, self._node_runs)
+        existing = self._node_runs.get(node.id)
         if existing:
-            for k, v in tags.items():
-                self.client.set_tag(existing, k, v)
+            self.client.log_batch(existing, tags=[RunTag(k, v) for k, v in tags.items()])
             self.client.update_run(existing, status="RUNNING")
+            self._finished.discard(node.id)
             return existing
-        run = self.client.create_run(self.experiment_id, run_name=node.title(), tags=tags)
+        run = self.client.create_run(self.experiment_id, run_name=node_run_name(node), tags=tags)
         self._node_runs[node.id] = run.info.run_id
-        self._log_params(run.info.run_id, flatten({"op": node.op_key} | node.params))
+        if params:
+            self._log_params(run.info.run_id, node_params(node))
+        else:
+            self._params_due.add(node.id)
         return run.info.run_id
 
-    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int | None) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        ms = [
-            Metric(mlflow_key(k), float(v), ts, step or 0)
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        ]
-        if ms:
-            self.client.log_batch(run_id, metrics=ms)
+    def log_metrics(self, node_id: str, metrics: list) -> None:
+        run_id = self._node_runs.get(node_id)
+        if run_id is not None and metrics:
+            self.client.log_batch(run_id, metrics=metrics)
 
     def finish_node(self, node: Node, store: Store, status: str, log_weights: bool = False) -> None:
-        run_id = self.node_run(node.id)
+        """Log the node's small files and end its run. Reads metrics, ``node.json``, PNG and
+        Markdown files only (weights too when ``log_weights``), never the whole node."""
+        run_id = self._node_runs.get(node.id)
         if run_id is None:
             return
-        try:
+        with tempfile.TemporaryDirectory() as tmp:
+            from mlflow.entities import Param
+
+            params = (
+                [Param(k, v) for k, v in node_params(node).items()]
+                if node.id in self._params_due
+                else []
+            )
+            metrics = []
             if status == "FINISHED":
-                self.log_metrics(run_id, store.read_metrics(node.id), None)
-                with tempfile.TemporaryDirectory() as tmp:
-                    for name in ("node.json", "metrics.json"):
-                        p = os.path.join(tmp, name)
-                        with open(p, "w") as f:
-                            f.write(store.read_text(f"nodes/{node.id}/{name}"))
-                        self.client.log_artifact(run_id, p)
-                local = store.local_dir(node.id)
-                for png in sorted(local.glob("*.png")) + sorted(local.glob("*.md")):
-                    self.client.log_artifact(run_id, str(png))
-                if log_weights:
-                    for f in sorted(local.glob("*.safetensors")):
-                        self.client.log_artifact(run_id, str(f), artifact_path="weights")
+                ts = int(time.time() * 1000)
+                metrics = numeric_metrics(store.read_metrics(node.id), None, ts)
+            if params or metrics:
+                self.client.log_batch(run_id, metrics=metrics, params=params)
+                self._params_due.discard(node.id)
+            if status == "FINISHED":
+                suffixes = SMALL_FILES + ((".safetensors",) if log_weights else ())
+                files = store.fetch_files(
+                    node.id, tmp, names=("node.json", "metrics.json"), suffixes=suffixes
+                )
+                for path in files:
+                    weights = path.suffix == ".safetensors"
+                    self.client.log_artifact(
+                        run_id, str(path), artifact_path="weights" if weights else None
+                    )
             elif store.is_failed(node.id):
-                with tempfile.TemporaryDirectory() as tmp:
-                    p = os.path.join(tmp, "traceback.txt")
-                    with open(p, "w") as f:
-                        f.write(store.failure(node.id))
-                    self.client.log_artifact(run_id, p)
-        finally:
-            self.client.set_terminated(run_id, status=status)
+                p = os.path.join(tmp, "traceback.txt")
+                with open(p, "w") as f:
+                    f.write(store.failure(node.id))
+                self.client.log_artifact(run_id, p)
+        self.client.set_terminated(run_id, status=status)
+        if status == "FINISHED":
+            self._finished.add(node.id)
+
+
+@dataclass
+class _Op:
+    kind: str  # "open", "start", "metrics", "finish", "end"
+    node: Node | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+    metrics: list = field(default_factory=list)
+    attempts: int = 0
+
+
+class TrackingWriter:
+    """Sends tracking events to MLflow from background threads, in order per node, with retries.
+
+    Events are sharded by node over ``threads`` threads (one is right for a local database; a
+    tracking server answers several requests at once). A node's run is created after its inputs'
+    runs, so lineage tags can name them. ``max_metric_events`` bounds the queued metric reports
+    (the oldest are dropped first and counted in ``dropped_metrics``); start and finish events are
+    never dropped (two per node).
+    """
+
+    def __init__(
+        self,
+        make_tracker: Callable[[], StudyTracker],
+        store: Store,
+        *,
+        log_weights: bool = False,
+        threads: int = 1,
+        max_metric_events: int = 10_000,
+        backoff: tuple[float, float] = (0.2, 15.0),
+        on_close: Callable[[TrackingWriter], None] | None = None,
+    ):
+        self.on_close = on_close
+        self.make_tracker = make_tracker
+        self.tracker: StudyTracker | None = None
+        self.store = store
+        self.log_weights = log_weights
+        self.max_metric_events = max_metric_events
+        self.backoff = backoff
+        self.dropped_metrics = 0
+        self.errors = 0
+        self.last_error = ""
+        self.parent_id: str | None = None
+        self._queues: list[collections.deque[_Op]] = [collections.deque() for _ in range(threads)]
+        self._busy: list[_Op | None] = [None] * threads
+        self._starting: set[str] = set()  # nodes whose start is queued, not yet sent
+        self._finishing: set[str] = set()  # nodes whose finish is queued, not yet sent
+        self._n_metrics = 0
+        self._cv = threading.Condition()
+        self._opened = False
+        self._abandoned = False
+        self._failing = False  # the last request failed (no answer yet since)
+        self._last_ok = time.monotonic()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(k,), name=f"mergesec-tracking-{k}")
+            for k in range(threads)
+        ]
+        for t in self._threads:
+            t.daemon = True
+            t.start()
+
+    # ---- producers (Tune's thread): never block for long, never raise
+    def _shard(self, node: Node | None) -> int:
+        return 0 if node is None else hash(node.id) % len(self._queues)
+
+    def _put(self, op: _Op, front: bool = False) -> None:
+        """Queue ``op``; the caller holds ``self._cv``."""
+        q = self._queues[self._shard(op.node)]
+        if op.kind == "metrics":
+            if self._n_metrics >= self.max_metric_events:
+                old = next((i for i, o in enumerate(q) if o.kind == "metrics"), None)
+                if old is None:
+                    self.dropped_metrics += 1
+                    return
+                del q[old]
+                self._n_metrics -= 1
+                self.dropped_metrics += 1
+            self._n_metrics += 1
+        elif op.kind == "start":
+            self._starting.add(op.node.id)
+        elif op.kind == "finish":
+            self._finishing.add(op.node.id)
+        if front:
+            q.appendleft(op)
+        else:
+            q.append(op)
+        self._cv.notify_all()
+
+    def _enqueue(self, op: _Op) -> None:
+        with self._cv:
+            self._put(op)
+
+    def open(
+        self,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        states: dict[str, str],
+        nodes: dict[str, Node],
+    ) -> None:
+        """Connect, index and reconcile the study's runs, start the parent run (before anything)."""
+        args = {"params": params, "tags": tags, "states": states, "nodes": nodes}
+        self._enqueue(_Op("open", args=args))
+
+    def start(self, node: Node) -> None:
+        self._enqueue(_Op("start", node))
+
+    def metrics(self, node: Node, metrics: dict[str, Any], step: int | None) -> None:
+        ms = numeric_metrics(metrics, step, int(time.time() * 1000))
+        if ms:
+            self._enqueue(_Op("metrics", node, metrics=ms))
+
+    def finish(self, node: Node, status: str) -> None:
+        self._enqueue(_Op("finish", node, args={"status": status}))
+
+    def end_parent(
+        self, status: str, artifacts: list[str] = (), grace_s: float | None = None
+    ) -> None:
+        """Send everything queued, then end the parent run; give up when nothing could be sent
+        for ``grace_s`` seconds (``MERGESEC_TRACKING_GRACE_S``, default 60)."""
+        grace = self._grace(grace_s)
+        if self._drain(grace):
+            self._enqueue(_Op("end", args={"status": status, "artifacts": list(artifacts)}))
+            self._drain(grace)
+        self._stop()
+
+    def close(self, grace_s: float | None = None) -> None:
+        """Send what is queued (same ``grace_s`` as ``end_parent``) and stop; what is left stays
+        unsent (``unsent``) and is never sent later."""
+        self._drain(self._grace(grace_s))
+        self._stop()
+
+    @staticmethod
+    def _grace(grace_s: float | None) -> float:
+        if grace_s is not None:
+            return float(grace_s)
+        return float(os.environ.get("MERGESEC_TRACKING_GRACE_S", 60))
+
+    def _drain(self, grace: float) -> bool:
+        """Wait until every queue is empty (True), or nothing was sent for ``grace`` seconds."""
+        with self._cv:
+            # a slow server that still answers is waited for; one that fails gets ``grace``
+            while self._pending() and (
+                not self._failing or time.monotonic() - self._last_ok < grace
+            ):
+                self._cv.wait(timeout=0.2)
+            return not self._pending()
+
+    def _pending(self) -> bool:
+        return any(self._queues) or any(b is not None for b in self._busy)
+
+    def _stop(self) -> None:
+        with self._cv:
+            self._abandoned = True  # the threads stop at their next step
+            self._cv.notify_all()
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def unsent(self) -> list[str]:
+        """Titles of the nodes whose start or finish has not reached MLflow."""
+        with self._cv:
+            ops = [b for b in self._busy if b is not None] + [o for q in self._queues for o in q]
+        titles = []
+        for op in ops:
+            if op.kind in ("start", "finish") and op.node.title() not in titles:
+                titles.append(op.node.title())
+        return titles
+
+    # ---- the writer threads
+    def _next(self, k: int) -> _Op | None:
+        q = self._queues[k]
+        with self._cv:
+            while not self._abandoned and (not q or (k > 0 and not self._opened)):
+                self._cv.wait(timeout=0.5)
+            if self._abandoned:
+                return None
+            op = q.popleft()
+            self._busy[k] = op
+            if op.kind == "metrics":
+                self._n_metrics -= 1
+                # one request for consecutive reports of the same node
+                while q and q[0].kind == "metrics" and q[0].node.id == op.node.id:
+                    if len(op.metrics) >= 900:
+                        break
+                    op.metrics.extend(q.popleft().metrics)
+                    self._n_metrics -= 1
+            elif op.kind == "start":
+                # the inputs' runs first, so that this run's lineage tags can name them
+                while not self._abandoned and any(
+                    up in self._starting for up in op.node.inputs.values()
+                ):
+                    self._cv.wait(timeout=0.2)
+            return op
+
+    def _loop(self, k: int) -> None:
+        while True:
+            op = self._next(k)
+            if op is None:
+                return
+            delay = self.backoff[0]
+            while True:
+                try:
+                    self._apply(op)
+                    break
+                except Exception as e:  # noqa: BLE001 - tracking must never stop the study
+                    op.attempts += 1
+                    self.errors += 1
+                    self.last_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    if op.attempts == 1:
+                        log.warning("MLflow unreachable (%s); retrying", self.last_error)
+                    with self._cv:
+                        self._failing = True
+                        if self._abandoned:
+                            self._busy[k] = None
+                            self._queues[k].appendleft(op)  # keep it listed as unsent
+                            self._cv.notify_all()
+                            return
+                    time.sleep(delay)
+                    delay = min(delay * 2, self.backoff[1])
+            with self._cv:
+                self._busy[k] = None
+                if op.kind == "start":
+                    self._starting.discard(op.node.id)
+                elif op.kind == "finish":
+                    self._finishing.discard(op.node.id)
+                self._last_ok = time.monotonic()
+                self._failing = False
+                self._cv.notify_all()
+
+    def _apply(self, op: _Op) -> None:
+        if self.tracker is None:
+            self.tracker = self.make_tracker()
+        t = self.tracker
+        if op.kind == "open":
+            a = op.args
+            backlog = t.reconcile(a["states"], a["nodes"])
+            if t.parent_id is None:
+                self.parent_id = t.start_parent(a["params"], a["tags"])
+            # nodes an earlier invocation finished but could not log: log them before the rest
+            with self._cv:
+                for n in reversed(backlog):
+                    self._put(_Op("finish", n, args={"status": "FINISHED"}), front=True)
+                    self._put(_Op("start", n), front=True)
+                self._opened = True
+        elif op.kind == "start":
+            # a node already over sends its params with its metrics, in one request
+            over = op.node.id in self._finishing
+            t.start_node(op.node, retry=op.attempts > 0, params=not over)
+        elif op.kind == "metrics":
+            t.log_metrics(op.node.id, op.metrics)
+        elif op.kind == "finish":
+            t.finish_node(op.node, self.store, op.args["status"], self.log_weights)
+        elif op.kind == "end":
+            t.end_parent(op.args["status"], op.args["artifacts"])
 
 
 class MlflowCallback(Callback):
-    """Ray Tune callback that mirrors every trial (node) into an MLflow child run."""
+    """Ray Tune callback that mirrors every trial (node) into an MLflow child run, through a
+    ``TrackingWriter``: it only queues events, so Tune's loop never waits on MLflow."""
 
-    def __init__(self, tracker: StudyTracker, store: Store, log_weights: bool = False):
-        self.tracker = tracker
-        self.store = store
-        self.log_weights = log_weights
-        self._runs: dict[str, str] = {}
+    def __init__(self, writer: TrackingWriter):
+        self.writer = writer
 
     def __getstate__(self) -> dict:
         # Tune pickles its run config (callbacks included) into the experiment directory; the live
-        # MLflow client cannot be pickled and is not needed by a restored experiment's metadata.
-        return {"tracker": None, "store": self.store, "log_weights": self.log_weights, "_runs": {}}
+        # writer cannot be pickled and is not needed by a restored experiment's metadata.
+        return {"writer": None}
 
     @staticmethod
     def _node(trial) -> Node:
         return Node.from_dict(trial.config["node"])
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._runs[trial.trial_id] = self.tracker.start_node(self._node(trial))
+        self.writer.start(self._node(trial))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._runs.get(trial.trial_id)
-        if run_id is None or result.get("node_done"):
+        if result.get("node_done"):
             return
         step = result.get(STEP_KEY)
         metrics = {k: v for k, v in result.items() if "/" in k or k in {"epoch"}}
-        self.tracker.log_metrics(run_id, metrics, int(step) if step is not None else None)
+        self.writer.metrics(self._node(trial), metrics, int(step) if step is not None else None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.tracker.finish_node(self._node(trial), self.store, "FINISHED", self.log_weights)
+        self.writer.finish(self._node(trial), "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.tracker.finish_node(self._node(trial), self.store, "FAILED")
+        self.writer.finish(self._node(trial), "FAILED")

@@ -1,0 +1,262 @@
+"""Orchestration at sweep scale: trivial nodes in a sweep-shaped DAG, and the driver's cost per event.
+
+For each N the same DAG (groups of 8 expert roots, 6 merges of all 8, one evaluation per merge)
+runs through mergesec with the store alone, with MLflow on SQLite, and with a real
+``mlflow server`` on 127.0.0.1, next to a plain Ray Tune grid of N trials (no dependencies) in the
+same Ray instance. The pure driver cost (``DagSearcher`` and progress, no Ray) is measured per
+event on a 1e4- and a 1e5-node plan.
+
+    python benchmarks/orchestration_scale.py [--n 100 1000 10000] [--cpus 2] [--paths ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+PATHS = ("grid", "store", "sqlite", "server")
+
+
+def sweep_dicts(n: int, datasets: int = 8, merges: int = 6) -> list[dict]:
+    """Plan-shaped node dicts: ``datasets`` roots, ``merges`` merges of them, an eval per merge."""
+    nodes: list[dict] = []
+    while len(nodes) < n:
+        roots = []
+        for _ in range(datasets):
+            nodes.append({"id": f"{len(nodes):016x}", "step": "finetune", "op": "x", "inputs": {}})
+            roots.append(nodes[-1]["id"])
+        for _ in range(merges):
+            ins = {f"e{j}": r for j, r in enumerate(roots)}
+            nodes.append({"id": f"{len(nodes):016x}", "step": "merge", "op": "x", "inputs": ins})
+            merged = nodes[-1]["id"]
+            nodes.append(
+                {"id": f"{len(nodes):016x}", "step": "evaluate", "op": "x", "inputs": {"m": merged}}
+            )
+    return nodes[:n]
+
+
+def driver_cost(n: int) -> dict[str, float]:
+    """Seconds per driver event (suggest, start, complete, progress line) over a whole plan."""
+    from ray.tune.search import Searcher
+
+    from mergesec.orchestrator.progress import progress_line, progress_table
+    from mergesec.orchestrator.searcher import DagSearcher
+
+    shapes = {"finetune": (1, 1), "merge": (2, 0), "evaluate": (1, 0)}
+    nodes = sweep_dicts(n)
+    t = time.perf_counter()
+    s = DagSearcher(nodes, shape=lambda d: shapes[d["step"]], window=64)
+    build = time.perf_counter() - t
+    live: list[tuple[str, dict]] = []
+    k = events = 0
+    t = time.perf_counter()
+    while True:
+        c = s.suggest(f"t{k}")
+        events += 1
+        if isinstance(c, dict):
+            s.on_trial_start(f"t{k}")
+            live.append((f"t{k}", c["node"]))
+            progress_line(s, c["node"], "start", 0.0)
+            k += 1
+            events += 1
+        elif c == Searcher.FINISHED:
+            break
+        else:
+            tid, node = live.pop(0)
+            s.on_trial_complete(tid)
+            progress_line(s, node, "done", 0.0)
+            events += 1
+    per_event = (time.perf_counter() - t) / events
+    t = time.perf_counter()
+    progress_table(s, {}, 0.0)
+    return {
+        "n": n,
+        "build_s": build,
+        "events": events,
+        "per_event_us": per_event * 1e6,
+        "table_ms": (time.perf_counter() - t) * 1e3,
+    }
+
+
+def sweep_nodes(n: int):
+    from mergesec.orchestrator.node import Node
+
+    nodes, by_id = [], {}
+    for d in sweep_dicts(n):
+        ins = {role: by_id[up] for role, up in d["inputs"].items()}
+        node = Node("evaluate", "bench_noop", "1", {"seed": int(d["id"], 16)}, ins)
+        by_id[d["id"]] = node.id
+        nodes.append(node)
+    return nodes
+
+
+class MlflowServer:
+    def __init__(self, root: Path):
+        self.root = root
+        with __import__("socket").socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> MlflowServer:
+        exe = shutil.which("mlflow")
+        cmd = [exe] if exe else [sys.executable, "-m", "mlflow"]
+        self.proc = subprocess.Popen(
+            [*cmd, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+            + ["--backend-store-uri", f"sqlite:///{self.root / 'server.db'}"]
+            + ["--artifacts-destination", str(self.root / "artifacts")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(400):
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError("mlflow server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def run_mergesec(nodes, root: Path, tracking_uri: str | None) -> float:
+    from mergesec.orchestrator.engine import run_dag
+    from mergesec.orchestrator.store import Store
+    from mergesec.orchestrator.tracking import (
+        MlflowCallback,
+        StudyTracker,
+        TrackingWriter,
+        tracking_threads,
+    )
+
+    store = Store(str(root / "store"))
+    callbacks, writer = [], None
+    t = time.perf_counter()
+    if tracking_uri:
+        writer = TrackingWriter(
+            lambda: StudyTracker(tracking_uri, "bench"),
+            store,
+            threads=tracking_threads(tracking_uri),
+        )
+        writer.open({}, {}, {}, {})
+        callbacks.append(MlflowCallback(writer))
+    with open(os.devnull, "w") as quiet:
+        from rich.console import Console
+
+        s = run_dag(
+            nodes,
+            store,
+            name="bench",
+            resources={"evaluate": {"cpu": 1, "gpu": 0}},
+            callbacks=callbacks,
+            console=Console(file=quiet),
+        )
+    if writer is not None:
+        writer.end_parent("FINISHED")  # the time to the last MLflow write counts
+        assert not writer.unsent(), writer.last_error
+    elapsed = time.perf_counter() - t
+    assert all(v == "done" for v in s.state.values())
+    return elapsed
+
+
+def run_grid(n: int, root: Path) -> float:
+    from ray import tune
+
+    from benchmarks.orchestration_overhead import _tune_trainable
+
+    t = time.perf_counter()
+    tune.Tuner(
+        tune.with_resources(_tune_trainable, {"cpu": 1}),
+        param_space={"seed": tune.grid_search(list(range(n)))},
+        tune_config=tune.TuneConfig(reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=str(root / "tune-grid"), verbose=0),
+    ).fit()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, nargs="+", default=[100, 1000, 10000])
+    ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    ap.add_argument("--driver-n", type=int, nargs="*", default=[10_000, 100_000])
+    ap.add_argument("--cpus", type=int, default=2)
+    args = ap.parse_args()
+
+    for n in args.driver_n:
+        d = driver_cost(n)
+        print(
+            f"driver cost at {n} nodes: {d['per_event_us']:.1f} us per event over {d['events']} "
+            f"events; plan state built in {d['build_s']:.2f} s; progress table {d['table_ms']:.2f} ms"
+        )
+    if not args.n:
+        return
+    os.environ["MERGESEC_BENCH_WORK"] = "100"  # trivial nodes: what is measured is overhead
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    os.environ["MERGESEC_PLUGINS"] = "benchmarks.orchestration_overhead"
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "0"
+    import ray
+
+    from benchmarks.orchestration_overhead import _register  # noqa: F401 - registers bench_noop
+
+    env = {k: os.environ[k] for k in ("PYTHONPATH", "MERGESEC_PLUGINS", "MERGESEC_BENCH_WORK")}
+    ray.init(
+        num_cpus=args.cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": env},
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.n:
+            nodes = sweep_nodes(n)
+            row = {"n": n}
+            for path in args.paths:
+                root = Path(tmp) / f"{n}-{path}"
+                root.mkdir(parents=True)
+                if path == "grid":
+                    row[path] = run_grid(n, root)
+                elif path == "store":
+                    row[path] = run_mergesec(nodes, root, None)
+                elif path == "sqlite":
+                    row[path] = run_mergesec(nodes, root, f"sqlite:///{root / 'mlflow.db'}")
+                else:
+                    with MlflowServer(root) as server:
+                        row[path] = run_mergesec(nodes, root, server.url)
+                print(
+                    f"N={n} {path}: {row[path]:.1f} s ({row[path] / n:.4f} s per node)", flush=True
+                )
+            rows.append(row)
+    ray.shutdown()
+    names = {
+        "grid": "plain Tune grid",
+        "store": "mergesec, store",
+        "sqlite": "store + MLflow SQLite",
+        "server": "store + mlflow server",
+    }
+    print(f"\n{args.cpus} CPUs; seconds per node (wall time / N); ratio to the Tune grid")
+    print("| N | " + " | ".join(names[p] for p in args.paths) + " |")
+    print("|---" * (len(args.paths) + 1) + "|")
+    for row in rows:
+        cells = []
+        for p in args.paths:
+            per = row[p] / row["n"]
+            ratio = f" ({row[p] / row['grid']:.2f}x)" if "grid" in row and p != "grid" else ""
+            cells.append(f"{per:.4f}{ratio}")
+        print(f"| {row['n']} | " + " | ".join(cells) + " |")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
