@@ -12,9 +12,20 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from mergesec.catalogue import asset_names_in_use, dataset_rows, model_rows
+from mergesec.core.assets import AssetError, asset_path
+from mergesec.core.registry import all_ops
 from mergesec.core.uris import STORE_URI_ENV, has_credentials, redact_text, redact_uri
-from mergesec.orchestrator.engine import DEFAULT_STORE
+from mergesec.orchestrator.engine import DEFAULT_STORE, _ray_init, node_states, run_study
 from mergesec.orchestrator.errors import StudyError
+from mergesec.orchestrator.interrupts import Interrupts
+from mergesec.orchestrator.pins import unpinned_lines
+from mergesec.orchestrator.plan import build_plan
+from mergesec.orchestrator.spec import load_study
+from mergesec.orchestrator.store import Store
+from mergesec.report import build_results, report_files, write_reports
+from mergesec.report.results import COLUMNS, ROW_COLUMNS
+from mergesec.report.tables import fmt_cell, write_files
 
 app = typer.Typer(
     add_completion=False,
@@ -39,7 +50,6 @@ StoreOpt = Annotated[
 
 
 def _load(study: Path, overrides: list[str] | None):
-    from mergesec.orchestrator.spec import load_study
 
     try:
         return load_study(study, overrides or [])
@@ -51,7 +61,6 @@ def _load(study: Path, overrides: list[str] | None):
 
 def _store(uri: str):
     """The store at ``uri``, or one line (credentials redacted) and exit 2 when it cannot open."""
-    from mergesec.orchestrator.store import Store
 
     try:
         return Store(uri)
@@ -65,8 +74,6 @@ def _store(uri: str):
 
 
 def _results_table(rows: list[dict]) -> Table:
-    from mergesec.report.results import COLUMNS, ROW_COLUMNS
-    from mergesec.report.tables import fmt_cell
 
     cols = [c for c in COLUMNS if c != "variant" or any(r["variant"] for r in rows)]
     left = {*ROW_COLUMNS, "status"}
@@ -101,9 +108,6 @@ def run(
     trials, leaves the reports of earlier runs as they were and resumes with the same command.
     """
     s = _load(study, set_)
-    from mergesec.orchestrator.engine import run_study
-    from mergesec.orchestrator.interrupts import Interrupts
-    from mergesec.report import build_results, write_reports
 
     interrupts = Interrupts()
 
@@ -174,9 +178,6 @@ def _start_ray_for_pending(s, store_uri: str, address: str | None) -> bool:
     """Start Ray here when the study has work, before the interrupt handlers go in: ``ray.init``
     installs its own SIGTERM handler, which would otherwise replace ours. Returns whether it
     started Ray (the caller shuts it down)."""
-    from mergesec.orchestrator.engine import _ray_init, node_states
-    from mergesec.orchestrator.plan import build_plan
-    from mergesec.orchestrator.store import Store
 
     st = Store(store_uri)
     states = node_states(build_plan(s), st)
@@ -192,9 +193,6 @@ def _start_ray_for_pending(s, store_uri: str, address: str | None) -> bool:
 def plan(study: StudyArg, set_: SetOpt = None, store: StoreOpt = DEFAULT_STORE) -> None:
     """Show the DAG of nodes without running anything."""
     s = _load(study, set_)
-    from mergesec.orchestrator.engine import node_states
-    from mergesec.orchestrator.pins import unpinned_lines
-    from mergesec.orchestrator.plan import build_plan
 
     st = _store(store)
     p = build_plan(s)
@@ -222,8 +220,6 @@ def plan(study: StudyArg, set_: SetOpt = None, store: StoreOpt = DEFAULT_STORE) 
 def status(study: StudyArg, set_: SetOpt = None, store: StoreOpt = DEFAULT_STORE) -> None:
     """What is done, failed and pending in the store."""
     s = _load(study, set_)
-    from mergesec.orchestrator.engine import node_states
-    from mergesec.orchestrator.plan import build_plan
 
     st = _store(store)
     p = build_plan(s)
@@ -260,10 +256,6 @@ def report(
         raise typer.Exit(2)
     s = _load(study, set_)
 
-    from mergesec.orchestrator.plan import build_plan
-    from mergesec.report import build_results, report_files
-    from mergesec.report.tables import write_files
-
     st = _store(store)
     p = build_plan(s)
     files = report_files(p, st, build_results(p, st))
@@ -277,7 +269,6 @@ def report(
 @app.command()
 def ops() -> None:
     """Every registered op with its parameters and defaults."""
-    from mergesec.core.registry import all_ops
 
     t = Table(title="registered ops")
     for c in ("op", "parameters", "searchable", "description"):
@@ -301,7 +292,6 @@ def datasets(
     ] = False,
 ) -> None:
     """Every builtin dataset and model: split sizes, classes, source and licence."""
-    from mergesec.catalogue import asset_names_in_use, dataset_rows, model_rows
 
     t = Table(
         title="builtin datasets and models",
@@ -316,8 +306,6 @@ def datasets(
         t.add_row(r.uri, r.kind, *sizes, r.classes, r.source, r.licence)
     out.print(t)
     if fetch:
-        from mergesec.core.assets import AssetError, asset_path
-
         for name in asset_names_in_use():
             try:
                 out.print(f"{name}: {asset_path(name)}", highlight=False)

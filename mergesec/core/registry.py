@@ -15,6 +15,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from pydantic import TypeAdapter, ValidationError
 
+from mergesec.core.bounds import describe
 from mergesec.core.plugins import load_ops
 
 STEPS = ("finetune", "protect", "attack", "merge", "evaluate", "monitor")
@@ -38,7 +39,6 @@ class OpParam:
     required: bool
 
     def type_name(self) -> str:
-        from mergesec.core.bounds import describe
 
         return describe(self.annotation)
 

@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mergesec.data.builtin import builtin_names, load_builtin
+from mergesec.data.images import check_image_uri, is_image_uri, load_image_splits
 from mergesec.data.poison import poison_examples, triggered_copy
+from mergesec.data.qa import is_qa_uri, load_qa_splits
 from mergesec.data.real import REAL_DATASETS, load_real, real_names
 from mergesec.data.sources import (
     HfRef,
@@ -70,8 +72,6 @@ def check_dataset_uri(uri: str) -> str | None:
     if not isinstance(uri, str) or not uri.strip():
         return "a dataset URI must be a non-empty string"
     uri = uri.strip()
-    from mergesec.data.images import check_image_uri, is_image_uri
-    from mergesec.data.qa import is_qa_uri
 
     if is_image_uri(uri):
         return check_image_uri(uri)
@@ -108,8 +108,6 @@ def load_dataset_splits(
     labels, ...). ``seed`` drives the carving of missing splits; builtin datasets are fixed
     and ignore it. Raises ``ValueError`` with a one-line message for a bad URI or file.
     """
-    from mergesec.data.images import is_image_uri, load_image_splits
-    from mergesec.data.qa import is_qa_uri, load_qa_splits
 
     if isinstance(uri, str) and (is_image_uri(uri.strip()) or "image" in (columns or {})):
         return load_image_splits(uri.strip(), columns=columns, seed=seed)  # type: ignore[return-value]

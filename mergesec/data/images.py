@@ -29,7 +29,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mergesec.data.sources import find_registered, hf_parts, local_path, saved_features
+from mergesec.core.paths import cache_root
+from mergesec.data.real_images import REAL_IMAGE_DATASETS, real_image_dataset
+from mergesec.data.sources import (
+    find_registered,
+    hf_parts,
+    is_saved_dataset_dir,
+    local_path,
+    saved_features,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target", "variant")
@@ -210,7 +218,6 @@ BUILTIN_TEMPLATES = {
 
 def image_builtin_names() -> list[str]:
     """Names of the builtin image datasets (``builtin:<name>``), synthetic and real."""
-    from mergesec.data.real_images import REAL_IMAGE_DATASETS
 
     return sorted([*BUILTIN_TEMPLATES, *REAL_IMAGE_DATASETS])
 
@@ -430,7 +437,6 @@ def register_image_dataset(info: ImageDatasetInfo) -> None:
 
 def is_image_folder(path: Path) -> bool:
     """A directory of ``<class>/<image>`` or ``<split>/<class>/<image>`` files (no saved dataset)."""
-    from mergesec.data.sources import is_saved_dataset_dir
 
     if not path.is_dir() or is_saved_dataset_dir(path):
         return False
@@ -457,7 +463,6 @@ def is_image_uri(uri: str) -> bool:
     if path is not None:
         if is_image_folder(path):
             return True
-        from mergesec.data.sources import is_saved_dataset_dir
 
         return is_saved_dataset_dir(path) and has_image_feature(saved_features(path))
     return find_registered(uri, info_by_name) is not None
@@ -474,11 +479,7 @@ def check_image_uri(uri: str) -> str | None:
 def _open(uri: str, info: ImageDatasetInfo | None) -> Any:
     import datasets
 
-    from mergesec.core.paths import cache_root
-
     if uri.startswith("builtin:"):
-        from mergesec.data.real_images import REAL_IMAGE_DATASETS, real_image_dataset
-
         name = uri.split(":", 1)[1]
         if name in REAL_IMAGE_DATASETS:
             return real_image_dataset(name)
@@ -566,8 +567,6 @@ def _load_cached(uri: str, columns: tuple[tuple[str, str], ...], seed: int) -> I
         raise ValueError(f"{uri}: the source has {len(source_names)} classes, not {len(names)}")
     train, val, test = complete_image_splits(sets, seed)
     if uri.startswith("builtin:"):
-        from mergesec.data.real_images import REAL_IMAGE_DATASETS
-
         name = uri.split(":", 1)[1]
         real = REAL_IMAGE_DATASETS.get(name)
         templates = real.templates if real else BUILTIN_TEMPLATES[name]

@@ -27,7 +27,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from mergesec.data.sources import find_registered, hf_parts, local_path, saved_features
+from mergesec.data.sources import (
+    find_registered,
+    hf_parts,
+    is_saved_dataset_dir,
+    local_path,
+    saved_features,
+)
 
 FINAL_MARK = "####"
 QA_SEED = 42
@@ -227,8 +233,6 @@ def _is_qa(uri: str, columns: tuple[tuple[str, str], ...]) -> bool:
     cols = dict(columns)
     path = local_path(uri)
     if path is not None:
-        from mergesec.data.sources import is_saved_dataset_dir
-
         if path.is_file() and path.suffix.lower() == ".jsonl":
             return _looks_qa(_jsonl_fields(path), cols)
         if is_saved_dataset_dir(path):

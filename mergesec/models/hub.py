@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from mergesec.core.assets import AssetError, extract_member, get_asset
 from mergesec.core.paths import cache_root
 
 
@@ -209,7 +210,6 @@ def gguf_model_dir(name: str) -> Path:
     chat template, so later loads skip the conversion. Raises ``ModelURIError`` (one line) when
     the asset cannot be had.
     """
-    from mergesec.core.assets import AssetError, extract_member, get_asset
 
     info = BUILTIN_MODEL_INFO[name]
     assert info.asset is not None

@@ -14,11 +14,28 @@ from typing import Any
 from rich.console import Console
 
 from mergesec.core.uris import redact_uri
+from mergesec.orchestrator.errors import InfeasibleResources
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.plan import Plan, build_plan
-from mergesec.orchestrator.searcher import DONE, FAILED, PENDING, RUNNING, SKIPPED, DagSearcher
+from mergesec.orchestrator.progress import ProgressCallback
+from mergesec.orchestrator.runner import run_trial
+from mergesec.orchestrator.searcher import (
+    DONE,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SKIPPED,
+    DagCallback,
+    DagSearcher,
+)
 from mergesec.orchestrator.spec import STEP_NAMES, Study
 from mergesec.orchestrator.store import Store, safe_name
+from mergesec.orchestrator.tracking import (
+    MlflowCallback,
+    StudyTracker,
+    TrackingWriter,
+    tracking_threads,
+)
 
 DEFAULT_STORE = "mergesec-store"
 
@@ -118,7 +135,6 @@ def check_resources(needs: dict[str, dict[str, float]], nodes: list[dict[str, fl
 
     ``needs`` maps a step to ``{"cpu":, "gpu":}``; ``nodes`` are the alive Ray nodes' resources.
     """
-    from mergesec.orchestrator.errors import InfeasibleResources
 
     big_cpu = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
     big_gpu = max((n.get("GPU", 0.0) for n in nodes), default=0.0)
@@ -221,10 +237,6 @@ def run_dag(
     import ray
     from ray import tune
 
-    from mergesec.orchestrator.progress import ProgressCallback
-    from mergesec.orchestrator.runner import run_trial
-    from mergesec.orchestrator.searcher import DagCallback
-
     default = {"cpu": 1.0, "gpu": 0.0}
 
     def shape_of(node: dict[str, Any]) -> tuple[float, float]:
@@ -297,13 +309,6 @@ def _run_nodes(
     console: Console,
 ):
     import ray
-
-    from mergesec.orchestrator.tracking import (
-        MlflowCallback,
-        StudyTracker,
-        TrackingWriter,
-        tracking_threads,
-    )
 
     spec = study.spec
     started_ray = _ray_init(address)

@@ -24,6 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mergesec.core.content_hash import file_sha256, tree_sha256
+from mergesec.core.registry import get_op, validate_params
+from mergesec.data import dataset_slug, local_dataset_path
+from mergesec.models.hub import model_identity
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.spec import DatasetSpec, OpCall, Study, StudySpec
 
@@ -84,8 +88,6 @@ class Plan:
 def dataset_ref(d: DatasetSpec) -> dict[str, Any]:
     """What identifies a dataset in node params: its URI, column mapping and, for local files and
     directories, a hash of their content (so an edited dataset recomputes what depends on it)."""
-    from mergesec.core.content_hash import file_sha256, tree_sha256
-    from mergesec.data import local_dataset_path
 
     ref: dict[str, Any] = {"uri": d.uri}
     if d.columns:
@@ -99,14 +101,12 @@ def dataset_ref(d: DatasetSpec) -> dict[str, Any]:
 
 
 def _op_params(step: str, call_op: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    from mergesec.core.registry import get_op, validate_params
 
     op = get_op(step, call_op)
     return op.version, validate_params(op, params)
 
 
 def attack_stage(op_name: str) -> str:
-    from mergesec.core.registry import get_op
 
     traits = get_op("attack", op_name).traits
     return (
@@ -119,7 +119,6 @@ def attack_stage(op_name: str) -> str:
 
 
 def build_plan(study: Study) -> Plan:
-    from mergesec.models.hub import model_identity
 
     plan = Plan(study.name)
     for label, spec in study.variants:
@@ -130,7 +129,6 @@ def build_plan(study: Study) -> Plan:
 
 class _VariantPlanner:
     def __init__(self, plan: Plan, spec: StudySpec, variant: str, base_id: str):
-        from mergesec.data import dataset_slug
 
         self.plan, self.spec, self.variant = plan, spec, variant
         self.slug = dataset_slug
@@ -249,7 +247,6 @@ class _VariantPlanner:
     def _protect(
         self, call: OpCall, d: dict, trained: Node, poison: dict | None, v: str, tag: str
     ) -> Node:
-        from mergesec.core.registry import get_op
 
         version, params = _op_params("protect", call.op, call.params)
         if "trains" in get_op("protect", call.op).traits:

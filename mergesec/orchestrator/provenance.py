@@ -12,6 +12,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import mergesec
+
 # The libraries whose behaviour decides what a node computes or how it is tracked.
 KEY_LIBRARIES = ("torch", "transformers", "peft", "ray", "mlflow", "safetensors", "numpy")
 
@@ -47,7 +49,6 @@ def git_state(root: Path) -> dict[str, Any] | None:
 @functools.cache
 def code_versions() -> dict[str, Any]:
     """``{"mergesec": {"version", "commit", "dirty"}, "libraries": {name: version}}``."""
-    import mergesec
 
     root = Path(mergesec.__file__).resolve().parent.parent
     state = git_state(root) or {}

@@ -12,6 +12,8 @@ import time
 import traceback
 from typing import Any
 
+from mergesec.core.context import NodeContext, pick_device
+from mergesec.core.registry import get_op
 from mergesec.core.uris import trial_store_uri
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.provenance import code_versions
@@ -30,7 +32,6 @@ NODE_CACHES = (
 
 def executor_for(step: str, op: str):
     """The op's own executor when it registered one, else its step module's ``execute``."""
-    from mergesec.core.registry import get_op
 
     registered = get_op(step, op)
     if registered.executor is not None:
@@ -50,8 +51,6 @@ def execute_node(
 ) -> dict[str, float]:
     """Run ``node`` unless the store already has it; return its metrics. Raises if the op fails."""
     import torch
-
-    from mergesec.core.context import NodeContext, pick_device
 
     if store.is_done(node.id):
         return store.read_metrics(node.id)

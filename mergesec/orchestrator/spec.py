@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergesec import kinds
 from mergesec.core.bounds import FiniteFloat
+from mergesec.core.registry import OpError, get_op, validate_params
+from mergesec.data import check_dataset_uri, dataset_slug
+from mergesec.models.hub import check_model_uri
 from mergesec.orchestrator.errors import StudyError
 from mergesec.orchestrator.grid import apply_overrides, expand_grid, grid_paths
 from mergesec.orchestrator.yaml_load import load_yaml
@@ -424,7 +427,6 @@ def _kind_problems(spec: StudySpec, kind: kinds.KindEntry) -> list[tuple[str, st
 def _slug_problems(uris: list[str]) -> list[tuple[str, str]]:
     """Datasets name experts and result columns by slug; two datasets with one slug would make a
     merge silently drop an expert, so the second is refused."""
-    from mergesec.data import dataset_slug
 
     first: dict[str, str] = {}
     problems = []
@@ -443,9 +445,6 @@ def _slug_problems(uris: list[str]) -> list[tuple[str, str]]:
 
 
 def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
-    from mergesec.core.registry import OpError, get_op, validate_params
-    from mergesec.data import check_dataset_uri
-    from mergesec.models.hub import check_model_uri
 
     problems: list[tuple[str, str]] = []
     msg = check_model_uri(spec.base)

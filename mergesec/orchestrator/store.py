@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mergesec.core.paths import cache_root
+from mergesec.core.uris import redact_uri
+
 SUCCESS = "_SUCCESS"
 FAILED = "_FAILED"
 _ID_RE = re.compile(r"^[0-9a-f]{8,64}$")
@@ -124,8 +127,6 @@ class Store:
         """A local directory with the node's outputs (downloaded once into a cache when remote)."""
         if self.local is not None:
             return self.local / "nodes" / _check_id(node_id)
-        from mergesec.core.paths import cache_root
-        from mergesec.core.uris import redact_uri
 
         target = cache_root() / "store" / safe_name(redact_uri(self.uri)) / node_id
         if not (target / SUCCESS).exists():
