@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mergesec.core.registry import register_op
-from mergesec.merging.per_key import check_fraction, mean, merge_per_key
+from mergesec.merging.per_key import SCALES_TASK_VECTORS, check_fraction, mean, merge_per_key
 from mergesec.models.state_dict import StateDict
 
 
@@ -44,7 +44,9 @@ def tsv_matrix(tvs: Sequence[Tensor], rank_fraction: float) -> Tensor:
     return (u_orth * s_cat) @ vh_orth
 
 
-@register_op("merge", "tsv", searchable=("coefficient", "rank_fraction"))
+@register_op(
+    "merge", "tsv", searchable=("coefficient", "rank_fraction"), traits=(SCALES_TASK_VECTORS,)
+)
 def tsv(
     base: StateDict,
     experts: Sequence[StateDict],

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mergesec.core.registry import register_op
-from mergesec.merging.per_key import check_fraction, merge_per_key, stacked
+from mergesec.merging.per_key import SCALES_TASK_VECTORS, check_fraction, merge_per_key, stacked
 from mergesec.models.state_dict import StateDict
 
 
@@ -45,7 +45,7 @@ def elect_sign_disjoint_mean(tvs: Tensor, *, inplace: bool = False) -> Tensor:
     return selected.sum(0).div_(count)
 
 
-@register_op("merge", "ties", searchable=("coefficient", "k"))
+@register_op("merge", "ties", searchable=("coefficient", "k"), traits=(SCALES_TASK_VECTORS,))
 def ties(
     base: StateDict, experts: Sequence[StateDict], *, k: float = 0.2, coefficient: float = 1.0
 ) -> StateDict:
