@@ -40,7 +40,8 @@ def elect_sign_disjoint_mean(tvs: Tensor, *, inplace: bool = False) -> Tensor:
     sign = torch.sign(tvs.sum(0))
     sign[sign == 0] = torch.sign(sign.sum())
     agree = torch.where(sign > 0, tvs > 0, tvs < 0)
-    count = agree.sum(0).clamp_(min=1)
+    # counted in float32 like the task vectors (exact: counts are small integers), not int64
+    count = agree.sum(0, dtype=tvs.dtype).clamp_(min=1)
     selected = tvs.mul_(agree) if inplace else tvs * agree
     return selected.sum(0).div_(count)
 
