@@ -48,13 +48,18 @@ def _grams(base, n):
     return out
 
 
-@pytest.mark.parametrize("name", sorted(LINEAR))
+SCALED = sorted(op.name for op in all_ops() if op.step == "merge" and scale_trait(op))
+
+
+@pytest.mark.parametrize("name", SCALED)
 def test_base_plus_c_delta_is_the_op_bit_for_bit(name):
+    """Every op declaring a scale trait (plugins included) keeps its promise."""
     op = get_op("merge", name)
     base, expert_sds = _base(), _experts(_base())
-    params = SETTINGS.get(name, {})
-    if name == "regmean":
-        params = {"grams": _grams(base, len(expert_sds)), "alpha": 0.9}
+    params = validate_params(op, SETTINGS.get(name, {}))
+    params.pop("coefficient", None)
+    if "grams" in op.traits:
+        params |= {"grams": _grams(base, len(expert_sds)), "alpha": 0.9}
     for c in (0.3, 1.0, -0.7, 2.5):
         want = op.fn(base, expert_sds, **params, coefficient=c)
         for key, b in base.items():
