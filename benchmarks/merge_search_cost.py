@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -57,6 +58,12 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="coefficient candidates")
     ap.add_argument("--search-examples", type=int, default=100)
     ap.add_argument("--old", action="store_true", help="also time recomputing every candidate")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="alternate baseline and node this many times; report the fastest of each",
+    )
     args = ap.parse_args()
 
     import torch
@@ -81,28 +88,29 @@ def main() -> None:
         base = LazyStateDict(base_weights_file(args.base))
         subsets = dict.fromkeys(DATASETS, args.search_examples)
 
-        t = {}
-        start = time.perf_counter()
-        scorer = ValidationScorer(args.base, datasets, subsets=subsets)
-        for a, w in zip(arts, lazies, strict=True):
-            scorer.load(w)
-            scorer.accuracies(a.all_heads(), list(a.heads))
-        t["setup + references"] = time.perf_counter() - start
-        start = time.perf_counter()
-        params = validate_params(op, {"coefficient": 1.0})
-        stream_merge(op.fn, base, lazies, params, root / "one.safetensors")
-        t["one merge"] = time.perf_counter() - start
-        heads = {k: v for a in arts for k, v in a.all_heads().items()}
-        start = time.perf_counter()
-        for _ in coefs:
-            scorer.load(LazyStateDict(root / "one.safetensors"))
-            scorer.accuracies(heads, list(DATASETS))
-        t[f"{args.k} evaluations"] = time.perf_counter() - start
-        baseline = sum(t.values())
-        del scorer
+        def baseline() -> dict[str, float]:
+            t = {}
+            start = time.perf_counter()
+            scorer = ValidationScorer(args.base, datasets, subsets=subsets)
+            for a, w in zip(arts, lazies, strict=True):
+                scorer.load(w)
+                scorer.accuracies(a.all_heads(), list(a.heads))
+            t["setup + references"] = time.perf_counter() - start
+            start = time.perf_counter()
+            params = validate_params(op, {"coefficient": 1.0})
+            stream_merge(op.fn, base, lazies, params, root / "one.safetensors")
+            t["one merge"] = time.perf_counter() - start
+            heads = {k: v for a in arts for k, v in a.all_heads().items()}
+            start = time.perf_counter()
+            for _ in coefs:
+                scorer.load(LazyStateDict(root / "one.safetensors"))
+                scorer.accuracies(heads, list(DATASETS))
+            t[f"{args.k} evaluations"] = time.perf_counter() - start
+            return t
 
         def node(name: str) -> float:
             out = root / name
+            shutil.rmtree(out, ignore_errors=True)
             out.mkdir()
             params = {"base": args.base, "base_id": model_identity(args.base),
                       "datasets": datasets, "search_examples": args.search_examples,
@@ -113,7 +121,12 @@ def main() -> None:
             merge.execute(ctx)
             return time.perf_counter() - start
 
-        searched = node("searched")
+        runs = []
+        for _ in range(args.repeat):
+            runs.append((baseline(), node("searched")))
+        t = min((r[0] for r in runs), key=lambda x: sum(x.values()))
+        baseline_s = sum(t.values())
+        searched = min(r[1] for r in runs)
         old = None
         if args.old:
             merge.scale_trait = lambda _op: None  # the recompute-everything path
@@ -124,10 +137,16 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")  # fmt: skip
     for k, v in t.items():
         print(f"  baseline {k:22s} {v:7.2f} s")
-    print(f"  baseline total                  {baseline:7.2f} s")
-    print(f"  merge node, searched            {searched:7.2f} s   ratio {searched / baseline:.2f}")
+    print(
+        f"  baseline total                  {baseline_s:7.2f} s   (each run: "
+        f"{', '.join(f'{sum(r[0].values()):.1f}' for r in runs)})"
+    )
+    print(
+        f"  merge node, searched            {searched:7.2f} s   ratio {searched / baseline_s:.2f}"
+        f"   (each run: {', '.join(f'{r[1]:.1f}' for r in runs)})"
+    )
     if old is not None:
-        print(f"  merge node, every candidate     {old:7.2f} s   ratio {old / baseline:.2f}")
+        print(f"  merge node, every candidate     {old:7.2f} s   ratio {old / baseline_s:.2f}")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ def build_models(root: Path, size: str, n: int) -> tuple[Path, list[Path], int]:
     from mergesec.merging.stream import TensorSpec, write_stream
 
     cfg = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, **SIZES[size])
+    cfg.architectures = ["LlamaForCausalLM"]
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     specs = {k: TensorSpec(torch.float32, s) for k, s in shapes.items()}
@@ -70,11 +71,13 @@ def build_models(root: Path, size: str, n: int) -> tuple[Path, list[Path], int]:
 
     dirs = []
     for e in range(n + 1):
-        d = root / ("base" if e == 0 else f"expert{e}")
-        d.mkdir()
+        d = root / f"{size}-{'base' if e == 0 else f'expert{e}'}"
+        dirs.append(d)
+        if (d / "model.safetensors").exists():
+            continue  # kept from an earlier run with --dir
+        d.mkdir(exist_ok=True)
         cfg.save_pretrained(d)
         write_stream(specs, tensors(e), d / "model.safetensors", metadata={"format": "pt"})
-        dirs.append(d)
     return dirs[0], dirs[1:], sum(_numel(s) for s in shapes.values())
 
 
@@ -188,7 +191,11 @@ def main() -> None:
     ap.add_argument("--methods", default="task_arithmetic,ties")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--mergekit-venv", type=Path)
-    ap.add_argument("--dir", type=Path, help="work here (default: a temporary directory)")
+    ap.add_argument(
+        "--dir",
+        type=Path,
+        help="keep the models here and reuse them (default: a temporary directory)",
+    )
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -198,16 +205,18 @@ def main() -> None:
 
     import yaml
 
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        models = args.dir or root
+        models.mkdir(parents=True, exist_ok=True)
         size = "large" if args.large else "small"
         start = time.perf_counter()
-        base, experts, n_params = build_models(root, size, args.experts)
+        base, experts, n_params = build_models(models, size, args.experts)
         print(f"{args.experts} experts + base of {n_params / 1e6:.0f}M float32 parameters "
               f"written in {time.perf_counter() - start:.0f} s; {os.cpu_count()} CPUs")  # fmt: skip
         inputs = [base / "model.safetensors", *(e / "model.safetensors" for e in experts)]
         model_bytes = inputs[0].stat().st_size
-        read_bw, write_bw = disk_bandwidth(root, model_bytes)
+        read_bw, write_bw = disk_bandwidth(models, model_bytes)
         print(f"disk: uncached read {read_bw / GB:.2f} GB/s, buffered write + fsync "
               f"{write_bw / GB:.2f} GB/s")  # fmt: skip
         venv = args.mergekit_venv or install_mergekit(root)
@@ -232,11 +241,15 @@ def main() -> None:
                         cfg.write_text(yaml.safe_dump(conf))
                         cmd = [str(vdir / "bin" / "mergekit-yaml"), str(cfg), str(out),
                                "--no-copy-tokenizer"]  # fmt: skip
-                    wall, rss = run_timed(cmd, env)
+                    try:
+                        wall, rss = run_timed(cmd, env)
+                    except RuntimeError as e:
+                        print(f"{method} {tool}: failed, skipped: {str(e).splitlines()[-1]}")
+                        continue
                     rows.append((method, tool, run, wall, rss, io_limit))
                     print(f"{method:16s} {tool:9s} run {run}: {wall:7.1f} s  peak RSS "
                           f"{rss / GB:5.2f} GB  (I/O limit {io_limit:.1f} s)", flush=True)  # fmt: skip
-            if venv:
+            if venv and (root / f"mergekit-{method}").exists():
                 diff = compare(root / f"mergesec-{method}", root / f"mergekit-{method}")
                 print(f"{method}: outputs compared: {json.dumps(diff)}", flush=True)
 
