@@ -23,6 +23,15 @@ from torch import Tensor
 
 from mergesec.models.state_dict import StateDict
 
+# Traits of ops whose ``coefficient`` is a pure scale of a merged task vector Δ: for every key,
+# ``op(θ₀, experts, coefficient=c) == (θ₀ + c·Δ)`` bit for bit (float32, then the base's dtype),
+# so a search computes Δ once per setting of the other parameters and applies each c to it
+# (``merging.search``). They differ in how Δ is read off the op:
+# - SCALES_TASK_VECTORS: Δ depends on the task vectors τ_i alone, Δ = op(0, [τ_i], coefficient=1);
+# - SCALES_RESULT: the op interpolates to a result R of the experts, Δ = op(0, [θ_i], 1) − θ₀.
+SCALES_TASK_VECTORS = "coefficient_scales_task_vectors"
+SCALES_RESULT = "coefficient_scales_result"
+
 # (key, base as float32, experts as float32) -> merged weights as float32
 Combine = Callable[[str, Tensor, list[Tensor]], Tensor]
 

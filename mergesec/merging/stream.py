@@ -1,7 +1,8 @@
 """Out-of-core merging: read, merge and write one tensor at a time.
 
 ``stream_merge`` calls a merge op (see ``merging.methods``) on one-key state dicts, so memory holds
-one tensor of the base and of each expert plus the result, never whole models. Output goes to
+one tensor of the base and of each expert plus the result, never whole models (and the next
+key's inputs, which a small thread pool reads while the current key is merged). Output goes to
 safetensors files written sequentially: the header is computed up front from the base's shapes
 and dtypes (an op returns the base's shape and dtype for every key), then each merged tensor's
 bytes are appended as soon as it is computed. With ``max_shard_bytes`` the output is split into
@@ -15,7 +16,9 @@ import json
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -60,8 +63,8 @@ class TensorSpec:
 @dataclass
 class MergeStats:
     """What a streaming merge did: tensors and bytes written, the most tensor bytes held at once
-    by the loop (the inputs of one key plus its result; an op's temporaries are not counted),
-    the files written and the wall time."""
+    by the loop (the inputs of one key plus its result; an op's temporaries and the next key's
+    inputs, read ahead, are not counted), the files written and the wall time."""
 
     tensors: int = 0
     bytes_written: int = 0
@@ -222,33 +225,57 @@ def merged_files(out_path: str | Path) -> list[Path]:
     return [out_path]
 
 
-def _one_key(state: Mapping[str, Tensor], key: str) -> StateDict:
-    return {key: state[key]}
+READERS = 4  # threads reading the experts' tensors ahead of the merge
 
 
-def stream_merge(
-    op_fn: MergeFn,
-    base: Mapping[str, Tensor],
-    experts: Sequence[Mapping[str, Tensor]],
-    params: dict[str, Any],
+def read_ahead(
+    sources: Sequence[Mapping[str, Tensor]],
+    keys: Iterable[str],
+    *,
+    readers: int = READERS,
+    ahead: int = 1,
+) -> Iterator[tuple[str, list[Tensor]]]:
+    """``(key, [source[key] for source in sources])`` for each key in order, reading the next
+    ``ahead`` keys' tensors in a pool of ``readers`` threads while the caller uses this one.
+
+    Memory holds at most ``ahead + 1`` keys' tensors of every source.
+    """
+    it = iter(keys)
+    pending: deque[tuple[str, list[Future[Tensor]]]] = deque()
+    with ThreadPoolExecutor(max(1, readers), thread_name_prefix="merge-read") as pool:
+
+        def submit() -> None:
+            key = next(it, None)
+            if key is not None:
+                pending.append((key, [pool.submit(s.__getitem__, key) for s in sources]))
+
+        for _ in range(ahead + 1):
+            submit()
+        try:
+            while pending:
+                key, futures = pending.popleft()
+                tensors = [f.result() for f in futures]
+                submit()
+                yield key, tensors
+        finally:
+            for _, futures in pending:
+                for f in futures:
+                    f.cancel()
+
+
+def write_stream(
+    specs: Mapping[str, TensorSpec],
+    tensors: Iterable[tuple[str, Tensor]],
     out_path: str | Path,
     *,
-    keys: Iterable[str] | None = None,
     max_shard_bytes: int | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> MergeStats:
-    """Merge tensor by tensor with ``op_fn(base_1, [expert_1, ...], **params)`` on one-key dicts.
-
-    ``base`` and ``experts`` are usually ``LazyStateDict``s. The output holds exactly ``keys``
-    (default: every key of ``base``) in the base's dtypes and shapes, in one file at
-    ``out_path`` or, when ``max_shard_bytes`` is set and exceeded, in shards beside it with an
-    index file. On an error, files written by this call are removed.
-    """
+    """Write ``tensors`` (in the order of ``specs``, with their dtypes and shapes) as they come,
+    into one safetensors file or shards with an index (see ``stream_merge``)."""
     started = time.perf_counter()
     out_path = Path(out_path)
-    specs = check_compatible(base, experts, keys)
-    ordered = list(specs.items())
-    shards = _plan_shards(ordered, max_shard_bytes)
+    shards = _plan_shards(list(specs.items()), max_shard_bytes)
     if len(shards) == 1:
         paths = [out_path]
     else:
@@ -257,19 +284,16 @@ def stream_merge(
         paths = [out_path.with_name(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors") for i in range(n)]
     stats = MergeStats(files=paths)
     written: list[SafetensorsWriter] = []
+    source = iter(tensors)
     try:
         for path, shard in zip(paths, shards, strict=True):
             writer = SafetensorsWriter(path, shard, metadata)
             written.append(writer)
-            for key, _spec in shard:
-                b = _one_key(base, key)
-                es = [_one_key(e, key) for e in experts]
-                merged = op_fn(b, es, **params)[key]
-                held = _nbytes(b[key]) + sum(_nbytes(e[key]) for e in es) + _nbytes(merged)
-                stats.peak_tensor_bytes = max(stats.peak_tensor_bytes, held)
-                stats.bytes_written += writer.write(key, merged)
+            for _ in shard:
+                key, tensor = next(source)
+                stats.bytes_written += writer.write(key, tensor)
                 stats.tensors += 1
-                del b, es, merged
+                del tensor
             writer.close()
         if len(paths) > 1:
             index = {
@@ -283,7 +307,50 @@ def stream_merge(
         for w in written:
             w.abort()
         raise
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
     stats.seconds = time.perf_counter() - started
+    return stats
+
+
+def stream_merge(
+    op_fn: MergeFn,
+    base: Mapping[str, Tensor],
+    experts: Sequence[Mapping[str, Tensor]],
+    params: dict[str, Any],
+    out_path: str | Path,
+    *,
+    keys: Iterable[str] | None = None,
+    max_shard_bytes: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+    readers: int = READERS,
+) -> MergeStats:
+    """Merge tensor by tensor with ``op_fn(base_1, [expert_1, ...], **params)`` on one-key dicts.
+
+    ``base`` and ``experts`` are usually ``LazyStateDict``s; the next key's tensors are read by
+    ``readers`` threads while the current key is merged, and each result is written as soon as it
+    is computed. The output holds exactly ``keys`` (default: every key of ``base``) in the base's
+    dtypes and shapes, in one file at ``out_path`` or, when ``max_shard_bytes`` is set and
+    exceeded, in shards beside it with an index file. On an error, files written by this call are
+    removed.
+    """
+    specs = check_compatible(base, experts, keys)
+    peak = [0]
+
+    def merged() -> Iterator[tuple[str, Tensor]]:
+        for key, (b, *ts) in read_ahead([base, *experts], specs, readers=readers):
+            out = op_fn({key: b}, [{key: t} for t in ts], **params)[key]
+            held = _nbytes(b) + sum(_nbytes(t) for t in ts) + _nbytes(out)
+            peak[0] = max(peak[0], held)
+            del b, ts
+            yield key, out
+
+    stats = write_stream(
+        specs, merged(), out_path, max_shard_bytes=max_shard_bytes, metadata=metadata
+    )
+    stats.peak_tensor_bytes = peak[0]
     return stats
 
 

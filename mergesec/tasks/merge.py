@@ -17,8 +17,13 @@ Two additions ride on the same search:
   backbone's Linear layers on up to ``GRAM_EXAMPLES`` unlabelled validation texts of its own
   dataset (the dataset of its input role ``expert.<slug>``).
 
-Candidates are merged tensor by tensor straight into one loaded model (no files, no whole expert
-in memory); the chosen one is then written with ``stream_merge``.
+For ops whose coefficient only scales a merged task vector Δ (trait ``SCALES_TASK_VECTORS`` or
+``SCALES_RESULT``, see ``merging.per_key``), the search merges once per setting of the other
+parameters (and victim variant): Δ is kept (in memory, or one scratch file when large), each
+coefficient candidate is loaded as θ₀ + c·Δ into the scoring model, and the chosen merge is
+written from the kept Δ, bit for bit what the op gives. For other ops every candidate is merged
+tensor by tensor straight into the loaded model, and the chosen one is written with
+``stream_merge``.
 """
 
 from __future__ import annotations
@@ -35,8 +40,15 @@ from torch import Tensor
 
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, is_search
-from mergesec.merging.search import candidates, merge_into_module
-from mergesec.merging.stream import stream_merge
+from mergesec.merging.search import (
+    SCALE,
+    MergedDirection,
+    candidates,
+    merge_into_module,
+    scale_trait,
+    setting_key,
+)
+from mergesec.merging.stream import check_compatible, stream_merge
 from mergesec.models.artifact import MODEL_FILE, HeadInfo, ModelArtifact, write_artifact
 from mergesec.models.state_dict import LazyStateDict
 from mergesec.tasks.merge_search import ValidationScorer
@@ -105,6 +117,7 @@ def execute(ctx: NodeContext) -> dict[str, float]:
         return out
 
     n_total = len(cands) * len(variants)
+    specs = check_compatible(base, lazies)
     scorer = None
     if n_total > 1 or needs_grams:
         scorer = ValidationScorer(
@@ -133,6 +146,8 @@ def execute(ctx: NodeContext) -> dict[str, float]:
 
         metrics: dict[str, float] = {"experts": float(len(experts))}
         best = (None, cands[0], 0)
+        kept: MergedDirection | None = None  # Δ of the best candidate, when the op has one
+        trait = scale_trait(op)
         if n_total > 1:
             assert scorer is not None
             reference: dict[str, float] = {}
@@ -142,25 +157,64 @@ def execute(ctx: NodeContext) -> dict[str, float]:
                     scorer.accuracies(e.all_heads(), [s for s in e.heads if s in slugs])
                 )
             searched_names = [k for k, v in ctx.params["op"].items() if is_search(v)]
-            for i, (v, params) in enumerate(itertools.product(range(len(variants)), cands)):
-                merge_into_module(op.fn, base, members(v), full_params(params, v), scorer.backbone)
+            items = list(itertools.product(range(len(variants)), cands))
+            best_i = -1
+
+            def score(i: int) -> None:
+                """Score the candidate loaded into the scorer; keep it if it is the best so far
+                (ties go to the first in candidate order)."""
+                nonlocal best, best_i
+                v, params = items[i]
                 acc = scorer.accuracies(heads, slugs)
-                score = sum(acc[s] / max(reference[s], 1e-9) for s in slugs) / len(slugs)
+                value = sum(acc[s] / max(reference[s], 1e-9) for s in slugs) / len(slugs)
                 report = {
-                    "search/score": score,
+                    "search/score": value,
                     **{f"search/{k}": float(params[k]) for k in searched_names},
                 }
                 report |= {f"search/{k}": float(x) for k, x in variants[v][0].items()}
                 if attack:
                     report["search/victim_accuracy"] = acc[attack["victim"]]
                 ctx.report(report, i)
-                if best[0] is None or score > best[0]:
-                    best = (score, params, v)
+                if best[0] is None or value > best[0] or (value == best[0] and i < best_i):
+                    best, best_i = (value, params, v), i
+
+            if trait is None:
+                for i, (v, params) in enumerate(items):
+                    merge_into_module(
+                        op.fn, base, members(v), full_params(params, v), scorer.backbone
+                    )
+                    score(i)
+            else:
+                # One merge per setting of the other parameters (and victim variant); each
+                # coefficient is applied to its Δ.
+                groups: dict[tuple[int, str], list[int]] = {}
+                for i, (v, params) in enumerate(items):
+                    groups.setdefault((v, setting_key(params)), []).append(i)
+                for g, ((v, _), idxs) in enumerate(groups.items()):
+                    first = items[idxs[0]][1]
+                    direction = MergedDirection.compute(
+                        op.fn, trait, base, members(v), full_params(first, v), specs,
+                        scratch / f"delta-{g}.safetensors",
+                    )  # fmt: skip
+                    for i in idxs:
+                        direction.load_into(base, items[i][1][SCALE], scorer.backbone)
+                        score(i)
+                        if best_i == i and kept is not direction:
+                            if kept is not None:
+                                kept.close()
+                            kept = direction
+                    if kept is not direction:
+                        direction.close()
             metrics["search/best_score"] = best[0]
             metrics.update({f"chosen/{k}": float(best[1][k]) for k in searched_names})
             metrics.update({f"chosen/{k}": float(x) for k, x in variants[best[2]][0].items()})
         _, params, v = best
-        stream_merge(op.fn, base, members(v), full_params(params, v), ctx.out_dir / MODEL_FILE)
+        out_file = ctx.out_dir / MODEL_FILE
+        if kept is not None:
+            kept.write(base, params[SCALE], specs, out_file)
+            kept.close()
+        else:
+            stream_merge(op.fn, base, members(v), full_params(params, v), out_file)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     extra: dict[str, Any] = {"merge": op.name}

@@ -12,7 +12,13 @@ from torch import Tensor
 from mergesec.core.bounds import DropFraction, FiniteFloat, Seed
 from mergesec.core.registry import register_op
 from mergesec.merging.methods.ties import elect_sign_disjoint_mean, trim_top_k_inclusive
-from mergesec.merging.per_key import accumulate, check_fraction, merge_per_key, stacked
+from mergesec.merging.per_key import (
+    SCALES_TASK_VECTORS,
+    accumulate,
+    check_fraction,
+    merge_per_key,
+    stacked,
+)
 from mergesec.models.state_dict import StateDict
 
 
@@ -56,7 +62,12 @@ def _dare_merge(
     return merge_per_key(base, experts, combine)
 
 
-@register_op("merge", "dare_linear", searchable=("coefficient", "drop_rate"))
+@register_op(
+    "merge",
+    "dare_linear",
+    searchable=("coefficient", "drop_rate"),
+    traits=(SCALES_TASK_VECTORS,),
+)
 def dare_linear(
     base: StateDict,
     experts: Sequence[StateDict],
@@ -71,7 +82,12 @@ def dare_linear(
     )
 
 
-@register_op("merge", "dare_ties", searchable=("coefficient", "drop_rate"))
+@register_op(
+    "merge",
+    "dare_ties",
+    searchable=("coefficient", "drop_rate"),
+    traits=(SCALES_TASK_VECTORS,),
+)
 def dare_ties(
     base: StateDict,
     experts: Sequence[StateDict],

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from mergesec.core.bounds import FiniteFloat
 from mergesec.core.registry import register_op
-from mergesec.merging.per_key import accumulate, mean, merge_per_key
+from mergesec.merging.per_key import SCALES_TASK_VECTORS, accumulate, mean, merge_per_key
 from mergesec.models.state_dict import StateDict
 
 
@@ -18,7 +18,7 @@ def weight_average(base: StateDict, experts: Sequence[StateDict]) -> StateDict:
     return merge_per_key(base, experts, lambda _k, _b, ts: mean(ts))
 
 
-@register_op("merge", "task_arithmetic", searchable=("coefficient",))
+@register_op("merge", "task_arithmetic", searchable=("coefficient",), traits=(SCALES_TASK_VECTORS,))
 def task_arithmetic(
     base: StateDict, experts: Sequence[StateDict], *, coefficient: FiniteFloat = 1.0
 ) -> StateDict:

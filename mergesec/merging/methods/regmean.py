@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mergesec.core.bounds import FiniteFloat, Probability
 from mergesec.core.registry import register_op
-from mergesec.merging.per_key import check_fraction, mean, merge_per_key
+from mergesec.merging.per_key import SCALES_RESULT, check_fraction, mean, merge_per_key
 from mergesec.models.state_dict import StateDict
 
 
@@ -55,7 +55,9 @@ def regmean_linear(
     return torch.cholesky_solve(rhs.T, chol).T.to(weights[0].dtype)
 
 
-@register_op("merge", "regmean", searchable=("coefficient", "alpha"), traits=("grams",))
+@register_op(
+    "merge", "regmean", searchable=("coefficient", "alpha"), traits=("grams", SCALES_RESULT)
+)
 def regmean(
     base: StateDict,
     experts: Sequence[StateDict],

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from mergesec.core.bounds import FiniteFloat, KeptFraction
 from mergesec.core.registry import register_op
-from mergesec.merging.per_key import check_fraction, mean, merge_per_key
+from mergesec.merging.per_key import SCALES_TASK_VECTORS, check_fraction, mean, merge_per_key
 from mergesec.models.state_dict import StateDict
 
 
@@ -56,7 +56,9 @@ def tsv_matrix(
     return (u_orth * s_cat) @ vh_orth
 
 
-@register_op("merge", "tsv", searchable=("coefficient", "rank_fraction"))
+@register_op(
+    "merge", "tsv", searchable=("coefficient", "rank_fraction"), traits=(SCALES_TASK_VECTORS,)
+)
 def tsv(
     base: StateDict,
     experts: Sequence[StateDict],

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from mergesec.core.bounds import FiniteFloat, KeptFraction
 from mergesec.core.registry import register_op
-from mergesec.merging.per_key import check_fraction, merge_per_key, stacked
+from mergesec.merging.per_key import SCALES_TASK_VECTORS, check_fraction, merge_per_key, stacked
 from mergesec.models.state_dict import StateDict
 
 
@@ -53,12 +53,13 @@ def elect_sign_disjoint_mean(tvs: Tensor, *, inplace: bool = False) -> Tensor:
     sign = torch.sign(tvs.sum(0))
     sign[sign == 0] = torch.sign(sign.sum())
     agree = torch.where(sign > 0, tvs > 0, tvs < 0)
-    count = agree.sum(0).clamp_(min=1)
+    # counted in float32 like the task vectors (exact: counts are small integers), not int64
+    count = agree.sum(0, dtype=tvs.dtype).clamp_(min=1)
     selected = tvs.mul_(agree) if inplace else tvs * agree
     return selected.sum(0).div_(count)
 
 
-@register_op("merge", "ties", searchable=("coefficient", "k"))
+@register_op("merge", "ties", searchable=("coefficient", "k"), traits=(SCALES_TASK_VECTORS,))
 def ties(
     base: StateDict,
     experts: Sequence[StateDict],
