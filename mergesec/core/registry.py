@@ -19,6 +19,11 @@ from mergesec.core.bounds import describe
 from mergesec.core.plugins import load_ops
 
 STEPS = ("finetune", "protect", "attack", "merge", "evaluate", "monitor")
+# Traits an op declares for its step's executor and the planner.
+TRAINS = "trains"  # protect: trains the release from the base itself (no expert input)
+GRAMS = "grams"  # merge: needs each expert's input Gram matrices
+STAGE_MERGE = "stage:merge"  # attack: acts inside the merge node (no node of its own)
+STAGE_MERGED = "stage:merged"  # attack: acts on the merged model
 # Run-time facts an executor passes to an op; never op parameters, never hashed into node ids.
 RUNTIME_ARGS = frozenset({"device", "report"})
 

@@ -32,9 +32,10 @@ from typing import Any
 from mergesec.core.paths import cache_root
 from mergesec.data.real_images import REAL_IMAGE_DATASETS, real_image_dataset
 from mergesec.data.sources import (
+    as_dataset_dict,
     find_registered,
-    hf_parts,
     is_saved_dataset_dir,
+    load_registered_hub,
     local_path,
     saved_features,
 )
@@ -490,15 +491,8 @@ def _open(uri: str, info: ImageDatasetInfo | None) -> Any:
             return datasets.load_dataset(
                 "imagefolder", data_dir=str(path), cache_dir=str(cache_root() / "datasets")
             )
-        obj = datasets.load_from_disk(str(path))
-    else:
-        repo, config, rev = hf_parts(uri[3:])
-        if info is not None and repo.lower() == info.hub_id.lower() and config is None:
-            config = info.config
-        obj = datasets.load_dataset(repo, config, revision=rev)
-    if isinstance(obj, datasets.Dataset):
-        obj = datasets.DatasetDict({"train": obj})
-    return obj
+        return as_dataset_dict(datasets.load_from_disk(str(path)))
+    return load_registered_hub(uri, info)
 
 
 def _columns(features: Any, info: ImageDatasetInfo | None, columns: Mapping[str, str], uri: str):

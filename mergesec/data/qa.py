@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from mergesec.data.sources import (
+    as_dataset_dict,
     find_registered,
-    hf_parts,
     is_saved_dataset_dir,
+    load_registered_hub,
     local_path,
     saved_features,
 )
@@ -303,14 +304,9 @@ def _load_cached(uri: str, columns: tuple[tuple[str, str], ...]) -> QASplits:
         ]
         obj = datasets.DatasetDict({"train": datasets.Dataset.from_list(records)})
     elif path is not None:
-        obj = datasets.load_from_disk(str(path))
+        obj = as_dataset_dict(datasets.load_from_disk(str(path)))
     else:
-        repo, config, rev = hf_parts(uri[3:])
-        if info is not None and repo.lower() == info.hub_id.lower() and config is None:
-            config = info.config
-        obj = datasets.load_dataset(repo, config, revision=rev)
-    if isinstance(obj, datasets.Dataset):
-        obj = datasets.DatasetDict({"train": obj})
+        obj = load_registered_hub(uri, info)
     splits = {}
     for name in obj:
         canon = {"valid": "validation", "val": "validation", "dev": "validation"}.get(

@@ -80,6 +80,24 @@ def hf_parts(rest: str) -> tuple[str, str | None, str | None]:
     return spec, None, rev or None
 
 
+def load_registered_hub(uri: str, info: Any) -> Any:
+    """The hub dataset ``hf:<repo>[/<config>][@revision]`` as a ``datasets.DatasetDict``; a
+    registered entry's ``config`` fills in when the URI names its repo without one."""
+    import datasets
+
+    repo, config, rev = hf_parts(uri[3:])
+    if info is not None and repo.lower() == info.hub_id.lower() and config is None:
+        config = info.config
+    return as_dataset_dict(datasets.load_dataset(repo, config, revision=rev))
+
+
+def as_dataset_dict(obj: Any) -> Any:
+    """A lone ``datasets.Dataset`` becomes the ``train`` split of a ``DatasetDict``."""
+    import datasets
+
+    return datasets.DatasetDict({"train": obj}) if isinstance(obj, datasets.Dataset) else obj
+
+
 def local_path(uri: str) -> Path | None:
     """The local path a dataset URI names (``hf:./dir``, ``hf:/abs``, or a bare path), else None
     (a hub dataset or another scheme)."""

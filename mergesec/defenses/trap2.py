@@ -40,7 +40,7 @@ from mergesec.core.bounds import (
 )
 from mergesec.core.context import ReportFn
 from mergesec.core.protocols import Splits, TaskModel
-from mergesec.core.registry import register_op
+from mergesec.core.registry import TRAINS, register_op
 from mergesec.training.batch import Batch
 from mergesec.training.loop import MicroStep, Trainable, fit, fit_config, grad_norm
 from mergesec.training.lora import attach_lora
@@ -422,7 +422,7 @@ EPOCH_SCHEDULE: dict[str, Any] = {
 # Version 2: the released training schedule and optimiser became the defaults (step-based cosine
 # schedule, evaluation every 2,000 steps, patience 5, min delta 0.001, AdamW (0.9, 0.98), eps
 # 1e-6, weight decay 0), w(s) = 1/√s for causal LMs, and the head is detached in the scaled pass.
-@register_op("protect", "trap2", version="2", traits=("trains",))
+@register_op("protect", "trap2", version="2", traits=(TRAINS,))
 def protect_trap2(
     task: TaskModel,
     data: Splits,

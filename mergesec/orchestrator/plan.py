@@ -25,15 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mergesec.core.content_hash import file_sha256, tree_sha256
-from mergesec.core.registry import get_op, validate_params
+from mergesec.core.registry import STAGE_MERGE, STAGE_MERGED, TRAINS, get_op, validate_params
 from mergesec.data import dataset_slug, local_dataset_path
 from mergesec.models.hub import model_identity
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.spec import DatasetSpec, OpCall, Study, StudySpec
 
 # Attack stages, declared by an attack op's traits ("release" when none is given).
-STAGE_MERGE = "stage:merge"
-STAGE_MERGED = "stage:merged"
 
 
 @dataclass
@@ -249,7 +247,7 @@ class _VariantPlanner:
     ) -> Node:
 
         version, params = _op_params("protect", call.op, call.params)
-        if "trains" in get_op("protect", call.op).traits:
+        if TRAINS in get_op("protect", call.op).traits:
             node_params = self.base | {
                 "dataset": d,
                 "finetune": {"mode": self.spec.finetune.mode, **self.ft_params},

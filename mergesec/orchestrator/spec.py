@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergesec import kinds
 from mergesec.core.bounds import FiniteFloat
-from mergesec.core.registry import OpError, get_op, validate_params
+from mergesec.core.registry import STEPS, OpError, get_op, validate_params
 from mergesec.data import check_dataset_uri, dataset_slug
 from mergesec.models.hub import check_model_uri
 from mergesec.orchestrator.errors import StudyError
@@ -24,7 +24,7 @@ from mergesec.orchestrator.grid import apply_overrides, expand_grid, grid_paths
 from mergesec.orchestrator.yaml_load import load_yaml
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-STEP_NAMES = ("finetune", "protect", "attack", "merge", "evaluate", "monitor")
+STEP_NAMES = STEPS
 
 
 # A study file larger than this is not a study (and would be read whole into memory).
@@ -159,7 +159,7 @@ class StudySpec(_Strict):
     merge: OpCall
     evaluate: EvaluateSpec = EvaluateSpec()
     resources: dict[
-        Literal["finetune", "protect", "attack", "merge", "evaluate", "monitor"], Resources
+        Literal[STEPS], Resources  # type: ignore[valid-type]
     ] = {}
     tracking: TrackingSpec = TrackingSpec()
     diagnostics: DiagnosticsSpec = DiagnosticsSpec()

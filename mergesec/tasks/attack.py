@@ -23,7 +23,7 @@ from mergesec.attacks.aga import attack_aga, mlp_match_fraction, recovery_diagno
 from mergesec.attacks.finetune_after_merge import finetune_after_merge
 from mergesec.attacks.rescale import attack_rescale
 from mergesec.core.context import NodeContext
-from mergesec.core.registry import get_op, register_op
+from mergesec.core.registry import STAGE_MERGE, STAGE_MERGED, get_op, register_op
 from mergesec.data import dataset_slug
 from mergesec.models.artifact import ModelArtifact, write_artifact
 from mergesec.tasks._io import base_and_layout, node_kind, open_for_node, task_vector_norm
@@ -31,8 +31,6 @@ from mergesec.tasks._io import base_and_layout, node_kind, open_for_node, task_v
 # 2: ``device`` became a run-time argument (it was hashed into node ids and then overwritten).
 register_op("attack", "aga", version="2", fn=attack_aga)
 
-STAGE_MERGE = "stage:merge"
-STAGE_MERGED = "stage:merged"
 register_op("attack", "rescale", traits=(STAGE_MERGE,), fn=attack_rescale)
 
 

@@ -39,7 +39,8 @@ import torch
 from torch import Tensor
 
 from mergesec.core.context import NodeContext
-from mergesec.core.registry import get_op, is_search
+from mergesec.core.registry import GRAMS, get_op, is_search
+from mergesec.data import dataset_slug
 from mergesec.merging.search import (
     SCALE,
     MergedDirection,
@@ -50,6 +51,7 @@ from mergesec.merging.search import (
 )
 from mergesec.merging.stream import check_compatible, stream_merge
 from mergesec.models.artifact import MODEL_FILE, HeadInfo, ModelArtifact, write_artifact
+from mergesec.models.hub import base_weights_file
 from mergesec.models.state_dict import LazyStateDict
 from mergesec.tasks.merge_search import ValidationScorer
 
@@ -76,8 +78,6 @@ def _own_dataset(role: str, art: ModelArtifact, slugs: Sequence[str]) -> str:
 
 
 def execute(ctx: NodeContext) -> dict[str, float]:
-    from mergesec.data import dataset_slug
-    from mergesec.models.hub import base_weights_file
 
     op = get_op("merge", ctx.op)
     roles = ctx.inputs_with_prefix("expert")
@@ -89,7 +89,7 @@ def execute(ctx: NodeContext) -> dict[str, float]:
     slugs = [dataset_slug(d["uri"]) for d in datasets]
     own = [_own_dataset(r, e, slugs) for r, e in zip(roles, experts, strict=True)]
     cands = candidates(ctx.params["op"])
-    needs_grams = "grams" in op.traits
+    needs_grams = GRAMS in op.traits
 
     # The victim's replacements: [(attack choice, weights or None for the expert as released)].
     variants: list[tuple[dict[str, float], Mapping[str, Tensor] | None]] = [({}, None)]

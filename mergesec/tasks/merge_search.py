@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mergesec.data import dataset_slug
 from mergesec.kinds import kind_of
+from mergesec.merging.grams import collect_linear_grams, grams_by_weight_key
 from mergesec.models.state_dict import LazyStateDict, copy_into, save_state_dict
 from mergesec.training.sampling import fixed_subset
 
@@ -34,7 +36,6 @@ class ValidationScorer:
         allow_remote_code: bool = False,
         subsets: Mapping[str, int] | None = None,
     ):
-        from mergesec.data import dataset_slug
 
         self.kind = kind_of(datasets)
         self.device = device
@@ -72,7 +73,6 @@ class ValidationScorer:
     def grams(self, slug: str, out_file: Path) -> LazyStateDict:
         """Input Gram matrices of the loaded backbone's Linear layers on ``slug``'s validation
         inputs, keyed by weight name, written to ``out_file`` and read back lazily."""
-        from mergesec.merging.grams import collect_linear_grams, grams_by_weight_key
 
         batches = self.task.gram_batches(self.data[slug].validation, GRAM_EXAMPLES, EVAL_BATCH)
         inputs = [self.task.model_inputs(b) for b in batches]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from mergesec.core.context import NodeContext
-from mergesec.core.registry import get_op, register_op
+from mergesec.core.registry import TRAINS, get_op, register_op
 from mergesec.defenses.mergelock import protect_mergelock
 from mergesec.defenses.params import protect_params
 from mergesec.models.artifact import ModelArtifact, write_artifact
@@ -30,9 +30,6 @@ from mergesec.tasks._io import (
 
 register_op("protect", "params", fn=protect_params)
 register_op("protect", "mergelock", fn=protect_mergelock)
-
-
-TRAINS = "trains"
 
 
 def execute_training_protection(ctx: NodeContext) -> dict[str, float]:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from mergesec.core.bounds import FiniteFloat, Probability
-from mergesec.core.registry import register_op
+from mergesec.core.registry import GRAMS, register_op
 from mergesec.merging.per_key import SCALES_RESULT, check_fraction, mean, merge_per_key
 from mergesec.models.state_dict import StateDict
 
@@ -55,9 +55,7 @@ def regmean_linear(
     return torch.cholesky_solve(rhs.T, chol).T.to(weights[0].dtype)
 
 
-@register_op(
-    "merge", "regmean", searchable=("coefficient", "alpha"), traits=("grams", SCALES_RESULT)
-)
+@register_op("merge", "regmean", searchable=("coefficient", "alpha"), traits=(GRAMS, SCALES_RESULT))
 def regmean(
     base: StateDict,
     experts: Sequence[StateDict],
@@ -95,7 +93,7 @@ def regmean(
 GramSample = Literal["class_balanced", "random"]
 
 
-@register_op("merge", "regmean_released", searchable=("coefficient", "alpha"), traits=("grams",))
+@register_op("merge", "regmean_released", searchable=("coefficient", "alpha"), traits=(GRAMS,))
 def regmean_released(
     base: StateDict,
     experts: Sequence[StateDict],
