@@ -398,10 +398,10 @@ BAD = [
         "cpu > 0 or gpu > 0",
     ),
     (
-        "one and a half GPUs",
+        "more than one GPU for one op",
         GOOD + "resources: {finetune: {gpu: 1.5}}\n",
         "resources.finetune.gpu",
-        "whole number of GPUs",
+        "less than or equal to 1",
     ),
     ("infinite cpus", GOOD + "resources: {merge: {cpu: .inf}}\n", "resources.merge.cpu", "finite"),
     (
