@@ -28,6 +28,17 @@ def chat_examples(
     return out
 
 
+def qa_records(
+    splits: DatasetSplits, split: str, limit: int | None = None, max_words: int = 64
+) -> list[dict[str, str]]:
+    """The same questions as QA rows ``{question, answer}`` with answers ``#### <label name>``:
+    written as a ``.jsonl`` file, a labelled text dataset becomes a QA dataset for causal LMs."""
+    return [
+        {"question": m[0]["content"], "answer": f"#### {reply}"}
+        for m, reply in chat_examples(splits, split, limit, max_words)
+    ]
+
+
 def encode_chat(
     tokenizer: Any, messages: list[dict[str, str]], reply: str
 ) -> tuple[list[int], list[int]]:

@@ -11,6 +11,9 @@ A dataset URI names a QA dataset when
   ``answer`` (names mappable with ``columns: {question: ..., answer: ...}``; ``text``/``label`` are
   accepted as aliases) and no ``label`` column.
 
+An unregistered dataset decodes at most as many new tokens as its longest reference answer has
+bytes, plus 8 (``answer_budget``; 256 at most), so short-answer sets score quickly.
+
 Split conventions (Trap²'s LLM protocol): GSM8K holds out 10% of train as validation (seed 42) and
 keeps its test split; ASDiv (one split) is divided 70/15/15 with seed 42. Answers that are a bare
 value (ASDiv's ``9 (apples)``) are stored as ``#### 9`` so every dataset has one answer format.
@@ -164,6 +167,15 @@ def as_final_answer(value: str) -> str:
     """``"9 (apples)"`` -> ``"#### 9"``: a bare answer value in the GSM8K answer format."""
     m = _NUMBER.search(value)
     return f"{FINAL_MARK} {m.group(0).replace(',', '') if m else value.strip()}"
+
+
+def answer_budget(rows: Sequence[QAExample], cap: int = 256) -> int:
+    """Greedy decoding length for an unregistered dataset: its longest reference answer in UTF-8
+    bytes (a byte-level tokenizer never needs more tokens) plus a margin, at most ``cap``.
+
+    Short-answer sets (``#### fresh``) then decode a few tokens instead of ``cap``."""
+    longest = max((len(r.answer.encode("utf-8")) for r in rows), default=cap)
+    return min(cap, longest + 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +353,8 @@ def _load_cached(uri: str, columns: tuple[tuple[str, str], ...]) -> QASplits:
     return QASplits(
         uri, tuple(train), tuple(val), tuple(test),
         max_length=info.max_length if info else 512,
-        max_new_tokens=info.max_new_tokens if info else 256, info=info,
+        max_new_tokens=info.max_new_tokens if info else answer_budget([*train, *val, *test]),
+        info=info,
     )  # fmt: skip
 
 
