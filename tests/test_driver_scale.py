@@ -153,7 +153,10 @@ def test_infeasible_resources_fail_with_one_line():
             "resources.finetune.gpu=2",
             "resources.finetune.gpu: Input should be less than or equal to 1",
         ),
-        ("resources.evaluate.cpu=0", "resources.evaluate: a step needs cpu > 0 or gpu > 0 (both are 0)"),
+        (
+            "resources.evaluate.cpu=0",
+            "resources.evaluate: a step needs cpu > 0 or gpu > 0 (both are 0)",
+        ),
         ("resources.merge.timeout=0", "resources.merge.timeout"),
     ],
 )
