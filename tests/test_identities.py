@@ -98,14 +98,17 @@ def test_registering_an_existing_op_needs_replace(tmp_path):
         register_op("merge", "ties", fn=other_ties)
     assert get_op("merge", "ties").fn is original.fn
     # the same function registering again (a module imported twice) is not a replacement
-    register_op("merge", "ties", searchable=("coefficient", "k"), fn=original.fn)
+    register_op(
+        "merge", "ties", searchable=("coefficient", "k"), traits=tuple(original.traits),
+        fn=original.fn,
+    )  # fmt: skip
     try:
         register_op("merge", "ties", fn=other_ties, replace=True)
         assert get_op("merge", "ties").fn is other_ties
     finally:
         register_op(
             "merge", "ties", version=original.version, searchable=tuple(original.searchable),
-            fn=original.fn, replace=True,
+            traits=tuple(original.traits), fn=original.fn, replace=True,
         )  # fmt: skip
     assert get_op("merge", "ties") == original
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,7 +63,12 @@ def test_sigkill_then_resume(tmp_path, tiny_bert):
     assert len(after) == n_nodes
     for node_id, mtime in before.items():
         assert after[node_id] == mtime, "a node that had _SUCCESS was executed again"
-    assert f"{len(before)} already in the store, {n_nodes - len(before)} ran" in r.stdout
+    # A worker killed with the driver may still have been publishing a node: count from the store
+    # as the resumed run found it, which holds at least the nodes seen done after the kill.
+    m = re.search(r"(\d+) already in the store, (\d+) ran", r.stdout)
+    assert m is not None, r.stdout[-2000:]
+    cached, ran = int(m.group(1)), int(m.group(2))
+    assert cached >= len(before) and cached + ran == n_nodes, (cached, ran, len(before))
     runs = child_runs(uri, "smoke")
     ids = [x.data.tags["mergesec.node_id"] for x in runs]
     assert len(ids) == len(set(ids)), "duplicate MLflow child runs after a resume"

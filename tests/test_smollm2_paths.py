@@ -11,6 +11,7 @@ in minutes on two CPU cores; the measured figures are printed (``pytest -s``).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,16 @@ PROMPTS = (
     "A gripping, funny and humane film. Which one is this: fresh, rotten?",
     "Shares in the bank fell after its profits dropped.",
 )
-pytestmark = pytest.mark.slow
+# Two LoRA fine-tunes and four protect/attack/merge nodes of a 135M model take about 5 minutes on
+# 2 cores, which the suite's 20-minute budget cannot hold next to everything else: these run when
+# MERGESEC_LLM_PATH_TESTS=1 (test_smollm2.py, always on, loads, generates and fine-tunes it).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("MERGESEC_LLM_PATH_TESTS") != "1",
+        reason="SmolLM2 through every path: set MERGESEC_LLM_PATH_TESTS=1 (about 5 minutes)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

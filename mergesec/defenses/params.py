@@ -128,7 +128,9 @@ def protect_params(
     *,
     seed: Seed = 0,
     permute_mlp: bool = True,
-    scaling: Literal["diagonal", "nonsymmetric", "none"] = "diagonal",
+    scaling: Literal[
+        "diagonal", "nonsymmetric", "nonsymmetric_released", "symmetric", "none"
+    ] = "diagonal",
     scale_min: PositiveFloat | None = None,
     scale_max: PositiveFloat | None = None,
     permute_heads: bool = False,
