@@ -328,7 +328,7 @@ BAD = [
         "unknown PaRaMS scaling",
         _scenario("{protect: {op: params, scaling: diag}}"),
         "scenarios.unprotected.protect.scaling",
-        "'diagonal', 'nonsymmetric' or 'none'",
+        "'symmetric' or 'none'",
     ),
     (
         "scale range reversed",
