@@ -32,6 +32,17 @@ def test_every_registered_kind_has_a_stand_in():
 
 
 @pytest.mark.parametrize("name", sorted(STAND_INS))
+def test_registry_entry_agrees_with_its_kind(name):
+    # The entry repeats a few facts so that study validation need not import the kind (torch).
+    entry, kind = kinds.entry(name), kinds.get_kind(name)
+    assert entry.column_roles == kind.column_roles
+    assert (entry.supports_poison, entry.supports_monitor) == (
+        kind.supports_poison,
+        kind.supports_monitor,
+    )
+
+
+@pytest.mark.parametrize("name", sorted(STAND_INS))
 def test_build_train_release_and_reload(name, tmp_path, tiny_bert):
     torch.set_num_threads(1)
     make_base, ref = STAND_INS[name]

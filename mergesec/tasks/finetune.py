@@ -5,7 +5,6 @@ from __future__ import annotations
 from mergesec.core.bounds import (
     DropFraction,
     NonNegativeFloat,
-    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     Probability,
@@ -32,7 +31,7 @@ def finetune_full(
     batch_size: PositiveInt = 32,
     max_length: TokenLength = 64,
     seed: Seed = 0,
-    patience: NonNegativeInt = 2,
+    patience: PositiveInt = 2,
     warmup_ratio: Probability = 0.1,
     weight_decay: NonNegativeFloat = 0.01,
 ) -> dict[str, float]:
@@ -56,7 +55,7 @@ def finetune_lora(
     batch_size: PositiveInt = 32,
     max_length: TokenLength = 64,
     seed: Seed = 0,
-    patience: NonNegativeInt = 2,
+    patience: PositiveInt = 2,
     warmup_ratio: Probability = 0.1,
     weight_decay: NonNegativeFloat = 0.0,
     r: PositiveInt = 8,
