@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import shutil
 import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 
@@ -136,8 +135,6 @@ def test_imports_inside_functions_only_defer_heavy_libraries():
 @pytest.mark.skipif(shutil.which("lint-imports") is None, reason="import-linter is not installed")
 def test_import_layers_hold():
     r = subprocess.run(
-        [str(Path(sys.executable).with_name("lint-imports"))
-         if Path(sys.executable).with_name("lint-imports").exists() else "lint-imports"],
-        cwd=PACKAGE.parent, capture_output=True, text=True,
-    )  # fmt: skip
+        [shutil.which("lint-imports")], cwd=PACKAGE.parent, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
