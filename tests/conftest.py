@@ -27,6 +27,7 @@ def pytest_collection_modifyitems(config, items):
     at once instead of finishing the run late."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
