@@ -446,6 +446,48 @@ BAD = [
         "non-empty name",
     ),
     (
+        "example cap 0",
+        _sub("builtin:topic]", "{uri: builtin:topic, examples: {train: 0}}]"),
+        "datasets.1.examples.train",
+        "greater than or equal to 1 (got 0)",
+    ),
+    (
+        "negative example cap",
+        _sub("builtin:topic]", "{uri: builtin:topic, examples: {test: -5}}]"),
+        "datasets.1.examples.test",
+        "greater than or equal to 1 (got -5)",
+    ),
+    (
+        "fractional example cap",
+        _sub("builtin:topic]", "{uri: builtin:topic, examples: {validation: 0.5}}]"),
+        "datasets.1.examples.validation",
+        "valid integer (got 0.5)",
+    ),
+    (
+        "example cap as text",
+        _sub("builtin:topic]", "{uri: builtin:topic, examples: {train: '100'}}]"),
+        "datasets.1.examples.train",
+        "valid integer (got '100')",
+    ),
+    (
+        "example cap of an unknown split",
+        _sub("builtin:topic]", "{uri: builtin:topic, examples: {dev: 100}}]"),
+        "datasets.1.examples.dev",
+        "unknown key 'dev'",
+    ),
+    (
+        "example cap naming no split",
+        _sub("builtin:topic]", "{uri: builtin:topic, examples: {}}]"),
+        "datasets.1.examples",
+        "name at least one split to cap: train, validation or test",
+    ),
+    (
+        "example cap not a mapping",
+        _sub("builtin:topic]", "{uri: builtin:topic, examples: 500}]"),
+        "datasets.1.examples",
+        "valid dictionary",
+    ),
+    (
         "empty dataset uri",
         _sub("builtin:topic]", "{uri: ''}]"),
         "datasets.1.uri",
@@ -527,6 +569,7 @@ SAMPLE = {
     "slugs collide": "plan",
     "DARE drops everything": "run",
     "key given twice": "status",
+    "example cap 0": "run",
 }
 
 
