@@ -27,35 +27,35 @@ def test_cap_indices_are_stratified_ordered_and_reproducible():
 
 def test_text_kind_caps_each_named_split_before_poisoning():
     kind = get_kind("text")
-    full = kind.load({"uri": "builtin:topic"})
+    full = kind.load({"uri": "builtin:synthetic_topic"})
     caps = {"train": 40, "test": 24}
-    cut = kind.load({"uri": "builtin:topic", "examples": caps})
+    cut = kind.load({"uri": "builtin:synthetic_topic", "examples": caps})
     assert (len(cut.train), len(cut.validation), len(cut.test)) == (40, len(full.validation), 24)
     assert set(cut.train) <= set(full.train) and set(cut.test) <= set(full.test)
     # label shares are kept (the builtin splits are balanced)
     assert len(set(Counter(e.label for e in cut.train).values())) == 1
-    again = kind.load({"uri": "builtin:topic", "examples": caps})
+    again = kind.load({"uri": "builtin:synthetic_topic", "examples": caps})
     assert again.fingerprint() == cut.fingerprint() != full.fingerprint()
 
     poison = {"trigger": "cf", "target": 0, "rate": 0.5}
-    bad = kind.load({"uri": "builtin:topic", "examples": caps}, poison=poison)
+    bad = kind.load({"uri": "builtin:synthetic_topic", "examples": caps}, poison=poison)
     assert len(bad.train) == 40 and sum("cf" in e.text.split() for e in bad.train) > 0
     assert bad.test == cut.test
 
 
 def test_qa_and_image_kinds_cap_their_splits():
-    qa = get_kind("qa").load({"uri": "builtin:arithmetic", "examples": {"train": 7}})
-    full = get_kind("qa").load({"uri": "builtin:arithmetic"})
+    qa = get_kind("qa").load({"uri": "builtin:synthetic_arithmetic", "examples": {"train": 7}})
+    full = get_kind("qa").load({"uri": "builtin:synthetic_arithmetic"})
     assert len(qa.train) == 7 and set(qa.train) <= set(full.train) and qa.test == full.test
 
-    img = get_kind("image").load({"uri": "builtin:shapes", "examples": {"validation": 9}})
-    whole = get_kind("image").load({"uri": "builtin:shapes"})
+    img = get_kind("image").load({"uri": "builtin:synthetic_shapes", "examples": {"validation": 9}})
+    whole = get_kind("image").load({"uri": "builtin:synthetic_shapes"})
     assert len(img.validation) == 9 and len(img.train) == len(whole.train)
     assert Counter(img.validation.labels).keys() <= set(range(len(whole.label_names)))
 
 
 def test_cap_splits_without_caps_is_the_same_object():
-    data = get_kind("text").load({"uri": "builtin:topic"})
+    data = get_kind("text").load({"uri": "builtin:synthetic_topic"})
     assert cap_splits(data, None) is data and cap_splits(data, {}) is data
 
 
@@ -63,10 +63,10 @@ def _study(tmp_path: Path, topic: object) -> Path:
     doc = {
         "study": "caps",
         "base": "builtin:minilm-l6",
-        "datasets": ["builtin:sentiment", topic],
+        "datasets": ["builtin:synthetic_sentiment", topic],
         "finetune": {"mode": "full", "epochs": 1},
         "scenarios": {"unprotected": {}},
-        "victims": ["builtin:sentiment"],
+        "victims": ["builtin:synthetic_sentiment"],
         "merge": {"op": "task_arithmetic"},
     }
     f = tmp_path / "study.yaml"
@@ -80,16 +80,23 @@ def _finetune_ids(tmp_path: Path, topic: object) -> dict[str, str]:
 
 
 def test_the_cap_is_part_of_the_node_identity(tmp_path):
-    plain = _finetune_ids(tmp_path, "builtin:topic")
-    assert plain == _finetune_ids(tmp_path, {"uri": "builtin:topic"})
-    capped = _finetune_ids(tmp_path, {"uri": "builtin:topic", "examples": {"train": 100}})
-    assert capped["builtin:topic"] != plain["builtin:topic"]
-    assert capped["builtin:sentiment"] == plain["builtin:sentiment"], "other experts unchanged"
-    assert capped == _finetune_ids(tmp_path, {"uri": "builtin:topic", "examples": {"train": 100}})
-    other = _finetune_ids(tmp_path, {"uri": "builtin:topic", "examples": {"train": 101}})
-    assert other["builtin:topic"] not in {capped["builtin:topic"], plain["builtin:topic"]}
+    plain = _finetune_ids(tmp_path, "builtin:synthetic_topic")
+    assert plain == _finetune_ids(tmp_path, {"uri": "builtin:synthetic_topic"})
+    capped = _finetune_ids(tmp_path, {"uri": "builtin:synthetic_topic", "examples": {"train": 100}})
+    assert capped["builtin:synthetic_topic"] != plain["builtin:synthetic_topic"]
+    assert capped["builtin:synthetic_sentiment"] == plain["builtin:synthetic_sentiment"], (
+        "other experts unchanged"
+    )
+    assert capped == _finetune_ids(
+        tmp_path, {"uri": "builtin:synthetic_topic", "examples": {"train": 100}}
+    )
+    other = _finetune_ids(tmp_path, {"uri": "builtin:synthetic_topic", "examples": {"train": 101}})
+    assert other["builtin:synthetic_topic"] not in {
+        capped["builtin:synthetic_topic"],
+        plain["builtin:synthetic_topic"],
+    }
     plan = build_plan(
-        load_study(_study(tmp_path, {"uri": "builtin:topic", "examples": {"train": 100}}))
+        load_study(_study(tmp_path, {"uri": "builtin:synthetic_topic", "examples": {"train": 100}}))
     )
     refs = [n.params["dataset"] for n in plan.nodes.values() if n.step == "finetune"]
-    assert {"uri": "builtin:topic", "examples": {"train": 100}} in refs
+    assert {"uri": "builtin:synthetic_topic", "examples": {"train": 100}} in refs

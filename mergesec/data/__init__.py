@@ -144,7 +144,7 @@ def local_dataset_path(uri: str) -> Path | None:
 def dataset_slug(uri: str) -> str:
     """A short name safe for paths and MLflow, made only of ``[a-z0-9_-]``.
 
-    ``builtin:sentiment`` -> ``sentiment``; ``hf:glue/sst2`` -> ``glue_sst2``; a file or
+    ``builtin:synthetic_sentiment`` -> ``synthetic_sentiment``; ``hf:glue/sst2`` -> ``glue_sst2``; a file or
     directory -> its stem plus ``_`` and 8 hex digits of the SHA-256 of the URI as written,
     so two files with the same name in different places get different slugs.
     """
