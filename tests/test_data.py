@@ -214,6 +214,10 @@ def test_check_dataset_uri_messages(tmp_path: Path):
     assert check_dataset_uri("builtin:sentimnt") == (
         "unknown builtin dataset 'sentimnt'; known: " + ", ".join(text_builtin_names())
     )
+    assert check_dataset_uri("builtin:topic") == (
+        "builtin:topic was renamed builtin:synthetic_topic (a generated dataset)"
+    )
+    assert "renamed builtin:synthetic_shapes" in check_dataset_uri("builtin:shapes")
     assert check_dataset_uri("data/x.csv") == "file not found: data/x.csv"
     assert "did you mean builtin:synthetic_topic" in check_dataset_uri("synthetic_topic")
     assert check_dataset_uri("hf:glue/sst2") is None

@@ -53,6 +53,12 @@ CASES = [
         "unknown builtin dataset",
     ),
     (
+        "a synthetic dataset by its old name",
+        GOOD.replace("builtin:synthetic_topic]", "builtin:topic]"),
+        "datasets.1",
+        "builtin:topic was renamed builtin:synthetic_topic",
+    ),
+    (
         "missing data file",
         GOOD.replace("builtin:synthetic_topic]", "data/nope.csv]"),
         "datasets.1",
