@@ -111,7 +111,7 @@ def minilm_experts(tmp_path_factory) -> dict[str, Path]:
     for name in ("sentiment", "topic"):
         params = {
             "base": "builtin:minilm-l6",
-            "dataset": {"uri": f"builtin:{name}"},
+            "dataset": {"uri": f"builtin:synthetic_{name}"},
             "op": FINETUNE_FAST,
         }
         out[name], _ = run_executor(root, "finetune", "full", params)
