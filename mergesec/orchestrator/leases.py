@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from mergesec.orchestrator.store import Store
@@ -112,10 +113,18 @@ def release(store: Store, node_id: str, owner: str) -> None:
 
 
 class LeaseKeeper:
-    """The leases one driver holds, renewed from a background thread every ``ttl / 4``."""
+    """The leases one driver holds, renewed from a background thread every ``ttl / 4``; each beat
+    also calls ``on_beat`` (the driver's MLflow heartbeat)."""
 
-    def __init__(self, store: Store, owner: str | None = None, ttl: float | None = None):
+    def __init__(
+        self,
+        store: Store,
+        owner: str | None = None,
+        ttl: float | None = None,
+        on_beat: Callable[[], None] | None = None,
+    ):
         self.store = store
+        self.on_beat = on_beat
         self.owner = owner or new_owner()
         self.ttl = lease_ttl() if ttl is None else ttl
         self.held: set[str] = set()
@@ -147,6 +156,8 @@ class LeaseKeeper:
                 # a miss is retried at the next beat; the lease outlives a few
                 with contextlib.suppress(OSError):
                     renew(self.store, node_id, self.owner, self.ttl)
+            if self.on_beat is not None:
+                self.on_beat()
 
     def close(self) -> None:
         """Stop renewing and release every lease still held."""

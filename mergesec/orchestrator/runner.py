@@ -50,6 +50,7 @@ def execute_node(
     allow_remote_code: bool = False,
     report=None,
     worker: str = "",
+    owner: str = "",
 ) -> dict[str, float]:
     """Run ``node`` unless the store already has it; return its metrics. Raises if the op fails."""
     import torch
@@ -71,7 +72,7 @@ def execute_node(
     started = time.time()
     try:
         inputs = read_inputs(node, store)
-        with store.writing(node.id, record) as out_dir:
+        with store.writing(node.id, record, owner=owner) as out_dir:
             ctx = NodeContext(
                 node_id=node.id,
                 step=node.step,
@@ -177,6 +178,7 @@ def run_trial(config: dict[str, Any]) -> None:
             allow_remote_code=bool(config.get("allow_remote_code", False)),
             report=report,
             worker=worker,
+            owner=str(config.get("owner", "")),
         )
     finally:
         if watchdog is not None:

@@ -432,12 +432,12 @@ class Store:
 
     # ---- writing
     @contextlib.contextmanager
-    def writing(self, node_id: str, record: dict[str, Any]) -> Iterator[Path]:
+    def writing(self, node_id: str, record: dict[str, Any], owner: str = "") -> Iterator[Path]:
         """Yield an empty local directory; on normal exit commit it as the node's outputs.
 
         The caller writes ``metrics.json`` (and everything else) into it; ``node.json`` and the
         manifest are added here. When another writer committed the node first, its commit stands
-        and this one is discarded.
+        and this one is discarded. ``owner`` (the driver) is recorded in the manifest.
         """
         _check_id(node_id)
         parent = self.local / "nodes" if self.local is not None else None
@@ -451,15 +451,15 @@ class Store:
             )
             if not (tmp / "metrics.json").exists():
                 (tmp / "metrics.json").write_text("{}")
-            self._publish(node_id, tmp)
+            self._publish(node_id, tmp, owner or writer_id())
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _publish(self, node_id: str, tmp: Path) -> bool:
+    def _publish(self, node_id: str, tmp: Path, owner: str) -> bool:
         """Commit ``tmp`` as the node; False when another commit was there first."""
         attempt = uuid.uuid4().hex
         if self.local is not None:
-            m = mf.build(tmp, attempt=attempt, prefix="", owner=writer_id())
+            m = mf.build(tmp, attempt=attempt, prefix="", owner=owner)
             with open(tmp / SUCCESS, "wb") as f:
                 f.write(m.to_bytes())
                 os.fsync(f.fileno())
@@ -480,7 +480,7 @@ class Store:
         if current is not None:
             return False  # committed already; never touched again
         prefix = f"{ATTEMPTS}/{attempt}"
-        m = mf.build(tmp, attempt=attempt, prefix=prefix, owner=writer_id())
+        m = mf.build(tmp, attempt=attempt, prefix=prefix, owner=owner)
         self.fs.create_dir(f"{node}/{prefix}")
         pyarrow.fs.copy_files(str(tmp), f"{node}/{prefix}", destination_filesystem=self.fs)
         if replace:
