@@ -17,7 +17,7 @@ from rich.console import Console
 from mergesec.core.uris import redact_uri
 from mergesec.orchestrator.errors import InfeasibleResources
 from mergesec.orchestrator.leases import LeaseKeeper, lease_alive, new_owner
-from mergesec.orchestrator.maintenance import TUNE_TMP_PREFIX, check_inputs
+from mergesec.orchestrator.maintenance import check_inputs, tune_tmp_prefix
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.plan import Plan, build_plan
 from mergesec.orchestrator.progress import ProgressCallback
@@ -277,7 +277,7 @@ def run_dag(
     progress = ProgressCallback(searcher, cached or {}, console or Console(stderr=True))
     # Tune's own files are not used (the store is the checkpoint): one directory per invocation,
     # so concurrent drivers never share it, removed at the end.
-    tune_dir = tempfile.mkdtemp(prefix=TUNE_TMP_PREFIX)
+    tune_dir = tempfile.mkdtemp(prefix=tune_tmp_prefix())
     pending = str(max(1, window * len(shapes)))
     # Without per-trial result files Tune's end-of-run analysis warns once per trial.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)

@@ -117,6 +117,24 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
+def tune_tmp_prefix() -> str:
+    """The prefix of this process's Tune directory: ``gc`` leaves it while the process lives."""
+    return f"{TUNE_TMP_PREFIX}{os.getpid()}-"
+
+
+def _process_alive(name: str) -> bool:
+    pid = name.split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def _node_of(name: str, prefix: str) -> str:
     return name[len(prefix) :].split("-", 1)[0]
 
@@ -159,7 +177,7 @@ def collect_garbage(store: Store, *, min_age_s: float = 6 * 3600) -> Collected:
         ):
             _remove_local(p, out)
     for p in sorted(Path(tempfile.gettempdir()).glob(f"{TUNE_TMP_PREFIX}*")):
-        if _age(p, now) >= min_age_s:
+        if _age(p, now) >= min_age_s and not _process_alive(p.name[len(TUNE_TMP_PREFIX) :]):
             _remove_local(p, out)
     return out
 
