@@ -30,6 +30,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from mergesec.orchestrator.leases import lease_ttl
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.runner import STEP_KEY
 from mergesec.orchestrator.store import Store
@@ -108,6 +109,37 @@ def node_params(node: Node) -> dict[str, str]:
     return flatten({"op": node.op_key} | node.params)
 
 
+# ---- liveness: a driver's parent run carries its owner and a heartbeat, so that another driver
+# on the same experiment never closes (or logs into) the runs of a driver that is still alive
+TAG_OWNER = "mergesec.owner"
+TAG_HEARTBEAT = "mergesec.heartbeat"
+
+
+def liveness_tags(owner: str, now: float | None = None) -> dict[str, str]:
+    return {TAG_OWNER: owner, TAG_HEARTBEAT: f"{time.time() if now is None else now:.0f}"}
+
+
+def parent_is_live(tags: dict[str, str], now: float | None = None) -> bool:
+    """Whether a RUNNING parent run's driver beat within the lease time (``lease_ttl``)."""
+    try:
+        beat = float(tags.get(TAG_HEARTBEAT, ""))
+    except ValueError:
+        return False
+    return (time.time() if now is None else now) - beat < lease_ttl()
+
+
+def live_parents(runs: list, study: str) -> dict[str, str]:
+    """``{run id: owner}`` of the study's parent runs whose driver is alive."""
+    return {
+        r.info.run_id: r.data.tags.get(TAG_OWNER, "")
+        for r in runs
+        if TAG_NODE not in r.data.tags
+        and r.data.tags.get(TAG_STUDY) == study
+        and r.info.status == "RUNNING"
+        and parent_is_live(r.data.tags)
+    }
+
+
 def numeric_metrics(metrics: dict[str, Any], step: int | None, ts: int) -> list:
     from mlflow.entities import Metric
 
@@ -174,26 +206,52 @@ class StudyTracker:
         self._log_params(self.parent_id, flatten(params))
         return self.parent_id
 
-    def reconcile(self, states: dict[str, str], nodes: dict[str, Node]) -> list[Node]:
+    def reconcile(
+        self,
+        states: dict[str, str],
+        nodes: dict[str, Node],
+        committed_by: Callable[[str], str] | None = None,
+    ) -> list[Node]:
         """Index the study's runs; close what a killed invocation left RUNNING.
 
         Returns the plan's nodes the store holds as done that have no FINISHED run yet (an earlier
-        invocation could not log them); the caller logs them.
+        invocation could not log them); the caller logs them. Runs of a live driver (see
+        ``parent_is_live``) are never closed, and the nodes it committed (``committed_by`` gives a
+        node's committing driver) are left for it to log.
         """
         self.connect()
-        for r in self._all_runs():
+        runs = self._all_runs()
+        live = live_parents(runs, self.study)  # other drivers' runs: left as they are
+        theirs: set[str] = set()
+        for r in runs:
             tags, status = r.data.tags, r.info.status
             node_id = tags.get(TAG_NODE)
             if node_id is None:
-                if status == "RUNNING" and tags.get(TAG_STUDY) == self.study:
-                    self.client.set_terminated(r.info.run_id, status="KILLED")  # a stale parent
+                stale = status == "RUNNING" and r.info.run_id not in live
+                if stale and tags.get(TAG_STUDY) == self.study:
+                    self.client.set_terminated(r.info.run_id, status="KILLED")
                 continue
             self._node_runs.setdefault(node_id, r.info.run_id)
             if status == "FINISHED":
                 self._finished.add(node_id)
+            elif status == "RUNNING" and tags.get("mlflow.parentRunId") in live:
+                theirs.add(node_id)
             elif status == "RUNNING" and states.get(node_id) != "done":
                 self.client.set_terminated(r.info.run_id, status="KILLED")
-        return [n for i, n in nodes.items() if states.get(i) == "done" and i not in self._finished]
+        owners = set(live.values())
+        return [
+            n
+            for i, n in nodes.items()
+            if states.get(i) == "done"
+            and i not in self._finished
+            and i not in theirs
+            and (committed_by is None or committed_by(i) not in owners)
+        ]
+
+    def beat(self) -> None:
+        """Renew the parent run's heartbeat."""
+        if self.parent_id is not None:
+            self.client.set_tag(self.parent_id, TAG_HEARTBEAT, liveness_tags("")[TAG_HEARTBEAT])
 
     def end_parent(self, status: str, artifacts: list[str] = ()) -> None:
         if self.parent_id is None:
@@ -266,15 +324,18 @@ class StudyTracker:
             metrics = []
             if status == "FINISHED":
                 ts = int(time.time() * 1000)
-                metrics = numeric_metrics(store.read_metrics(node.id), None, ts)
+                metrics = numeric_metrics(store.metrics_if_done(node.id) or {}, None, ts)
             if params or metrics:
                 self.client.log_batch(run_id, metrics=metrics, params=params)
                 self._params_due.discard(node.id)
             if status == "FINISHED":
                 suffixes = SMALL_FILES + ((".safetensors",) if log_weights else ())
-                files = store.fetch_files(
-                    node.id, tmp, names=("node.json", "metrics.json"), suffixes=suffixes
-                )
+                try:
+                    files = store.fetch_files(
+                        node.id, tmp, names=("node.json", "metrics.json"), suffixes=suffixes
+                    )
+                except ValueError:  # corrupt (``CorruptNode``): the next run computes it again
+                    files = []
                 for path in files:
                     weights = path.suffix == ".safetensors"
                     self.client.log_artifact(
@@ -292,7 +353,7 @@ class StudyTracker:
 
 @dataclass
 class _Op:
-    kind: str  # "open", "start", "metrics", "finish", "end"
+    kind: str  # "open", "start", "metrics", "finish", "end", "beat"
     node: Node | None = None
     args: dict[str, Any] = field(default_factory=dict)
     metrics: list = field(default_factory=list)
@@ -393,6 +454,12 @@ class TrackingWriter:
 
     def start(self, node: Node) -> None:
         self._enqueue(_Op("start", node))
+
+    def heartbeat(self) -> None:
+        """Renew the parent run's liveness tag (one beat queued at most)."""
+        with self._cv:
+            if self._opened and not any(o.kind == "beat" for o in self._queues[0]):
+                self._put(_Op("beat"), front=True)
 
     def metrics(self, node: Node, metrics: dict[str, Any], step: int | None) -> None:
         ms = numeric_metrics(metrics, step, int(time.time() * 1000))
@@ -522,7 +589,7 @@ class TrackingWriter:
         t = self.tracker
         if op.kind == "open":
             a = op.args
-            backlog = t.reconcile(a["states"], a["nodes"])
+            backlog = t.reconcile(a["states"], a["nodes"], self._committed_by)
             if t.parent_id is None:
                 self.parent_id = t.start_parent(a["params"], a["tags"])
             # nodes an earlier invocation finished but could not log: log them before the rest
@@ -541,6 +608,16 @@ class TrackingWriter:
             t.finish_node(op.node, self.store, op.args["status"], self.log_weights)
         elif op.kind == "end":
             t.end_parent(op.args["status"], op.args["artifacts"])
+        elif op.kind == "beat":
+            t.beat()
+
+    def _committed_by(self, node_id: str) -> str:
+        """The driver that committed the node, from its manifest ("" when unknown)."""
+        try:
+            m = self.store.manifest(node_id)
+        except ValueError:
+            return ""
+        return m.owner if m is not None else ""
 
 
 class MlflowCallback(Callback):
