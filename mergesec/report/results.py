@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from mergesec.data import dataset_slug
+from mergesec.orchestrator.headline import row_numbers
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.store import Store
 from mergesec.plots import png_bytes, pyplot
@@ -33,48 +34,17 @@ def build_results(plan: Plan, store: Store) -> list[dict[str, Any]]:
     """One row per (variant, scenario, victim): accuracies before and after merging."""
     rows = []
     for r in plan.rows:
-        v = dataset_slug(r.victim)
-        clean = _metrics(store, r.expert_evals[v])
-        release = _metrics(store, r.victim_eval)
-        merged = _metrics(store, r.merge_eval)
-        merge_node = _metrics(store, r.merge_node)
+        numbers = row_numbers(r, lambda node_id: _metrics(store, node_id))
         row: dict[str, Any] = {
             "variant": r.variant,
             "scenario": r.scenario,
-            "victim": v,
+            "victim": dataset_slug(r.victim),
             "merge": r.merge_op,
-            "coefficient": None,
-            "victim_clean": None,
-            "victim_release": None,
-            "victim_merged": None,
-            "victim_merged_norm": None,
-            "others_merged": None,
+            **numbers,
             "status": "done"
-            if merged is not None
+            if store.is_done(r.merge_eval)
             else ("failed" if store.is_failed(r.merge_eval) else "missing"),
         }
-        if clean:
-            row["victim_clean"] = clean.get(f"accuracy/{v}")
-        if release:
-            row["victim_release"] = release.get(f"accuracy/{v}")
-        if merge_node:
-            chosen = {
-                k.split("/", 1)[1]: x for k, x in merge_node.items() if k.startswith("chosen/")
-            }
-            row["coefficient"] = chosen.get("coefficient")
-            row.update({f"chosen_{k}": x for k, x in chosen.items() if k != "coefficient"})
-        if merged:
-            row["victim_merged"] = merged.get(f"accuracy/{v}")
-            row["victim_merged_norm"] = merged.get(f"normalized/{v}")
-            others = [
-                x
-                for k, x in merged.items()
-                if k.startswith("accuracy/") and k not in {f"accuracy/{v}", "accuracy/mean"}
-            ]
-            row["others_merged"] = sum(others) / len(others) if others else None
-            row["per_dataset"] = {
-                k.split("/", 1)[1]: x for k, x in merged.items() if k.startswith("accuracy/")
-            }
         row["monitors"] = {
             kind: {
                 k.split("/", 1)[1]: x
