@@ -19,15 +19,19 @@ from mergesec.report import build_results, write_reports
 
 pytestmark = pytest.mark.slow
 SCENARIOS = {"unprotected": {}, "params": {"protect": {"op": "params"}}}
-MERGE = {"op": {"grid": ["task_arithmetic", "ties"]}, "coefficient": {"search": [0.5, 1.0]}}
+MERGE = {"op": "ties", "coefficient": {"search": [0.5, 1.0]}}
 
 
 @pytest.fixture(scope="module")
 def study_in_mlflow(tmp_path_factory, tiny_bert):
-    """The smoke study with two scenarios and two merge ops, run once, tracked by a server."""
+    """The smoke study with two scenarios, run once, tracked by a server."""
     root = tmp_path_factory.mktemp("mlflow-ui")
     proc, url = start_mlflow_server(root)
-    study = load_study(write_study(root, tiny_bert, scenarios=SCENARIOS, merge=MERGE))
+    study = load_study(
+        write_study(
+            root, tiny_bert, scenarios=SCENARIOS, merge=MERGE, tracking={"log_models": True}
+        )
+    )
     summary = run_study(
         study, store_uri=str(root / "store"), tracking_uri=url, on_finish=write_reports
     )
@@ -55,7 +59,7 @@ def test_one_params_query_gives_victim_accuracy_per_scenario(study_in_mlflow):
     )
     got = {(r.data.params["scenario"], r.data.params["merge_op"]): r.data.metrics for r in runs}
     rows = build_results(summary.plan, summary.store)
-    assert len(got) == len(runs) == len(rows) == 4
+    assert len(got) == len(runs) == len(rows) == 2
     for row in rows:
         m = got[(row["scenario"], row["merge"])]
         assert m["victim/accuracy_merged"] == pytest.approx(row["victim_merged"])
@@ -71,7 +75,7 @@ def test_run_names_are_unique_and_in_the_study_words(study_in_mlflow):
     names = [r.info.run_name for r in runs]
     assert len(runs) == len(summary.plan.nodes) and len(set(names)) == len(names), names
     assert "params · sentiment · ties · merged eval" in names
-    assert "unprotected · sentiment · task_arithmetic · merge" in names
+    assert "unprotected · sentiment · ties · merge" in names
     assert "sentiment release (params)" in names
     assert "topic expert · shared by 2 scenarios" in names
     for r in runs:
@@ -135,8 +139,8 @@ def test_study_run_holds_table_files_and_summary(study_in_mlflow, monkeypatch):
     table = c.load_table(
         _experiment(url).experiment_id, "results_table.json", run_ids=[summary.parent_run_id]
     )
-    assert len(table) == 4 and set(table["scenario"]) == set(SCENARIOS)
-    assert parent.data.metrics["study/rows_done"] == 4
+    assert len(table) == 2 and set(table["scenario"]) == set(SCENARIOS)
+    assert parent.data.metrics["study/rows_done"] == 2
     assert 0 <= parent.data.metrics["study/victim_accuracy_merged_mean"] <= 1
     files = {a.path for a in c.list_artifacts(summary.parent_run_id, "study")}
     assert files == {"study/study.yaml", "study/study.resolved.yaml"}
@@ -179,3 +183,18 @@ def test_resume_continues_under_one_study_run(study_in_mlflow):
     assert "invocation 3" in p.data.tags["mlflow.note.content"]
     merged = c.get_run(before[row.merge_eval])
     assert merged.info.status == "FINISHED" and "victim/accuracy_merged" in merged.data.metrics
+
+
+def test_models_are_logged_models_pointing_at_the_store(study_in_mlflow):
+    url, _, summary, root = study_in_mlflow
+    c = _client(url)
+    runs = {r.info.run_id: r for r in child_runs(url, "smoke")}
+    models = c.search_logged_models(experiment_ids=[_experiment(url).experiment_id])
+    roles = sorted(runs[m.source_run_id].data.tags["mergesec.role"] for m in models)
+    # two experts, the params release, one merge per scenario
+    assert roles == ["expert", "expert", "merge", "merge", "release"]
+    for m in models:
+        node_id = m.tags["mergesec.node_id"]
+        assert m.tags["mergesec.store_location"] == str(root / "store" / "nodes" / node_id)
+        assert runs[m.source_run_id].data.tags["mergesec.node_id"] == node_id
+        assert not c.list_artifacts(m.source_run_id, "weights"), "nothing uploaded"

@@ -333,21 +333,6 @@ def _open_tracking(
     return tracker
 
 
-def _failed_ancestors(plan: Plan, node_id: str, states: dict[str, str]) -> list[str]:
-    """The failed nodes a skipped node depends on."""
-    out, seen, stack = [], set(), list(plan.nodes[node_id].inputs.values())
-    while stack:
-        n = stack.pop()
-        if n in seen or n not in plan.nodes:
-            continue
-        seen.add(n)
-        if states.get(n) == FAILED:
-            out.append(n)
-        else:
-            stack.extend(plan.nodes[n].inputs.values())
-    return out
-
-
 def _run_nodes(
     plan: Plan,
     study: Study,
@@ -419,8 +404,7 @@ def _run_nodes(
                 summary.failed.append((node.title(), err[-1] if err else ""))
             elif s == SKIPPED:
                 summary.skipped.append(node.title())
-                up = _failed_ancestors(plan, node_id, states)
-                tracker.skip(node, [plan.nodes[i] for i in up])
+                tracker.skip(node, plan.upstream_in(node_id, states, FAILED))
         if summary.failed or summary.skipped:
             status = "FAILED"
         if any(s in (PENDING, RUNNING) for s in states.values()):

@@ -78,6 +78,21 @@ class Plan:
         # Insertion order is already topological: a node is added after its inputs.
         return list(self.nodes.values())
 
+    def upstream_in(self, node_id: str, states: dict[str, str], state: str) -> list[Node]:
+        """The nearest upstream nodes of ``node_id`` whose state in ``states`` is ``state``
+        (the failed inputs of a skipped node)."""
+        out, seen, stack = [], set(), list(self.nodes[node_id].inputs.values())
+        while stack:
+            n = stack.pop()
+            if n in seen or n not in self.nodes:
+                continue
+            seen.add(n)
+            if states.get(n) == state:
+                out.append(self.nodes[n])
+            else:
+                stack.extend(self.nodes[n].inputs.values())
+        return out
+
     def descendants(self, node_id: str) -> set[str]:
         children: dict[str, list[str]] = {}
         for n in self.nodes.values():

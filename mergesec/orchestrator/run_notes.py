@@ -67,28 +67,29 @@ def node_note(
     error: str | None = None,
     failed_inputs: Sequence[InputRun] = (),
 ) -> str:
-    """A node run's description."""
-    lines = [
-        f"**{_md(facts.name)}**",
-        "",
-        f"{facts.role} · `{node.step}/{node.op}` · node `{node.id}`",
-    ]
-    shown = {k: v for k, v in facts.factors.items() if v not in ("-", "none", "")}
-    if shown:
-        lines += ["", " · ".join(f"{k}: `{v}`" for k, v in shown.items())]
+    """A node run's description: first what a reader looks for (headline numbers, the error,
+    the inputs' links), then what the run is (role, step, node, scenario factors) and its main
+    metrics. The UI shows the first lines until "Show more" is clicked."""
+    lines: list[str] = []
     if headline:
-        lines += ["", "Headline: " + headline_line(headline)]
+        lines += ["Headline: " + headline_line(headline), ""]
     if error is not None:
         quoted = error.replace("`", "'")[:500]
-        lines += ["", f"**Failed:** `{quoted}`"]
+        lines += [f"**Failed:** `{quoted}`", ""]
     if failed_inputs:
-        lines += ["", "**Skipped**, because an input failed:"]
+        lines += ["**Skipped**, because an input failed:"]
         lines += [
             f"- {role}: {_link(experiment_id, name, rid)}" for role, name, rid in failed_inputs
         ]
+        lines += [""]
     if inputs:
-        lines += ["", "Inputs:"]
+        lines += ["Inputs:"]
         lines += [f"- {role}: {_link(experiment_id, name, rid)}" for role, name, rid in inputs]
+        lines += [""]
+    lines += [f"{facts.role} · `{node.step}/{node.op}` · node `{node.id}`"]
+    shown = {k: v for k, v in facts.factors.items() if v not in ("-", "none", "")}
+    if shown:
+        lines += ["", " · ".join(f"{k}: `{v}`" for k, v in shown.items())]
     nums = [
         (k, v)
         for k, v in (metrics or {}).items()

@@ -436,6 +436,7 @@ class StudyTracker:
             if status == "FINISHED":
                 self._finished.add(node_id)
             elif status == "RUNNING" and states.get(node_id) != "done":
+                self.client.set_tag(r.info.run_id, TAG_STATUS, "killed")
                 self.client.set_terminated(r.info.run_id, status="KILLED")
         return [n for i, n in nodes.items() if states.get(i) == "done" and i not in self._finished]
 
