@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -116,3 +120,49 @@ def minilm_experts(tmp_path_factory) -> dict[str, Path]:
         }
         out[name], _ = run_executor(root, "finetune", "full", params)
     return out
+
+
+def start_mlflow_server(root: Path):
+    """An ``mlflow server`` on 127.0.0.1 over a SQLite database in ``root``: (process, URL)."""
+    port = free_port()
+    exe = shutil.which("mlflow")
+    cmd = [exe] if exe else [sys.executable, "-m", "mlflow"]
+    proc = subprocess.Popen(
+        [
+            *cmd,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not come up on 127.0.0.1")
+    return proc, url
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    proc, url = start_mlflow_server(tmp_path)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)

@@ -34,6 +34,11 @@ from mergesec.orchestrator.spec import DatasetSpec, OpCall, Study, StudySpec
 # Attack stages, declared by an attack op's traits ("release" when none is given).
 
 
+def scenario_label(scenario: str, victim: str, variant: str) -> str:
+    """The ``scenario`` label of the nodes of one plan row: ``name[victim]{variant}``."""
+    return f"{scenario}[{victim}]" + (f"{{{variant}}}" if variant else "")
+
+
 @dataclass
 class PlanRow:
     """One line of the results table: a (variant, scenario, victim) and the nodes that answer it."""
@@ -48,6 +53,11 @@ class PlanRow:
     expert_evals: dict[str, str]
     monitors: dict[str, str] = field(default_factory=dict)  # watched model kind -> monitor node
     scale_curves: dict[str, str] = field(default_factory=dict)  # model kind -> scale-curve node
+
+    @property
+    def label(self) -> str:
+        """The ``scenario`` label its nodes carry."""
+        return scenario_label(self.scenario, dataset_slug(self.victim), self.variant)
 
 
 @dataclass
@@ -67,6 +77,21 @@ class Plan:
     def topological(self) -> list[Node]:
         # Insertion order is already topological: a node is added after its inputs.
         return list(self.nodes.values())
+
+    def upstream_in(self, node_id: str, states: dict[str, str], state: str) -> list[Node]:
+        """The nearest upstream nodes of ``node_id`` whose state in ``states`` is ``state``
+        (the failed inputs of a skipped node)."""
+        out, seen, stack = [], set(), list(self.nodes[node_id].inputs.values())
+        while stack:
+            n = stack.pop()
+            if n in seen or n not in self.nodes:
+                continue
+            seen.add(n)
+            if states.get(n) == state:
+                out.append(self.nodes[n])
+            else:
+                stack.extend(self.nodes[n].inputs.values())
+        return out
 
     def descendants(self, node_id: str) -> set[str]:
         children: dict[str, list[str]] = {}
@@ -176,7 +201,7 @@ class _VariantPlanner:
             for v_uri in spec.victim_uris():
                 v = self.slug(v_uri)
                 d = self.by_uri[v_uri]
-                tag = f"{name}[{v}]" + (f"{{{self.variant}}}" if self.variant else "")
+                tag = scenario_label(name, v, self.variant)
                 poison = sc.poison.model_dump() if sc.poison else None
                 trained = (
                     self.finetune(d, poison, what=v, scenario=tag) if poison else experts[v_uri]

@@ -154,6 +154,9 @@ class EvaluateSpec(_Strict):
 
 class TrackingSpec(_Strict):
     log_weights: bool = False
+    # Releases, attacked and merged models (and experts) as MLflow logged models that point at
+    # the store; no weights are uploaded (``log_weights`` does that).
+    log_models: bool = False
     experiment: str | None = None
 
     @field_validator("experiment")
