@@ -318,13 +318,23 @@ def lease_hooks(leases: LeaseKeeper) -> dict[str, Any]:
     """``DagSearcher``'s claim, release and elsewhere hooks on the store's leases."""
     store = leases.store
 
+    def claim(node_id: str) -> bool:
+        # a node another driver committed since this one read the store is not claimed: it then
+        # waits aside, and the next poll of ``elsewhere`` finds it done
+        if store.is_done(node_id) or leases.acquire(node_id) is not None:
+            return False
+        if store.is_done(node_id):  # committed between the check and the lease
+            leases.release(node_id)
+            return False
+        return True
+
     def elsewhere(node_id: str) -> str:
         if store.is_done(node_id):
             return "done"
         return "held" if lease_alive(store, node_id) else "free"
 
     return {
-        "claim": lambda node_id: leases.acquire(node_id) is None,
+        "claim": claim,
         "release": leases.release,
         "elsewhere": elsewhere,
     }

@@ -21,6 +21,8 @@ resumed study continues under its earlier study run when the study is unchanged.
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import getpass
 import hashlib
 import json
@@ -31,7 +33,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -269,6 +271,23 @@ def table_json(columns: list[str], data: list[list[Any]]) -> str:
     return json.dumps({"columns": columns, "data": data}, default=str)
 
 
+@contextlib.contextmanager
+def sqlite_setup_lock(uri: str) -> Iterator[None]:
+    """Serialise first contact with a SQLite tracking database: two drivers opening a new one at
+    once would both run MLflow's schema migrations on it and break it. A lock file beside the
+    database; other URIs need none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 # ---- liveness: a driver's parent run carries its owner and a heartbeat, so that another driver
 # on the same experiment never closes (or logs into) the runs of a driver that is still alive
 TAG_OWNER = "mergesec.owner"
@@ -339,6 +358,9 @@ class StudyTracker:
         self.experiment_name = experiment or f"mergesec/{study}"
         self.ctx = context or StudyContext()
         self.client = MlflowClient(self.uri)
+        if self.uri.startswith("sqlite:///"):
+            with sqlite_setup_lock(self.uri):  # the first call creates or migrates the schema
+                self.client.search_experiments(max_results=1)
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self.invocation = 1
@@ -356,17 +378,30 @@ class StudyTracker:
 
     def connect(self) -> None:
         if self.experiment_id is None:
-            exp = self.client.get_experiment_by_name(self.experiment_name)
-            self.experiment_id = (
-                exp.experiment_id if exp else self.client.create_experiment(self.experiment_name)
-            )
-            tags = exp.tags if exp else {}
+            with sqlite_setup_lock(self.uri):
+                exp = self._experiment()
+            self.experiment_id = exp.experiment_id
+            tags = exp.tags
             if tags.get(TAG_KIND) != EXPERIMENT_KIND:
                 self.client.set_experiment_tag(self.experiment_id, TAG_KIND, EXPERIMENT_KIND)
             if TAG_NOTE not in tags:
                 self.client.set_experiment_tag(
                     self.experiment_id, TAG_NOTE, self._experiment_note()
                 )
+
+    def _experiment(self):
+        """The study's experiment, created when absent (another driver may create it first)."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            # a concurrent driver may create it in between: then read theirs below
+            with contextlib.suppress(MlflowException):
+                self.client.create_experiment(self.experiment_name)
+            exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            raise RuntimeError(f"could not create MLflow experiment {self.experiment_name!r}")
+        return exp
 
     def _experiment_note(self) -> str:
         return (
