@@ -27,6 +27,7 @@ from typing import Any
 from mergesec.core.content_hash import file_sha256, tree_sha256
 from mergesec.core.registry import STAGE_MERGE, STAGE_MERGED, TRAINS, get_op, validate_params
 from mergesec.data import dataset_slug, local_dataset_path
+from mergesec.merging.released_search import released_search_order
 from mergesec.models.hub import model_identity
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.spec import DatasetSpec, OpCall, Study, StudySpec
@@ -198,6 +199,10 @@ class _VariantPlanner:
                     for u in self.by_uri
                 }
                 params = self.base | {"datasets": self.datasets, "op": m_params}
+                params |= self._merge_options()
+                if params.get("search") and victim is not experts[v_uri]:
+                    # the released criterion normalises by the unprotected expert's accuracy
+                    members[f"reference.{v}"] = experts[v_uri].id
                 if spec.evaluate.search_examples is not None:
                     params["search_examples"] = spec.evaluate.search_examples
                 if merge_attack is not None:
@@ -241,6 +246,19 @@ class _VariantPlanner:
                         k: self._scale_curve(m, d, v, tag).id for k, m in models.items()
                     }
                 self.plan.rows.append(row)
+
+    def _merge_options(self) -> dict[str, Any]:
+        """The merge node's ``space`` and released ``search`` (absent at their defaults, so the
+        identity of a plain merge is unchanged)."""
+        merge = self.spec.merge
+        out: dict[str, Any] = {}
+        if merge.space != "full":
+            out["space"] = merge.space
+        if merge.search == "released":
+            op = get_op("merge", merge.op)
+            order = released_search_order(op, fixed=merge.params)
+            out["search"] = {"mode": "released", "order": list(order)}
+        return out
 
     def _protect(
         self, call: OpCall, d: dict, trained: Node, poison: dict | None, v: str, tag: str
