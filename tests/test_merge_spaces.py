@@ -191,3 +191,108 @@ def test_data_dependent_ops_have_no_space():
     assert space_problem(get_op("merge", "ties"), "core") is None
     with pytest.raises(ValueError, match="LoRA factors"):
         in_space(get_op("merge", "ties"), "core")
+
+
+# ---- through the merge step, on LoRA experts of a tiny BERT ----------------------------------
+
+
+def lora_expert(
+    path, tiny_bert, slug: str, seed: int, r: int = 2, alpha: int = 8, classes: int = 2
+):
+    """A LoRA release as ``finetune/lora`` writes it: the peft adapter (random A and B) and the
+    materialised backbone W₀ + (α/r)·B A."""
+    from mergesec.models.artifact import HeadInfo, write_artifact
+    from mergesec.models.hub import load_backbone
+    from mergesec.training.lora import wrap_with_lora
+
+    torch.manual_seed(seed)
+    model = wrap_with_lora(load_backbone(str(tiny_bert)), r=r, alpha=alpha, dropout=0.0,
+                           target_modules=["query", "value"])  # fmt: skip
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.2 * torch.randn_like(p))
+    model.save_pretrained(str(path / "adapter"))
+    sd = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    heads = {f"{slug}.weight": torch.randn(classes, 32), f"{slug}.bias": torch.zeros(classes)}
+    labels = [str(i) for i in range(classes)]
+    write_artifact(path, base=str(tiny_bert), backbone=sd, heads=heads,
+                   head_info={slug: HeadInfo(f"builtin:{slug}", labels)})  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("space", ["knots", "core"])
+def test_lora_spaces_through_the_merge_step(tmp_path, tiny_bert, space):
+    from mergesec.core.context import NodeContext
+    from mergesec.core.registry import validate_params
+    from mergesec.models.artifact import ModelArtifact
+    from mergesec.models.hub import base_weights_file, model_identity
+    from mergesec.models.lora_factors import read_lora_factors
+    from mergesec.models.state_dict import load_state_dict
+    from mergesec.tasks import merge
+
+    slugs = ["sentiment", "topic", "question"]
+    experts = {s: lora_expert(tmp_path / s, tiny_bert, s, seed=i) for i, s in enumerate(slugs)}
+    op_params = validate_params(get_op("merge", "dare_ties_released"),
+                                {"drop_rate": 0.0, "k": 0.4, "coefficient": 1.3})  # fmt: skip
+    out = tmp_path / "merged"
+    out.mkdir()
+    params = {"base": str(tiny_bert), "base_id": model_identity(str(tiny_bert)),
+              "datasets": [{"uri": f"builtin:{s}"} for s in slugs], "op": op_params,
+              "space": space}  # fmt: skip
+    ctx = NodeContext("m", "merge", "dare_ties_released", params,
+                      {f"expert.{s}": d for s, d in experts.items()}, out)  # fmt: skip
+    merge.execute(ctx)
+    got = ModelArtifact.open(out).backbone_state()
+    base = load_state_dict(base_weights_file(str(tiny_bert)))
+
+    factors = [read_lora_factors(d, base) for d in experts.values()]
+    lora_keys = set(factors[0])
+    assert len(lora_keys) == 4  # query and value of 2 layers
+    assert all(f[k][1].abs().max() > 0 for f in factors for k in lora_keys)
+    for key in lora_keys:
+        fs = [f[key] for f in factors]
+        if space == "core":
+            want = ref_core("ties", fs, k=0.4)
+        else:
+            want = ref_knots("ties", [(base[key] + b @ a) - base[key] for a, b in fs], k=0.4)
+        # the adapter's scale α/r = 4 is in B: the released ΔW = B A of the scaled factors
+        assert rel_err(got[key] - base[key], 1.3 * want.float()) <= 1e-5, key
+    # every other weight is the base's (LoRA changed nothing else)
+    for key in base:
+        if key not in lora_keys:
+            assert torch.equal(got[key], base[key]), key
+
+
+def test_a_searched_merge_in_a_space_writes_the_spaced_merge_at_the_chosen_coefficient(
+    tmp_path, tiny_bert
+):
+    from mergesec.core.context import NodeContext
+    from mergesec.core.registry import validate_params
+    from mergesec.models.artifact import ModelArtifact
+    from mergesec.models.hub import base_weights_file, model_identity
+    from mergesec.models.state_dict import load_state_dict
+    from mergesec.tasks import merge
+
+    classes = {"sentiment": 2, "topic": 4}
+    experts = {
+        s: lora_expert(tmp_path / s, tiny_bert, s, seed=i, classes=c)
+        for i, (s, c) in enumerate(classes.items())
+    }
+    op = get_op("merge", "ties")
+    op_params = validate_params(op, {"k": 0.5, "coefficient": {"search": [0.5, 1.5]}})
+    out = tmp_path / "merged"
+    out.mkdir()
+    params = {"base": str(tiny_bert), "base_id": model_identity(str(tiny_bert)),
+              "datasets": [{"uri": f"builtin:{s}"} for s in classes], "op": op_params,
+              "space": "knots", "search_examples": 40}  # fmt: skip
+    ctx = NodeContext("m", "merge", "ties", params,
+                      {f"expert.{s}": d for s, d in experts.items()}, out)  # fmt: skip
+    m = merge.execute(ctx)
+    assert m["chosen/coefficient"] in (0.5, 1.5)
+    base = load_state_dict(base_weights_file(str(tiny_bert)))
+    sds = [ModelArtifact.open(d).backbone_state() for d in experts.values()]
+    want = in_space(op, "knots")(base, sds, k=0.5, coefficient=m["chosen/coefficient"])
+    got = ModelArtifact.open(out).backbone_state()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
