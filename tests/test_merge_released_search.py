@@ -150,3 +150,56 @@ def test_class_balanced_gram_sample():
     assert gram_sample(split, 9, None) is split
     with pytest.raises(ValueError, match="labelled split"):
         gram_sample([{"q": 1}, {"q": 2}], 1, "class_balanced")
+
+
+def test_left_out_and_majority_references_in_the_results(tmp_path, tiny_bert):
+    """``references: [left_out]`` plans the merge without the victim, scored with the victim's
+    head; every row carries the victim's majority-class rate on its test split."""
+    from collections import Counter
+
+    import yaml
+
+    from mergesec.kinds import get_kind
+    from mergesec.merging.methods.linear import task_arithmetic
+    from mergesec.orchestrator.runner import execute_node
+    from mergesec.orchestrator.store import Store
+    from mergesec.report import build_results
+
+    doc = {
+        "study": "refs",
+        "base": str(tiny_bert),
+        "datasets": ["builtin:sentiment", "builtin:topic"],
+        "finetune": {"mode": "full", "epochs": 1, "max_length": 32},
+        "scenarios": {"unprotected": {}},
+        "victims": ["builtin:sentiment"],
+        "merge": {"op": "task_arithmetic", "coefficient": 0.5},
+        "references": ["left_out"],
+    }
+    f = tmp_path / "study.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    plan = build_plan(load_study(f))
+    (row,) = plan.rows
+    left_eval = plan.nodes[row.left_out_eval]
+    left_merge = plan.nodes[left_eval.inputs["model"]]
+    assert set(left_merge.inputs) == {"expert.topic", "head.sentiment"}
+    assert [d["uri"] for d in left_merge.params["datasets"]] == ["builtin:topic"]
+    store = Store(str(tmp_path / "store"))
+    for node in plan.topological():
+        execute_node(node, store)
+    (res,) = build_results(plan, store)
+
+    data = get_kind("text").load({"uri": "builtin:sentiment"})
+    labels = [e.label for e in data.split("test")]
+    assert res["victim_majority"] == max(Counter(labels).values()) / len(labels)
+
+    # the left-out reference: the topic expert alone, merged, with the sentiment expert's head
+    topic = ModelArtifact.open(store.local_dir(left_merge.inputs["expert.topic"]))
+    victim = ModelArtifact.open(store.local_dir(left_merge.inputs["head.sentiment"]))
+    base = load_state_dict(base_weights_file(str(tiny_bert)))
+    merged = task_arithmetic(base, [topic.backbone_state()], coefficient=0.5)
+    out = tmp_path / "by-hand"
+    write_artifact(out, base=str(tiny_bert), backbone=merged,
+                   heads=victim.all_heads(), head_info=victim.heads)  # fmt: skip
+    want = evaluate_artifact(ModelArtifact.open(out), DATASETS[:1])["accuracy/sentiment"]
+    assert res["victim_left_out"] == pytest.approx(want, abs=1e-9)
+    assert res["victim_left_out"] is not None and res["victim_merged"] is not None

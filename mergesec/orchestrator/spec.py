@@ -174,6 +174,9 @@ class StudySpec(_Strict):
     ] = {}
     tracking: TrackingSpec = TrackingSpec()
     diagnostics: DiagnosticsSpec = DiagnosticsSpec()
+    # Extra reference rows: "left_out" merges the other experts without the victim and scores
+    # the victim's dataset with the victim's head (what the merge gives the victim's task for free).
+    references: list[Literal["left_out"]] = Field(default_factory=list)
     retries: int = Field(default=0, ge=0, le=10)
     allow_remote_code: bool = False
 
@@ -503,6 +506,10 @@ def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
             check("monitor", sc.monitor.op, sc.monitor.params, f"scenarios.{name}.monitor")
     check("merge", spec.merge.op, spec.merge.params, "merge")
     problems += _merge_problems(spec)
+    if "left_out" in spec.references and len(uris) < 2:
+        problems.append(
+            ("references", "left_out merges the other experts; list two datasets or more")
+        )
     return problems
 
 

@@ -21,6 +21,8 @@ COLUMNS = [
     "victim_merged",
     "victim_merged_norm",
     "others_merged",
+    "victim_left_out",
+    "victim_majority",
     "status",
 ]
 
@@ -49,12 +51,18 @@ def build_results(plan: Plan, store: Store) -> list[dict[str, Any]]:
             "victim_merged": None,
             "victim_merged_norm": None,
             "others_merged": None,
+            "victim_left_out": None,
+            "victim_majority": None,
             "status": "done"
             if merged is not None
             else ("failed" if store.is_failed(r.merge_eval) else "missing"),
         }
         if clean:
             row["victim_clean"] = clean.get(f"accuracy/{v}")
+            row["victim_majority"] = clean.get(f"majority/{v}")
+        if r.left_out_eval is not None:
+            left_out = _metrics(store, r.left_out_eval)
+            row["victim_left_out"] = left_out.get(f"accuracy/{v}") if left_out else None
         if release:
             row["victim_release"] = release.get(f"accuracy/{v}")
         if merge_node:

@@ -128,6 +128,11 @@ def execute(ctx: NodeContext) -> dict[str, float]:
     base = LazyStateDict(base_weights_file(ctx.base, ctx.allow_remote_code))
     merge_fn = in_space(op, space, _space_factors(space, roles, list(base.keys())))
     heads, head_info = merged_heads(experts)
+    for slug, path in ctx.inputs_with_prefix("head").items():
+        # a head carried along unmerged (the victim's, in a merge that leaves the victim out)
+        art = ModelArtifact.open(path)
+        heads.update({k: t for k, t in art.all_heads().items() if k.startswith(f"{slug}.")})
+        head_info[slug] = art.heads[slug]
     datasets = ctx.params["datasets"]
     slugs = [dataset_slug(d["uri"]) for d in datasets]
     own = [_own_dataset(r, e, slugs) for r, e in zip(roles, experts, strict=True)]
