@@ -461,6 +461,21 @@ BAD = [
         "scenarios.unprotected.attack",
         "space: core merges the released LoRA factors",
     ),
+    (
+        "unknown reference row",
+        GOOD + "references: [zero_shot]\n",
+        "references.0",
+        "'left_out'",
+    ),
+    (
+        "left out with one dataset",
+        GOOD.replace(
+            "datasets: [builtin:sentiment, builtin:topic]", "datasets: [builtin:sentiment]"
+        )
+        + "references: [left_out]\n",
+        "references",
+        "left_out merges the other experts; list two datasets or more",
+    ),
     ("too many retries", GOOD + "retries: 11\n", "retries", "less than or equal to 10"),
     ("negative retries", GOOD + "retries: -1\n", "retries", "greater than or equal to 0"),
     (

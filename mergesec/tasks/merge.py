@@ -2,9 +2,10 @@
 
 Parameters given as ``{search: [...]}`` are chosen inside the node: every combination is merged,
 scored by the mean over datasets of validation accuracy normalised by each expert's own validation
-accuracy, and the best merge is kept. The choice and every candidate's score are recorded.
+accuracy, and the best merge is kept. The choice (``chosen/<param>``), the references
+(``reference/<slug>``) and every candidate's score are recorded.
 
-Two additions ride on the same search:
+Additions riding on the same search:
 
 - With node param ``search_examples`` (the study's ``evaluate.search_examples``) every dataset's
   accuracy in the score, and its reference, is measured on that many validation examples (a fixed
@@ -15,7 +16,17 @@ Two additions ride on the same search:
   victim examples, the victim is scored on at most that many (the same kind of fixed draw).
 - Ops with the trait ``grams`` (``merge/regmean``) get, per expert, the input Gram matrices of its
   backbone's Linear layers on up to ``GRAM_EXAMPLES`` unlabelled validation texts of its own
-  dataset (the dataset of its input role ``expert.<slug>``).
+  dataset (the dataset of its input role ``expert.<slug>``); an op with ``gram_examples`` and
+  ``gram_sample`` parameters (``merge/regmean_released``) chooses how many and how they are drawn.
+- Node param ``search: {mode: released, order: [...]}`` (the study's ``merge.search: released``)
+  replaces the grid by the released attacker's greedy coordinate search
+  (``merging.coordinate_search``) over the parameters in ``order``, once per victim variant. Its
+  criterion normalises each dataset by the *unprotected* expert's validation accuracy: input
+  ``reference.<slug>`` where the merged expert is a protected or attacked release.
+- Node param ``space`` (``knots`` or ``core``) runs the op in a LoRA merge space
+  (``merging.spaces``); ``core`` reads each expert's peft adapter.
+- Inputs ``head.<slug>`` carry a model's head for ``slug`` into the merged artifact unmerged (the
+  victim's head, in the merge that leaves the victim out).
 
 For ops whose coefficient only scales a merged task vector Δ (trait ``SCALES_TASK_VECTORS`` or
 ``SCALES_RESULT``, see ``merging.per_key``), the search merges once per setting of the other
