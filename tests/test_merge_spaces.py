@@ -296,3 +296,14 @@ def test_a_searched_merge_in_a_space_writes_the_spaced_merge_at_the_chosen_coeff
     got = ModelArtifact.open(out).backbone_state()
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_core_refuses_weights_that_are_not_the_adapters_update():
+    factors = lora_factors(2, 6, 5, 2, seed=3)
+    base = {KEY: torch.zeros(6, 5)}
+    experts = [{KEY: b @ a} for a, b in factors]
+    fn = in_space(get_op("merge", "task_arithmetic"), "core", [{KEY: f} for f in factors])
+    fn(base, experts, coefficient=1.0)  # consistent: fine
+    experts[1] = {KEY: -experts[1][KEY]}  # a release rewritten after training
+    with pytest.raises(ValueError, match="expert 1's weights at 'layer.weight' are not its LoRA"):
+        fn(base, experts, coefficient=1.0)

@@ -106,6 +106,27 @@ def merge_components(
     return op_fn(zero, [{key: c} for c in comps], **p)[key]
 
 
+# A weight whose task vector is further than this (relative) from its adapter's s·B A was changed
+# after training (a protection that rewrote the weights): Core space would merge stale factors.
+FACTOR_TOL = 0.05
+
+
+def check_factors(
+    key: str, b: Tensor, ts: Sequence[Tensor], a_list: Sequence[Tensor], b_list: Sequence[Tensor]
+) -> None:
+    """Raise ``ValueError`` when an expert's task vector at ``key`` is not its factors' B A."""
+    bf = b.float()
+    for i, (t, fa, fb) in enumerate(zip(ts, a_list, b_list, strict=True)):
+        update = fb.float() @ fa.float()
+        err = float((t.float() - bf - update).norm())
+        if err > FACTOR_TOL * max(float(update.norm()), 1e-12):
+            raise ValueError(
+                f"space core: expert {i}'s weights at {key!r} are not its LoRA adapter's update "
+                f"(relative difference {err / max(float(update.norm()), 1e-12):.2g}); was the "
+                "release changed after training? Use space knots or full"
+            )
+
+
 def in_space(op: Op, space: str, factors: Factors | None = None) -> Callable[..., StateDict]:
     """``op.fn`` run in ``space``: the same call contract (``fn(base, experts, **params)``,
     per key, merged weights out). ``core`` needs ``factors`` (one dict per expert, in expert
@@ -125,6 +146,7 @@ def in_space(op: Op, space: str, factors: Factors | None = None) -> Callable[...
             delta = None
             if space == "core" and factors is not None and key in factors[0]:
                 a_list, b_list = zip(*(f[key] for f in factors), strict=True)
+                check_factors(key, b, ts, a_list, b_list)
                 cores, u_b, vh_a = core_components(a_list, b_list)
                 merged = merge_components(op.fn, key, [c.float() for c in cores], params, unit)
                 delta = (u_b @ merged.double() @ vh_a).float()
