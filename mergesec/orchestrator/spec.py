@@ -18,6 +18,7 @@ from mergesec import kinds
 from mergesec.core.bounds import FiniteFloat
 from mergesec.core.registry import STAGE_MERGE, STEPS, OpError, get_op, validate_params
 from mergesec.data import check_dataset_uri, dataset_slug
+from mergesec.merging.released_search import released_search_order
 from mergesec.models.hub import check_model_uri
 from mergesec.orchestrator.errors import StudyError
 from mergesec.orchestrator.grid import apply_overrides, expand_grid, grid_paths
@@ -515,7 +516,6 @@ def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
 
 def _merge_problems(spec: StudySpec) -> list[tuple[str, str]]:
     """What ``merge.search`` and ``merge.space`` need of the op and the scenarios."""
-    from mergesec.merging.released_search import released_search_order
     from mergesec.merging.spaces import space_problem
 
     merge = spec.merge
