@@ -127,7 +127,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None)
-    ap.add_argument("--dataset", default="builtin:sentiment")
+    ap.add_argument("--dataset", default="builtin:synthetic_sentiment")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps")

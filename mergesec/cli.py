@@ -19,6 +19,7 @@ from mergesec.core.uris import STORE_URI_ENV, has_credentials, redact_text, reda
 from mergesec.orchestrator.engine import DEFAULT_STORE, _ray_init, node_states, run_study
 from mergesec.orchestrator.errors import StudyError
 from mergesec.orchestrator.interrupts import Interrupts
+from mergesec.orchestrator.maintenance import collect_garbage, verify_nodes
 from mergesec.orchestrator.pins import unpinned_lines
 from mergesec.orchestrator.plan import build_plan
 from mergesec.orchestrator.spec import load_study
@@ -73,15 +74,39 @@ def _store(uri: str):
         raise typer.Exit(2) from None
 
 
-def _results_table(rows: list[dict]) -> Table:
+# The terminal table's short headers (the report files keep the long names).
+SHORT_HEADERS = {
+    "coefficient": "coef",
+    "victim_clean": "clean",
+    "victim_release": "release",
+    "victim_merged": "merged",
+    "victim_merged_norm": "norm",
+    "others_merged": "others",
+}
 
-    cols = [c for c in COLUMNS if c != "variant" or any(r["variant"] for r in rows)]
+
+def _results_table(rows: list[dict]) -> Table:
+    """The results for a terminal: short headers, the variant without its merge op (the merge
+    column names it), fitting 120 columns for the quickstart's scenario names."""
+
+    def variant(r: dict) -> str:
+        return ",".join(
+            p for p in (r.get("variant") or "").split(",") if p and not p.startswith("merge.op=")
+        )
+
+    show_variant = any(variant(r) for r in rows)
+    cols = [c for c in COLUMNS if c != "variant" or show_variant]
     left = {*ROW_COLUMNS, "status"}
-    t = Table(title="results (test accuracy)")
+    t = Table(
+        title="results (test accuracy; victim clean, released, merged, merged/clean; others merged)",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        title_justify="left",
+    )
     for c in cols:
-        t.add_column(c, justify="left" if c in left else "right")
+        t.add_column(SHORT_HEADERS.get(c, c), justify="left" if c in left else "right")
     for r in rows:
-        t.add_row(*(fmt_cell(r.get(c)) for c in cols))
+        t.add_row(*(variant(r) if c == "variant" else fmt_cell(r.get(c)) for c in cols))
     return t
 
 
@@ -142,18 +167,28 @@ def run(
 
             ray.shutdown()
     assert summary.plan is not None and summary.store is not None
-    finished = summary.cached + summary.ran + len(summary.failed) + len(summary.skipped)
+    for node_id, problems in summary.invalidated.items():
+        err.print(
+            f"corrupt {summary.plan.nodes[node_id].title()} ({node_id}): {problems[0]}; "
+            "invalidated and computed again",
+            highlight=False,
+            markup=False,
+        )
+    done = summary.cached + summary.ran + summary.elsewhere
+    finished = done + len(summary.failed) + len(summary.skipped)
     if interrupts.signum is not None or finished < summary.total:
         err.print(
-            f"interrupted by {interrupts.name}: {summary.cached + summary.ran} of {summary.total} "
+            f"interrupted by {interrupts.name}: {done} of {summary.total} "
             "nodes done, reports not rewritten; run the same command to resume",
             highlight=False,
         )
         raise typer.Exit(interrupts.exit_code)
     out.print(_results_table(build_results(summary.plan, summary.store)))
+    elsewhere = f"{summary.elsewhere} by another run, " if summary.elsewhere else ""
     out.print(
         f"nodes: {summary.total} total, {summary.cached} already in the store, {summary.ran} ran, "
-        f"{len(summary.failed)} failed, {len(summary.skipped)} skipped; {summary.wall_time_s:.1f}s"
+        f"{elsewhere}{len(summary.failed)} failed, {len(summary.skipped)} skipped; "
+        f"{summary.wall_time_s:.1f}s"
     )
     for name, path in summary.reports.items():
         out.print(f"  {name}: {path}", highlight=False)
@@ -264,6 +299,49 @@ def report(
     sys.stdout.write(text)
     for name, path in paths.items():
         err.print(f"  {name}: {path}", highlight=False)
+
+
+@app.command()
+def verify(study: StudyArg, set_: SetOpt = None, store: StoreOpt = DEFAULT_STORE) -> None:
+    """Check every committed node of the study against its manifest, reading every file.
+
+    Corrupt nodes are invalidated; the next run computes them again. Exit status 1 when any was
+    found, 0 when all match.
+    """
+    s = _load(study, set_)
+    st = _store(store)
+    p = build_plan(s)
+    v = verify_nodes(st, [n.id for n in p.topological()])
+    for node_id, problems in v.corrupt.items():
+        err.print(
+            f"corrupt {p.nodes[node_id].title()} ({node_id}): {'; '.join(problems[:3])}; "
+            "invalidated, the next run computes it again",
+            highlight=False,
+            markup=False,
+        )
+    legacy = f"; {v.legacy} written before manifests (JSON files checked)" if v.legacy else ""
+    out.print(
+        f"verified {v.checked} committed nodes of {len(p.nodes)} ({v.bytes_checked} bytes): "
+        f"{v.checked - len(v.corrupt)} match, {len(v.corrupt)} corrupt{legacy}",
+        highlight=False,
+    )
+    if v.corrupt:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    store: StoreOpt = DEFAULT_STORE,
+    min_age: Annotated[
+        float, typer.Option("--min-age", min=0, help="hours an abandoned file must be old")
+    ] = 6.0,
+) -> None:
+    """Remove abandoned attempts and temporary files of a store and of the local cache."""
+    st = _store(store)
+    got = collect_garbage(st, min_age_s=min_age * 3600)
+    for path in got.removed:
+        out.print(f"removed {path}", highlight=False, markup=False)
+    out.print(f"{len(got.removed)} removed, {got.bytes} bytes freed", highlight=False)
 
 
 @app.command()

@@ -86,7 +86,7 @@ def test_pick_device_uses_a_visible_gpu_only_when_given_one():
 def test_text_steps_on_cuda_match_cpu(tmp_path, tiny_bert):
     ft = {"epochs": 1, "lr": 1e-3, "batch_size": 64, "max_length": 24, "seed": 0}
     lora = {"epochs": 1, "lr": 1e-2, "batch_size": 64, "max_length": 24, "seed": 0, "r": 4}
-    a, b = {"uri": "builtin:sentiment"}, {"uri": "builtin:topic"}
+    a, b = {"uri": "builtin:synthetic_sentiment"}, {"uri": "builtin:synthetic_topic"}
     assert_close(*both(tmp_path, tiny_bert, a, b, ft, lora))
 
 
@@ -94,7 +94,7 @@ def test_image_steps_on_cuda_match_cpu(tmp_path):
     clip = make_tiny_clip(tmp_path / "clip")
     ft = {"epochs": 1, "lr": 2e-3, "seed": 0}
     lora = {"epochs": 1, "lr": 1e-2, "seed": 0, "r": 4}
-    a, b = {"uri": "builtin:colors"}, {"uri": "builtin:shapes"}
+    a, b = {"uri": "builtin:synthetic_colors"}, {"uri": "builtin:synthetic_shapes"}
     assert_close(*both(tmp_path, clip, a, b, ft, lora))
 
 
@@ -104,7 +104,7 @@ def test_qa_lora_on_cuda_matches_cpu(tmp_path):
     res = {}
     for device in ("cpu", "cuda"):
         steps = DeviceSteps(tmp_path / device, llama, device)
-        a = {"uri": "builtin:arithmetic"}
+        a = {"uri": "builtin:synthetic_arithmetic"}
         ft = floats(steps.finetune(a, "a-lora", "lora", **lora))
         res[device] = ft | floats(steps.evaluate([a], "a-lora", "eval"))
     for name, c in res["cpu"].items():

@@ -22,8 +22,8 @@ from mergesec.tasks.evaluate import evaluate_artifact
 from mergesec.tasks.merge_search import gram_sample
 from mergesec.training.sampling import class_balanced_indices
 
-DATASETS = [{"uri": "builtin:sentiment"}, {"uri": "builtin:topic"}]
-LABELS = {"sentiment": ["negative", "positive"], "topic": ["a", "b", "c", "d"]}
+DATASETS = [{"uri": "builtin:synthetic_sentiment"}, {"uri": "builtin:synthetic_topic"}]
+LABELS = {"synthetic_sentiment": ["negative", "positive"], "synthetic_topic": ["a", "b", "c", "d"]}
 
 
 def synthetic_expert(path, tiny_bert, slug: str, seed: int, scale: float = 0.05):
@@ -46,7 +46,9 @@ def synthetic_expert(path, tiny_bert, slug: str, seed: int, scale: float = 0.05)
 def test_released_search_in_the_merge_step(tmp_path, tiny_bert):
     experts = {s: synthetic_expert(tmp_path / s, tiny_bert, s, seed=i) for i, s in
                enumerate(LABELS)}  # fmt: skip
-    clean = synthetic_expert(tmp_path / "clean", tiny_bert, "sentiment", seed=7, scale=0.02)
+    clean = synthetic_expert(
+        tmp_path / "clean", tiny_bert, "synthetic_sentiment", seed=7, scale=0.02
+    )
     op = validate_params(get_op("merge", "ties"), {})
     reports = []
     out = tmp_path / "merged"
@@ -54,17 +56,23 @@ def test_released_search_in_the_merge_step(tmp_path, tiny_bert):
     params = {"base": str(tiny_bert), "base_id": model_identity(str(tiny_bert)),
               "datasets": DATASETS, "op": op,
               "search": {"mode": "released", "order": ["coefficient", "k"]}}  # fmt: skip
-    inputs = {f"expert.{s}": d for s, d in experts.items()} | {"reference.sentiment": clean}
+    inputs = {f"expert.{s}": d for s, d in experts.items()} | {
+        "reference.synthetic_sentiment": clean
+    }
     ctx = NodeContext("m", "merge", "ties", params, inputs, out,
                       report=lambda m, s: reports.append((s, m)))  # fmt: skip
     m = merge.execute(ctx)
 
     # the criterion's references: the unprotected expert for the victim, the expert otherwise
     ref_clean = evaluate_artifact(ModelArtifact.open(clean), DATASETS[:1], split="validation")
-    ref_topic = evaluate_artifact(ModelArtifact.open(experts["topic"]), DATASETS[1:],
+    ref_topic = evaluate_artifact(ModelArtifact.open(experts["synthetic_topic"]), DATASETS[1:],
                                   split="validation")  # fmt: skip
-    assert m["reference/sentiment"] == pytest.approx(ref_clean["accuracy/sentiment"], abs=1e-9)
-    assert m["reference/topic"] == pytest.approx(ref_topic["accuracy/topic"], abs=1e-9)
+    assert m["reference/synthetic_sentiment"] == pytest.approx(
+        ref_clean["accuracy/synthetic_sentiment"], abs=1e-9
+    )
+    assert m["reference/synthetic_topic"] == pytest.approx(
+        ref_topic["accuracy/synthetic_topic"], abs=1e-9
+    )
 
     # the trials are the greedy coordinate search's, in order: replaying the reported scores
     # through coordinate_search asks for the same settings and chooses the same ones
@@ -95,12 +103,12 @@ def test_released_search_in_the_merge_step(tmp_path, tiny_bert):
 STUDY = """
 study: s
 base: builtin:minilm-l6
-datasets: [builtin:sentiment, builtin:topic]
+datasets: [builtin:synthetic_sentiment, builtin:synthetic_topic]
 finetune: {mode: lora, epochs: 1}
 scenarios:
   unprotected: {}
   trap2: {protect: {op: trap2}}
-victims: [builtin:sentiment]
+victims: [builtin:synthetic_sentiment]
 merge: {op: dare_ties_released, search: released, k: 0.5, space: {grid: [full, knots, core]}}
 """
 
@@ -117,10 +125,10 @@ def test_the_plan_gives_the_merge_its_search_order_space_and_unprotected_referen
         # k is given, so only the coefficient and the drop rate are searched
         assert n.params["search"] == {"mode": "released", "order": ["coefficient", "drop_rate"]}
         assert n.params["op"]["k"] == 0.5
-        if n.inputs["expert.sentiment"] in clean:
-            assert "reference.sentiment" not in n.inputs
+        if n.inputs["expert.synthetic_sentiment"] in clean:
+            assert "reference.synthetic_sentiment" not in n.inputs
         else:  # the Trap² release is normalised by the clean expert
-            assert n.inputs["reference.sentiment"] in clean
+            assert n.inputs["reference.synthetic_sentiment"] in clean
     assert len({n.id for n in merges}) == 6
 
 
@@ -168,10 +176,10 @@ def test_left_out_and_majority_references_in_the_results(tmp_path, tiny_bert):
     doc = {
         "study": "refs",
         "base": str(tiny_bert),
-        "datasets": ["builtin:sentiment", "builtin:topic"],
+        "datasets": ["builtin:synthetic_sentiment", "builtin:synthetic_topic"],
         "finetune": {"mode": "full", "epochs": 1, "max_length": 32},
         "scenarios": {"unprotected": {}},
-        "victims": ["builtin:sentiment"],
+        "victims": ["builtin:synthetic_sentiment"],
         "merge": {"op": "task_arithmetic", "coefficient": 0.5},
         "references": ["left_out"],
     }
@@ -181,25 +189,27 @@ def test_left_out_and_majority_references_in_the_results(tmp_path, tiny_bert):
     (row,) = plan.rows
     left_eval = plan.nodes[row.left_out_eval]
     left_merge = plan.nodes[left_eval.inputs["model"]]
-    assert set(left_merge.inputs) == {"expert.topic", "head.sentiment"}
-    assert [d["uri"] for d in left_merge.params["datasets"]] == ["builtin:topic"]
+    assert set(left_merge.inputs) == {"expert.synthetic_topic", "head.synthetic_sentiment"}
+    assert [d["uri"] for d in left_merge.params["datasets"]] == ["builtin:synthetic_topic"]
     store = Store(str(tmp_path / "store"))
     for node in plan.topological():
         execute_node(node, store)
     (res,) = build_results(plan, store)
 
-    data = get_kind("text").load({"uri": "builtin:sentiment"})
+    data = get_kind("text").load({"uri": "builtin:synthetic_sentiment"})
     labels = [e.label for e in data.split("test")]
     assert res["victim_majority"] == max(Counter(labels).values()) / len(labels)
 
     # the left-out reference: the topic expert alone, merged, with the sentiment expert's head
-    topic = ModelArtifact.open(store.local_dir(left_merge.inputs["expert.topic"]))
-    victim = ModelArtifact.open(store.local_dir(left_merge.inputs["head.sentiment"]))
+    synthetic_topic = ModelArtifact.open(
+        store.local_dir(left_merge.inputs["expert.synthetic_topic"])
+    )
+    victim = ModelArtifact.open(store.local_dir(left_merge.inputs["head.synthetic_sentiment"]))
     base = load_state_dict(base_weights_file(str(tiny_bert)))
-    merged = task_arithmetic(base, [topic.backbone_state()], coefficient=0.5)
+    merged = task_arithmetic(base, [synthetic_topic.backbone_state()], coefficient=0.5)
     out = tmp_path / "by-hand"
     write_artifact(out, base=str(tiny_bert), backbone=merged,
                    heads=victim.all_heads(), head_info=victim.heads)  # fmt: skip
-    want = evaluate_artifact(ModelArtifact.open(out), DATASETS[:1])["accuracy/sentiment"]
+    want = evaluate_artifact(ModelArtifact.open(out), DATASETS[:1])["accuracy/synthetic_sentiment"]
     assert res["victim_left_out"] == pytest.approx(want, abs=1e-9)
     assert res["victim_left_out"] is not None and res["victim_merged"] is not None

@@ -231,7 +231,7 @@ def test_lora_spaces_through_the_merge_step(tmp_path, tiny_bert, space):
     from mergesec.models.state_dict import load_state_dict
     from mergesec.tasks import merge
 
-    slugs = ["sentiment", "topic", "question"]
+    slugs = ["synthetic_sentiment", "synthetic_topic", "synthetic_question"]
     experts = {s: lora_expert(tmp_path / s, tiny_bert, s, seed=i) for i, s in enumerate(slugs)}
     op_params = validate_params(get_op("merge", "dare_ties_released"),
                                 {"drop_rate": 0.0, "k": 0.4, "coefficient": 1.3})  # fmt: skip
@@ -274,7 +274,7 @@ def test_a_searched_merge_in_a_space_writes_the_spaced_merge_at_the_chosen_coeff
     from mergesec.models.state_dict import load_state_dict
     from mergesec.tasks import merge
 
-    classes = {"sentiment": 2, "topic": 4}
+    classes = {"synthetic_sentiment": 2, "synthetic_topic": 4}
     experts = {
         s: lora_expert(tmp_path / s, tiny_bert, s, seed=i, classes=c)
         for i, (s, c) in enumerate(classes.items())
