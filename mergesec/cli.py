@@ -83,6 +83,8 @@ SHORT_HEADERS = {
     "victim_merged_norm": "norm",
     "others_merged": "others",
 }
+# Reference columns kept to the report files (results.md/.json/.csv), off the 120-column table.
+FILE_ONLY_COLUMNS = {"victim_left_out", "victim_majority"}
 
 
 def _results_table(rows: list[dict]) -> Table:
@@ -95,7 +97,7 @@ def _results_table(rows: list[dict]) -> Table:
         )
 
     show_variant = any(variant(r) for r in rows)
-    cols = [c for c in COLUMNS if c != "variant" or show_variant]
+    cols = [c for c in COLUMNS if (c != "variant" or show_variant) and c not in FILE_ONLY_COLUMNS]
     left = {*ROW_COLUMNS, "status"}
     t = Table(
         title="results (test accuracy; victim clean, released, merged, merged/clean; others merged)",

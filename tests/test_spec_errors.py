@@ -439,6 +439,67 @@ BAD = [
         "evaluate.search_examples",
         ">= 1".replace(">= ", "greater than or equal to "),
     ),
+    # merge search and LoRA merge spaces
+    (
+        "unknown merge search",
+        GOOD.replace("{op: task_arithmetic,", "{op: task_arithmetic, search: grid,"),
+        "merge.search",
+        "'released'",
+    ),
+    (
+        "released search of an op without a coefficient",
+        GOOD.replace(
+            "{op: task_arithmetic, coefficient: {search: [0.5, 1.0]}}",
+            "{op: weight_average, search: released}",
+        ),
+        "merge.search",
+        "needs an op with a coefficient; merge/weight_average has none",
+    ),
+    (
+        "released search and a grid of the same op",
+        GOOD.replace("{op: task_arithmetic,", "{op: task_arithmetic, search: released,"),
+        "merge.coefficient",
+        "search: released chooses the settings itself (it searches coefficient)",
+    ),
+    (
+        "unknown merge space",
+        GOOD.replace("{op: task_arithmetic,", "{op: task_arithmetic, space: svd,"),
+        "merge.space",
+        "'full', 'knots' or 'core'",
+    ),
+    (
+        "a data-dependent op in a LoRA space",
+        GOOD.replace(
+            "{op: task_arithmetic, coefficient: {search: [0.5, 1.0]}}",
+            "{op: regmean, space: knots}",
+        ),
+        "merge.space",
+        "merge/regmean needs the layers' input Gram matrices",
+    ),
+    (
+        "an attack inside a core-space merge",
+        _scenario("{attack: {op: rescale}}").replace(
+            "{op: task_arithmetic,", "{op: task_arithmetic, space: core,"
+        ),
+        "scenarios.unprotected.attack",
+        "space: core merges the released LoRA factors",
+    ),
+    (
+        "unknown reference row",
+        GOOD + "references: [zero_shot]\n",
+        "references.0",
+        "'left_out'",
+    ),
+    (
+        "left out with one dataset",
+        GOOD.replace(
+            "datasets: [builtin:synthetic_sentiment, builtin:synthetic_topic]",
+            "datasets: [builtin:synthetic_sentiment]",
+        )
+        + "references: [left_out]\n",
+        "references",
+        "left_out merges the other experts; list two datasets or more",
+    ),
     ("too many retries", GOOD + "retries: 11\n", "retries", "less than or equal to 10"),
     ("negative retries", GOOD + "retries: -1\n", "retries", "greater than or equal to 0"),
     (

@@ -276,6 +276,7 @@ def test_full_and_lora_experts_train_and_store_clip_vision_backbones(tiny_clip, 
     assert set(m) == {
         "accuracy/synthetic_colors",
         "loss/synthetic_colors",
+        "majority/synthetic_colors",
         "accuracy/mean",
     }, "no head, no score"
     with pytest.raises(ValueError, match="different kinds"):

@@ -173,3 +173,59 @@ class MergedDirection:
         self.deltas = {}
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+class CandidateLoader:
+    """Loads candidate merges into ``module`` one after another, merging once per setting of the
+    non-coefficient parameters for ops with a scale ``trait`` (the current Δ is kept until the
+    setting changes; the best candidate's Δ is kept until a better one replaces it)."""
+
+    def __init__(
+        self,
+        op_fn: MergeFn,
+        trait: str | None,
+        base: Mapping[str, Tensor],
+        specs: Mapping[str, TensorSpec],
+        module: nn.Module,
+        scratch: Path,
+    ):
+        self.op_fn, self.trait, self.base, self.specs = op_fn, trait, base, specs
+        self.module, self.scratch = module, scratch
+        self.current: tuple[tuple[int, str], MergedDirection] | None = None
+        self.kept: MergedDirection | None = None
+        self._files = 0
+
+    def load(self, variant: int, members: Sequence[Mapping[str, Tensor]], params: dict) -> None:
+        """Merge ``members`` with ``params`` into the module."""
+        if self.trait is None:
+            merge_into_module(self.op_fn, self.base, members, params, self.module)
+            return
+        key = (variant, setting_key(params))
+        if self.current is None or self.current[0] != key:
+            self._drop_current()
+            self._files += 1
+            direction = MergedDirection.compute(
+                self.op_fn, self.trait, self.base, members, params, self.specs,
+                self.scratch / f"delta-{self._files}.safetensors",
+            )  # fmt: skip
+            self.current = (key, direction)
+        self.current[1].load_into(self.base, params[SCALE], self.module)
+
+    def keep_loaded(self) -> None:
+        """Remember the loaded candidate's Δ as the best so far (ops with a scale trait)."""
+        if self.current is None:
+            return
+        if self.kept is not None and self.kept is not self.current[1]:
+            self.kept.close()
+        self.kept = self.current[1]
+
+    def _drop_current(self) -> None:
+        if self.current is not None and self.current[1] is not self.kept:
+            self.current[1].close()
+        self.current = None
+
+    def close(self) -> None:
+        self._drop_current()
+        if self.kept is not None:
+            self.kept.close()
+            self.kept = None

@@ -39,7 +39,9 @@ def headline_nodes(row: PlanRow) -> tuple[str, ...]:
 
 def row_numbers(row: PlanRow, metrics_of: MetricsOf) -> dict[str, Any]:
     """``coefficient``, ``chosen_<param>``, ``victim_clean``, ``victim_release``,
-    ``victim_merged``, ``victim_merged_norm``, ``others_merged`` (None when unknown) and
+    ``victim_merged``, ``victim_merged_norm``, ``others_merged``, the references
+    ``victim_left_out`` (the others merged without the victim, with its head; planned with
+    ``references: [left_out]``) and ``victim_majority`` (None when unknown) and
     ``per_dataset`` (merged accuracy per dataset, when the merged model was evaluated)."""
     v = dataset_slug(row.victim)
     clean, release, merge_node, merged = (metrics_of(n) for n in headline_nodes(row))
@@ -50,9 +52,15 @@ def row_numbers(row: PlanRow, metrics_of: MetricsOf) -> dict[str, Any]:
         "victim_merged": None,
         "victim_merged_norm": None,
         "others_merged": None,
+        "victim_left_out": None,
+        "victim_majority": None,
     }
     if clean:
         out["victim_clean"] = clean.get(f"accuracy/{v}")
+        out["victim_majority"] = clean.get(f"majority/{v}")
+    left_out = metrics_of(row.left_out_eval) if row.left_out_eval is not None else None
+    if left_out:
+        out["victim_left_out"] = left_out.get(f"accuracy/{v}")
     if release:
         out["victim_release"] = release.get(f"accuracy/{v}")
     if merge_node:

@@ -10,6 +10,7 @@ For every grid variant of the study:
         victim   = release | attack(release)               attacks at stage "release"
         evaluate(victim)                                   when it differs from the clean expert
         merge(victim, finetune(d≠v)...)                    attacks at stage "merge" act inside it
+        merge(finetune(d≠v)...) + evaluate on v            when references has left_out (head: v's)
         merged   = merge | attack(merge)                   attacks at stage "merged"
         evaluate(merged)                                   every dataset, normalised by the experts
         monitor(m) for m in trained, release, victim, merged   when the scenario has a monitor
@@ -27,6 +28,7 @@ from typing import Any
 from mergesec.core.content_hash import file_sha256, tree_sha256
 from mergesec.core.registry import STAGE_MERGE, STAGE_MERGED, TRAINS, get_op, validate_params
 from mergesec.data import dataset_slug, local_dataset_path
+from mergesec.merging.released_search import released_search_order
 from mergesec.models.hub import model_identity
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.spec import DatasetSpec, OpCall, Study, StudySpec
@@ -53,6 +55,8 @@ class PlanRow:
     expert_evals: dict[str, str]
     monitors: dict[str, str] = field(default_factory=dict)  # watched model kind -> monitor node
     scale_curves: dict[str, str] = field(default_factory=dict)  # model kind -> scale-curve node
+    # The victim left out: the other experts merged, scored on the victim's data with its head.
+    left_out_eval: str | None = None
 
     @property
     def label(self) -> str:
@@ -227,6 +231,10 @@ class _VariantPlanner:
                     for u in self.by_uri
                 }
                 params = self.base | {"datasets": self.datasets, "op": m_params}
+                params |= self._merge_options()
+                if params.get("search") and victim is not experts[v_uri]:
+                    # the released criterion normalises by the unprotected expert's accuracy
+                    members[f"reference.{v}"] = experts[v_uri].id
                 if spec.evaluate.search_examples is not None:
                     params["search_examples"] = spec.evaluate.search_examples
                 if merge_attack is not None:
@@ -259,6 +267,8 @@ class _VariantPlanner:
                     merge_eval.id,
                     dict(expert_evals),
                 )
+                if "left_out" in spec.references:
+                    row.left_out_eval = self._left_out(victim, d, v, tag, experts).id
                 if sc.monitor is not None:
                     row.monitors = {
                         k: self._monitor(sc.monitor, m, d, poison, v, tag, k).id
@@ -270,6 +280,37 @@ class _VariantPlanner:
                         k: self._scale_curve(m, d, v, tag).id for k, m in models.items()
                     }
                 self.plan.rows.append(row)
+
+    def _left_out(self, victim: Node, d: dict, v: str, tag: str, experts: dict[str, Node]) -> Node:
+        """The merge of every expert but the victim's (with the victim's head carried along,
+        input ``head.<v>``) and its evaluation on the victim's dataset."""
+        spec = self.spec
+        version, op_params = _op_params("merge", spec.merge.op, spec.merge.params)
+        others = [x for x in self.datasets if x["uri"] != d["uri"]]
+        params = self.base | {"datasets": others, "op": op_params} | self._merge_options()
+        if spec.evaluate.search_examples is not None:
+            params["search_examples"] = spec.evaluate.search_examples
+        inputs = {f"expert.{self.slug(x['uri'])}": experts[x["uri"]].id for x in others}
+        inputs[f"head.{v}"] = victim.id
+        merged = self.add(
+            Node("merge", spec.merge.op, version, params, inputs),
+            what=f"{spec.merge.op}:left_out",
+            scenario=tag,
+        )
+        return self.evaluate(merged, [d], what=f"{v}:left_out", scenario=tag)
+
+    def _merge_options(self) -> dict[str, Any]:
+        """The merge node's ``space`` and released ``search`` (absent at their defaults, so the
+        identity of a plain merge is unchanged)."""
+        merge = self.spec.merge
+        out: dict[str, Any] = {}
+        if merge.space != "full":
+            out["space"] = merge.space
+        if merge.search == "released":
+            op = get_op("merge", merge.op)
+            order = released_search_order(op, fixed=merge.params)
+            out["search"] = {"mode": "released", "order": list(order)}
+        return out
 
     def _protect(
         self, call: OpCall, d: dict, trained: Node, poison: dict | None, v: str, tag: str

@@ -16,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergesec import kinds
 from mergesec.core.bounds import FiniteFloat
-from mergesec.core.registry import STEPS, OpError, get_op, validate_params
+from mergesec.core.registry import STAGE_MERGE, STEPS, OpError, get_op, validate_params
 from mergesec.data import check_dataset_uri, dataset_slug
+from mergesec.merging.released_search import released_search_order
 from mergesec.models.hub import check_model_uri
 from mergesec.orchestrator.errors import StudyError
 from mergesec.orchestrator.grid import apply_overrides, expand_grid, grid_paths
@@ -51,6 +52,17 @@ class OpCall(BaseModel):
     @property
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class MergeSpec(OpCall):
+    """``{op: name, search: released, space: full|knots|core, <param>: value, ...}``.
+
+    ``search: released`` chooses the op's settings by the merge attacker's greedy coordinate
+    search as released with Trap² (``merging.coordinate_search``); ``space`` is the LoRA merge
+    space (``merging.spaces``). Neither is a parameter of the op itself."""
+
+    search: Literal["released"] | None = None
+    space: Literal["full", "knots", "core"] = "full"
 
 
 class FinetuneSpec(BaseModel):
@@ -176,13 +188,16 @@ class StudySpec(_Strict):
     finetune: FinetuneSpec = FinetuneSpec()
     scenarios: dict[str, ScenarioSpec] = Field(min_length=1)
     victims: Annotated[list[str], Field(min_length=1)] | Literal["all"] = "all"
-    merge: OpCall
+    merge: MergeSpec
     evaluate: EvaluateSpec = EvaluateSpec()
     resources: dict[
         Literal[STEPS], Resources  # type: ignore[valid-type]
     ] = {}
     tracking: TrackingSpec = TrackingSpec()
     diagnostics: DiagnosticsSpec = DiagnosticsSpec()
+    # Extra reference rows: "left_out" merges the other experts without the victim and scores
+    # the victim's dataset with the victim's head (what the merge gives the victim's task for free).
+    references: list[Literal["left_out"]] = Field(default_factory=list)
     retries: int = Field(default=0, ge=0, le=10)
     allow_remote_code: bool = False
 
@@ -513,4 +528,64 @@ def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
         if sc.monitor is not None:
             check("monitor", sc.monitor.op, sc.monitor.params, f"scenarios.{name}.monitor")
     check("merge", spec.merge.op, spec.merge.params, "merge")
+    problems += _merge_problems(spec)
+    if "left_out" in spec.references and len(uris) < 2:
+        problems.append(
+            ("references", "left_out merges the other experts; list two datasets or more")
+        )
     return problems
+
+
+def _merge_problems(spec: StudySpec) -> list[tuple[str, str]]:
+    """What ``merge.search`` and ``merge.space`` need of the op and the scenarios."""
+    from mergesec.merging.spaces import space_problem
+
+    merge = spec.merge
+    try:
+        op = get_op("merge", merge.op)
+    except OpError:
+        return []  # reported by the op check
+    problems: list[tuple[str, str]] = []
+    if merge.search == "released":
+        if "coefficient" not in op.searchable:
+            problems.append(
+                (
+                    "merge.search",
+                    f"search: released needs an op with a coefficient; {op.key} has none",
+                )
+            )
+        else:
+            order = released_search_order(op)
+            for name, value in merge.params.items():
+                if isinstance(value, dict) and set(value) == {"search"}:
+                    searched = ", ".join(order)
+                    problems.append(
+                        (
+                            f"merge.{name}",
+                            "search: released chooses the settings itself (it searches "
+                            f"{searched}); give {name} one value or drop {{search: ...}}",
+                        )
+                    )
+    if merge.space != "full":
+        msg = space_problem(op, merge.space)
+        if msg:
+            problems.append(("merge.space", msg))
+        if merge.space == "core":
+            for name, sc in spec.scenarios.items():
+                if sc.attack is not None and _acts_in_merge(sc.attack.op):
+                    problems.append(
+                        (
+                            f"scenarios.{name}.attack",
+                            f"attack/{sc.attack.op} changes the victim inside the merge; space: "
+                            "core merges the released LoRA factors and cannot take it (use full "
+                            "or knots)",
+                        )
+                    )
+    return problems
+
+
+def _acts_in_merge(attack_op: str) -> bool:
+    try:
+        return STAGE_MERGE in get_op("attack", attack_op).traits
+    except OpError:
+        return False

@@ -22,6 +22,8 @@ COLUMNS = [
     "victim_merged",
     "victim_merged_norm",
     "others_merged",
+    "victim_left_out",
+    "victim_majority",
     "status",
 ]
 

@@ -8,6 +8,7 @@ head for, and is scored on the chosen split (accuracy, or exact match for QA, un
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from mergesec.core.registry import get_op, register_op
 from mergesec.data import dataset_slug
 from mergesec.kinds import build_options, kind_of
 from mergesec.models.artifact import ModelArtifact
+from mergesec.training.sampling import split_labels
 
 
 @register_op("evaluate", "accuracy")
@@ -36,6 +38,14 @@ def accuracy(
     return {"accuracy": acc, "loss": loss}
 
 
+def majority_rate(examples: Sequence[Any]) -> float | None:
+    """The share of the commonest label in ``examples`` (None without labels or examples)."""
+    labels = split_labels(examples)
+    if not labels:
+        return None
+    return max(Counter(labels).values()) / len(labels)
+
+
 def evaluate_artifact(
     art: ModelArtifact,
     datasets: Sequence[Mapping[str, Any]],
@@ -46,7 +56,8 @@ def evaluate_artifact(
     **params: Any,
 ) -> dict[str, float]:
     """``accuracy/<slug>`` and ``loss/<slug>`` for every dataset the artifact has a head for,
-    plus ``accuracy/mean``."""
+    plus ``accuracy/mean``; ``majority/<slug>``, the split's majority-class rate (what always
+    answering the commonest class scores), for labelled datasets."""
 
     op = get_op("evaluate", "accuracy")
     kind = kind_of(datasets)
@@ -61,9 +72,13 @@ def evaluate_artifact(
             continue
         data = kind.load(ds)
         task.use(data, heads, slug)
-        m = op.fn(task, data.split(split), **params)
+        examples = data.split(split)
+        m = op.fn(task, examples, **params)
         metrics[f"accuracy/{slug}"] = m["accuracy"]
         metrics[f"loss/{slug}"] = m["loss"]
+        majority = majority_rate(examples)
+        if majority is not None:
+            metrics[f"majority/{slug}"] = majority
     accs = [v for k, v in metrics.items() if k.startswith("accuracy/")]
     if accs:
         metrics["accuracy/mean"] = sum(accs) / len(accs)

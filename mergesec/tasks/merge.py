@@ -2,9 +2,10 @@
 
 Parameters given as ``{search: [...]}`` are chosen inside the node: every combination is merged,
 scored by the mean over datasets of validation accuracy normalised by each expert's own validation
-accuracy, and the best merge is kept. The choice and every candidate's score are recorded.
+accuracy, and the best merge is kept. The choice (``chosen/<param>``), the references
+(``reference/<slug>``) and every candidate's score are recorded.
 
-Two additions ride on the same search:
+Additions riding on the same search:
 
 - With node param ``search_examples`` (the study's ``evaluate.search_examples``) every dataset's
   accuracy in the score, and its reference, is measured on that many validation examples (a fixed
@@ -15,7 +16,17 @@ Two additions ride on the same search:
   victim examples, the victim is scored on at most that many (the same kind of fixed draw).
 - Ops with the trait ``grams`` (``merge/regmean``) get, per expert, the input Gram matrices of its
   backbone's Linear layers on up to ``GRAM_EXAMPLES`` unlabelled validation texts of its own
-  dataset (the dataset of its input role ``expert.<slug>``).
+  dataset (the dataset of its input role ``expert.<slug>``); an op with ``gram_examples`` and
+  ``gram_sample`` parameters (``merge/regmean_released``) chooses how many and how they are drawn.
+- Node param ``search: {mode: released, order: [...]}`` (the study's ``merge.search: released``)
+  replaces the grid by the released attacker's greedy coordinate search
+  (``merging.coordinate_search``) over the parameters in ``order``, once per victim variant. Its
+  criterion normalises each dataset by the *unprotected* expert's validation accuracy: input
+  ``reference.<slug>`` where the merged expert is a protected or attacked release.
+- Node param ``space`` (``knots`` or ``core``) runs the op in a LoRA merge space
+  (``merging.spaces``); ``core`` reads each expert's peft adapter.
+- Inputs ``head.<slug>`` carry a model's head for ``slug`` into the merged artifact unmerged (the
+  victim's head, in the merge that leaves the victim out).
 
 For ops whose coefficient only scales a merged task vector Δ (trait ``SCALES_TASK_VECTORS`` or
 ``SCALES_RESULT``, see ``merging.per_key``), the search merges once per setting of the other
@@ -31,7 +42,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +52,21 @@ from torch import Tensor
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import GRAMS, get_op, is_search
 from mergesec.data import dataset_slug
+from mergesec.merging.coordinate_search import coordinate_search
 from mergesec.merging.search import (
     SCALE,
-    MergedDirection,
+    CandidateLoader,
     candidates,
-    merge_into_module,
     scale_trait,
     setting_key,
 )
+from mergesec.merging.spaces import in_space
 from mergesec.merging.stream import check_compatible, stream_merge
 from mergesec.models.artifact import MODEL_FILE, HeadInfo, ModelArtifact, write_artifact
 from mergesec.models.hub import base_weights_file
+from mergesec.models.lora_factors import read_lora_factors
 from mergesec.models.state_dict import LazyStateDict
-from mergesec.tasks.merge_search import ValidationScorer
+from mergesec.tasks.merge_search import GRAM_EXAMPLES, ValidationScorer
 
 
 def merged_heads(
@@ -77,19 +90,67 @@ def _own_dataset(role: str, art: ModelArtifact, slugs: Sequence[str]) -> str:
     return own[0]
 
 
+def _reference_accuracies(
+    scorer: ValidationScorer,
+    experts: Sequence[ModelArtifact],
+    lazies: Sequence[Mapping[str, Tensor]],
+    references: Mapping[str, Path],
+    slugs: Sequence[str],
+) -> dict[str, float]:
+    """Each dataset's validation accuracy of its expert alone, or of its unprotected expert
+    (input ``reference.<slug>``) where the merge node was given one."""
+    out: dict[str, float] = {}
+    for e, w in zip(experts, lazies, strict=True):
+        scorer.load(w)
+        out.update(scorer.accuracies(e.all_heads(), [s for s in e.heads if s in slugs]))
+    for slug, path in references.items():
+        ref = ModelArtifact.open(path)
+        scorer.load(ref.backbone_lazy())
+        out.update(scorer.accuracies(ref.all_heads(), [slug]))
+    return out
+
+
+def _space_factors(
+    space: str, roles: Mapping[str, Path], base_keys: Sequence[str]
+) -> list[dict[str, tuple[Tensor, Tensor]]] | None:
+    """Each expert's LoRA factors when the space needs them (``core``), else None."""
+    if space != "core":
+        return None
+    factors = [read_lora_factors(p, base_keys) for p in roles.values()]
+    names = list(roles)
+    for name, f in zip(names[1:], factors[1:], strict=True):
+        if set(f) != set(factors[0]):
+            raise ValueError(
+                f"space core needs the same LoRA layers in every expert; {names[0]!r} and "
+                f"{name!r} adapt different ones"
+            )
+    return factors
+
+
 def execute(ctx: NodeContext) -> dict[str, float]:
 
     op = get_op("merge", ctx.op)
+    space = ctx.params.get("space", "full")
+    released = ctx.params.get("search")  # {"mode": "released", "order": [...]} or None
     roles = ctx.inputs_with_prefix("expert")
+    references = ctx.inputs_with_prefix("reference")
     experts = [ModelArtifact.open(p) for p in roles.values()]
     lazies: list[Mapping[str, Tensor]] = [e.backbone_lazy() for e in experts]
     base = LazyStateDict(base_weights_file(ctx.base, ctx.allow_remote_code))
+    merge_fn = in_space(op, space, _space_factors(space, roles, list(base.keys())))
     heads, head_info = merged_heads(experts)
+    for slug, path in ctx.inputs_with_prefix("head").items():
+        # a head carried along unmerged (the victim's, in a merge that leaves the victim out)
+        art = ModelArtifact.open(path)
+        heads.update({k: t for k, t in art.all_heads().items() if k.startswith(f"{slug}.")})
+        head_info[slug] = art.heads[slug]
     datasets = ctx.params["datasets"]
     slugs = [dataset_slug(d["uri"]) for d in datasets]
     own = [_own_dataset(r, e, slugs) for r, e in zip(roles, experts, strict=True)]
     cands = candidates(ctx.params["op"])
     needs_grams = GRAMS in op.traits
+    gram_n = ctx.params["op"].get("gram_examples", GRAM_EXAMPLES)
+    gram_sample = ctx.params["op"].get("gram_sample")
 
     # The victim's replacements: [(attack choice, weights or None for the expert as released)].
     variants: list[tuple[dict[str, float], Mapping[str, Tensor] | None]] = [({}, None)]
@@ -117,14 +178,16 @@ def execute(ctx: NodeContext) -> dict[str, float]:
         return out
 
     n_total = len(cands) * len(variants)
+    searching = n_total > 1 or released is not None
     specs = check_compatible(base, lazies)
     scorer = None
-    if n_total > 1 or needs_grams:
+    if searching or needs_grams:
         scorer = ValidationScorer(
             ctx.base, datasets, device=ctx.device, allow_remote_code=ctx.allow_remote_code,
             subsets=subsets or None,
         )  # fmt: skip
     scratch = Path(tempfile.mkdtemp(prefix="merge-", dir=ctx.out_dir.parent))
+    loader = None
     try:
         gram_cache: dict[tuple[int, int], Mapping[str, Tensor]] = {}
 
@@ -136,8 +199,9 @@ def execute(ctx: NodeContext) -> dict[str, float]:
                 if key not in gram_cache:
                     scorer.load(weights)
                     gram_cache[key] = scorer.grams(
-                        own[i], scratch / f"grams-{i}-{key[1]}.safetensors"
-                    )
+                        own[i], scratch / f"grams-{i}-{key[1]}.safetensors",
+                        n=gram_n, sample=gram_sample,
+                    )  # fmt: skip
                 out.append(gram_cache[key])
             return out
 
@@ -145,79 +209,51 @@ def execute(ctx: NodeContext) -> dict[str, float]:
             return params | {"grams": grams_for(variant)} if needs_grams else params
 
         metrics: dict[str, float] = {"experts": float(len(experts))}
-        best = (None, cands[0], 0)
-        kept: MergedDirection | None = None  # Δ of the best candidate, when the op has one
-        trait = scale_trait(op)
-        if n_total > 1:
+        best: tuple[float | None, dict[str, Any], int] = (None, cands[0], 0)
+        if searching:
             assert scorer is not None
-            reference: dict[str, float] = {}
-            for e, w in zip(experts, lazies, strict=True):
-                scorer.load(w)
-                reference.update(
-                    scorer.accuracies(e.all_heads(), [s for s in e.heads if s in slugs])
-                )
-            searched_names = [k for k, v in ctx.params["op"].items() if is_search(v)]
-            items = list(itertools.product(range(len(variants)), cands))
-            best_i = -1
+            loader = CandidateLoader(
+                merge_fn, scale_trait(op), base, specs, scorer.backbone, scratch
+            )
+            reference = _reference_accuracies(scorer, experts, lazies, references, slugs)
+            metrics.update({f"reference/{s}": reference[s] for s in slugs})
+            steps = itertools.count()
 
-            def score(i: int) -> None:
-                """Score the candidate loaded into the scorer; keep it if it is the best so far
-                (ties go to the first in candidate order)."""
-                nonlocal best, best_i
-                v, params = items[i]
+            def score(v: int, params: dict[str, Any], shown: Sequence[str]) -> float:
+                """Merge candidate (v, params) into the scorer and report its score."""
+                assert scorer is not None and loader is not None
+                loader.load(v, members(v), full_params(params, v))
                 acc = scorer.accuracies(heads, slugs)
                 value = sum(acc[s] / max(reference[s], 1e-9) for s in slugs) / len(slugs)
-                report = {
-                    "search/score": value,
-                    **{f"search/{k}": float(params[k]) for k in searched_names},
-                }
+                report = {"search/score": value, **{f"search/{k}": float(params[k]) for k in shown}}
                 report |= {f"search/{k}": float(x) for k, x in variants[v][0].items()}
                 if attack:
                     report["search/victim_accuracy"] = acc[attack["victim"]]
-                ctx.report(report, i)
-                if best[0] is None or value > best[0] or (value == best[0] and i < best_i):
-                    best, best_i = (value, params, v), i
+                ctx.report(report, next(steps))
+                return value
 
-            if trait is None:
-                for i, (v, params) in enumerate(items):
-                    merge_into_module(
-                        op.fn, base, members(v), full_params(params, v), scorer.backbone
-                    )
-                    score(i)
+            if released is not None:
+                best = _released_search(released["order"], cands[0], len(variants), score)
+                searched_names = list(released["order"])
             else:
-                # One merge per setting of the other parameters (and victim variant); each
-                # coefficient is applied to its Δ.
-                groups: dict[tuple[int, str], list[int]] = {}
-                for i, (v, params) in enumerate(items):
-                    groups.setdefault((v, setting_key(params)), []).append(i)
-                for g, ((v, _), idxs) in enumerate(groups.items()):
-                    first = items[idxs[0]][1]
-                    direction = MergedDirection.compute(
-                        op.fn, trait, base, members(v), full_params(first, v), specs,
-                        scratch / f"delta-{g}.safetensors",
-                    )  # fmt: skip
-                    for i in idxs:
-                        direction.load_into(base, items[i][1][SCALE], scorer.backbone)
-                        score(i)
-                        if best_i == i and kept is not direction:
-                            if kept is not None:
-                                kept.close()
-                            kept = direction
-                    if kept is not direction:
-                        direction.close()
+                searched_names = [k for k, v in ctx.params["op"].items() if is_search(v)]
+                best = _grid_search(cands, len(variants), score, searched_names, loader)
             metrics["search/best_score"] = best[0]
             metrics.update({f"chosen/{k}": float(best[1][k]) for k in searched_names})
             metrics.update({f"chosen/{k}": float(x) for k, x in variants[best[2]][0].items()})
         _, params, v = best
         out_file = ctx.out_dir / MODEL_FILE
-        if kept is not None:
-            kept.write(base, params[SCALE], specs, out_file)
-            kept.close()
+        if loader is not None and loader.kept is not None and released is None:
+            loader.kept.write(base, params[SCALE], specs, out_file)
         else:
-            stream_merge(op.fn, base, members(v), full_params(params, v), out_file)
+            stream_merge(merge_fn, base, members(v), full_params(params, v), out_file)
     finally:
+        if loader is not None:
+            loader.close()
         shutil.rmtree(scratch, ignore_errors=True)
     extra: dict[str, Any] = {"merge": op.name}
+    if space != "full":
+        extra["space"] = space
     if experts[0].meta.get("kind"):
         extra["kind"] = experts[0].meta["kind"]
     if attack:
@@ -227,3 +263,44 @@ def execute(ctx: NodeContext) -> dict[str, float]:
         ctx.out_dir, base=ctx.base, backbone=None, heads=heads, head_info=head_info, extra=extra
     )
     return metrics
+
+
+Scorer = Callable[[int, dict[str, Any], Sequence[str]], float]
+
+
+def _grid_search(
+    cands: list[dict[str, Any]],
+    n_variants: int,
+    score: Scorer,
+    shown: Sequence[str],
+    loader: CandidateLoader,
+) -> tuple[float, dict[str, Any], int]:
+    """Every (variant, candidate), grouped so that a Δ is merged once per setting of the other
+    parameters; the best score wins, ties going to the first in candidate order."""
+    items = list(itertools.product(range(n_variants), cands))
+    order = sorted(range(len(items)), key=lambda i: (items[i][0], setting_key(items[i][1])))
+    best: tuple[float, int] | None = None
+    for i in order:
+        v, params = items[i]
+        value = score(v, params, shown)
+        if best is None or value > best[0] or (value == best[0] and i < best[1]):
+            best = (value, i)
+            loader.keep_loaded()
+    assert best is not None
+    return best[0], items[best[1]][1], items[best[1]][0]
+
+
+def _released_search(
+    order: Sequence[str], fixed: dict[str, Any], n_variants: int, score: Scorer
+) -> tuple[float, dict[str, Any], int]:
+    """The released attacker's greedy coordinate search (``coordinate_search``), once per victim
+    variant; the best variant wins (ties to the first)."""
+    best: tuple[float, dict[str, Any], int] | None = None
+    for v in range(n_variants):
+        result = coordinate_search(
+            lambda settings, v=v: score(v, fixed | settings, order), order=order
+        )
+        if best is None or result.score > best[0]:
+            best = (result.score, fixed | result.best, v)
+    assert best is not None
+    return best

@@ -15,7 +15,7 @@ from mergesec.data import dataset_slug
 from mergesec.kinds import kind_of
 from mergesec.merging.grams import collect_linear_grams, grams_by_weight_key
 from mergesec.models.state_dict import LazyStateDict, copy_into, save_state_dict
-from mergesec.training.sampling import fixed_subset
+from mergesec.training.sampling import class_balanced_indices, fixed_subset, split_labels
 
 # Unlabelled validation examples per expert for RegMean's Gram matrices (the RegMean paper uses
 # ~1,000 training examples; the builtin text datasets have 200 validation sentences, all used).
@@ -70,13 +70,35 @@ class ValidationScorer:
             out[slug] = self.task.score_batches(self.prepared[slug])[1]
         return out
 
-    def grams(self, slug: str, out_file: Path) -> LazyStateDict:
-        """Input Gram matrices of the loaded backbone's Linear layers on ``slug``'s validation
-        inputs, keyed by weight name, written to ``out_file`` and read back lazily."""
+    def grams(
+        self, slug: str, out_file: Path, *, n: int = GRAM_EXAMPLES, sample: str | None = None
+    ) -> LazyStateDict:
+        """Input Gram matrices of the loaded backbone's Linear layers on ``n`` of ``slug``'s
+        validation inputs, keyed by weight name, written to ``out_file`` and read back lazily.
 
-        batches = self.task.gram_batches(self.data[slug].validation, GRAM_EXAMPLES, EVAL_BATCH)
+        ``sample``: None takes the kind's own choice of ``n`` examples (``gram_batches``);
+        ``random`` a seeded draw of ``n``; ``class_balanced`` ``n`` drawn evenly over the classes
+        (``class_balanced_indices``; a split without labels is refused)."""
+
+        batches = self.task.gram_batches(gram_sample(self.data[slug].validation, n, sample),
+                                         n, EVAL_BATCH)  # fmt: skip
         inputs = [self.task.model_inputs(b) for b in batches]
         with self.task.precision.autocast():
             grams = collect_linear_grams(self.backbone, inputs)
         save_state_dict(grams_by_weight_key(grams), out_file)
         return LazyStateDict(out_file)
+
+
+def gram_sample(split: Any, n: int, sample: str | None) -> Any:
+    """The validation examples RegMean's Gram matrices are computed on (see ``grams``)."""
+    if sample is None:
+        return split
+    if sample == "random":
+        return fixed_subset(split, n, seed=0)
+    if sample == "class_balanced":
+        labels = split_labels(split)
+        if labels is None:
+            raise ValueError("gram_sample class_balanced needs a labelled split; use random")
+        idx = class_balanced_indices(labels, n, seed=0)
+        return split.subset(idx) if hasattr(split, "subset") else [split[i] for i in idx]
+    raise ValueError(f"unknown gram_sample {sample!r}; known: class_balanced, random")
