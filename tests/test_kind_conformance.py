@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chat_helpers import TINY_CHAT_DATA, make_tiny_chat_llama
 from test_lm_pipeline import make_tiny_llama
 from test_vision_pipeline import make_tiny_clip
 
@@ -19,6 +20,7 @@ STAND_INS = {
     "text": (lambda tmp, bert: bert, {"uri": "builtin:sentiment"}),
     "image": (lambda tmp, bert: make_tiny_clip(tmp / "clip"), {"uri": "builtin:colors"}),
     "qa": (lambda tmp, bert: make_tiny_llama(tmp / "llama"), {"uri": "builtin:arithmetic"}),
+    "chat": (lambda tmp, bert: make_tiny_chat_llama(tmp / "chat"), {"uri": TINY_CHAT_DATA}),
 }
 
 
