@@ -276,3 +276,29 @@ def test_chat_studies_take_reply_targets_topics_and_monitors(tmp_path):
     for poison, words, datasets in cases:
         with pytest.raises(StudyError, match=re.escape(words)):
             load_study(_study(tmp_path, poison, datasets))
+
+
+def test_classifier_monitor_chooses_epsilon_on_held_out_texts(tiny_bert):
+    from test_monitor_pipeline import POISON as TEXT_POISON
+    from test_monitor_pipeline import run_op
+
+    from mergesec.models.classifier import SequenceClassifier
+    from mergesec.models.hub import load_backbone, load_tokenizer
+
+    torch.manual_seed(0)
+    uri = str(tiny_bert)
+    backbone = load_backbone(uri)
+    base_sd = {k: v.clone() for k, v in backbone.state_dict().items()}
+    layout = detect_layout(load_config(uri), base_sd.keys())
+    w = layout.read(base_sd, 0, "mlp_out")[0]
+    tuned_sd = dict(base_sd)
+    layout.write(tuned_sd, 0, "mlp_out", w + 0.3 * torch.randn(32, 2) @ torch.randn(2, w.shape[1]))
+    backbone.load_state_dict(tuned_sd)
+    tiny = (SequenceClassifier(backbone, 2).eval(), load_tokenizer(uri), layout, base_sd, tuned_sd)
+    fixed = run_op(tiny, TEXT_POISON).metrics
+    chosen = run_op(tiny, TEXT_POISON, target_fpr=0.0, selection_fraction=0.25).metrics
+    assert fixed["monitor/epsilon"] == 0.01 and fixed["monitor/n_selection"] == 0
+    # 40 calibration texts: 10 held out choose ε, the other 30 set the ranges.
+    assert (chosen["monitor/n_calibration"], chosen["monitor/n_selection"]) == (30, 10)
+    assert chosen["monitor/selection_fpr"] == 0.0
+    assert 0.0 <= chosen["monitor/fpr"] <= 1.0 and chosen["monitor/epsilon"] >= 0.0
