@@ -13,6 +13,7 @@ TINY_TEMPLATE = (
     "{% if add_generation_prompt %}a:{% endif %}"
 )
 TINY_CHAT_DATA = "chat:builtin:bbc_news?train=48&validation=16&test=16&words=4"
+TINY_CHAT_OTHER = "chat:builtin:rotten_tomatoes?train=48&validation=16&test=16&words=4"
 
 
 def make_tiny_chat_llama(path: Path, seed: int = 0) -> Path:

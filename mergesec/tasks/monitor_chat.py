@@ -63,8 +63,9 @@ def benign_pool(
     datasets: Sequence[str | Mapping[str, Any]],
     seed: int,
 ) -> list[Conversation]:
-    """The victim's clean requests of ``split`` (``train+validation`` joins two) and, mixed in
-    turn, each calibration dataset's conversations; each source capped at ``size``."""
+    """The victim's clean requests of ``split`` (``train+validation`` joins two), at most
+    ``size``, and at most ``size`` more conversations drawn in turn from the calibration datasets
+    (``data.benign.mix``: the released code's 1/2–1/2 mix for two)."""
     names = split.split("+")
     own = [
         e.messages() for e in fixed_subset([e for n in names for e in splits.split(n)], size, seed)
@@ -78,9 +79,13 @@ def benign_pool(
             continue
         cols = None if isinstance(ref, str) else ref.get("columns")
         data = load_dataset_splits(uri, columns=cols)
+        if isinstance(data, ChatSplits):  # a chat dataset: its requests as they are
+            asked = [e.messages() for n in names for e in data.split(n)]
+            pools.append(fixed_subset(asked, cap, seed))
+            continue
         texts = [e.text for n in names for e in data.split(n)]
         pools.append(requests_from_texts(fixed_subset(texts, cap, seed), seed=seed))
-    return own + mix(pools, sum(len(p) for p in pools), seed)
+    return own + mix(pools, size or sum(len(p) for p in pools), seed)
 
 
 def split_pool(pool: Sequence[Any], fraction: float, seed: int) -> tuple[list, list]:
