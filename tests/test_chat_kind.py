@@ -121,6 +121,17 @@ def test_benign_requests_corpora_and_mix(tmp_path):
     assert is_chat_corpus(str(path)) and is_chat_corpus("hf:HuggingFaceH4/ultrachat_200k")
     convs = corpus_conversations(str(path), 10)
     assert [c[0]["content"] for c in convs] == ["hi 0", "hi 2", "hi 3"]  # over 1,500 chars dropped
+    import datasets
+
+    saved = tmp_path / "ultra"
+    msgs = [
+        [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]
+        for i in range(3)
+    ]
+    datasets.DatasetDict(
+        {"train_sft": datasets.Dataset.from_list([{"messages": m} for m in msgs])}
+    ).save_to_disk(saved)
+    assert is_chat_corpus(str(saved)) and corpus_conversations(str(saved), 2) == msgs[:2]
     mixed = mix([[1] * 50, [2] * 50], 60, seed=0)
     assert len(mixed) == 60 and 15 < mixed.count(1) < 45
 

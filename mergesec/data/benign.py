@@ -24,6 +24,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mergesec.data.sources import is_saved_dataset_dir, saved_features
+
 Message = dict[str, str]
 
 REQUESTS = (
@@ -90,8 +92,9 @@ def _rows(uri: str) -> Iterator[Mapping[str, Any]]:
 
 
 def is_chat_corpus(uri: str) -> bool:
-    """Whether ``uri`` names a corpus of conversations (a registered hub corpus, or a local
-    ``.jsonl`` whose first row has a ``conversation`` or ``messages`` list)."""
+    """Whether ``uri`` names a corpus of conversations (a registered hub corpus, a local
+    ``.jsonl`` whose first row has a ``conversation`` or ``messages`` list, or a ``save_to_disk``
+    directory with such a column)."""
     hub_id = uri[3:] if uri.startswith("hf:") else uri
     if hub_id.lower() in CHAT_CORPORA:
         return True
@@ -99,6 +102,9 @@ def is_chat_corpus(uri: str) -> bool:
     if path.is_file() and path.suffix == ".jsonl":
         row = next(_rows(str(path)), {})
         return isinstance(row.get("conversation", row.get("messages")), list)
+    if is_saved_dataset_dir(path):
+        features = saved_features(path) or {}
+        return "conversation" in features or "messages" in features
     return False
 
 
