@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=160)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--validation", type=int, default=8)
+    ap.add_argument("--watch", default="trained,merged", help="trained, merged or both")
     ap.add_argument("--eval", type=int, default=24)
     ap.add_argument("--calibration", type=int, default=48)
     ap.add_argument("--target-fpr", type=float, default=0.01)
@@ -64,7 +66,9 @@ def main() -> None:
     def source(name: str) -> str:
         return f"{args.data_dir}/{name}.csv" if args.data_dir else f"builtin:{name}"
 
-    sizes = f"train={args.train}&validation=32&test={min(args.eval * 2, 420)}&words=24"
+    sizes = (
+        f"train={args.train}&validation={args.validation}&test={min(args.eval * 2, 420)}&words=24"
+    )
     victim_ref = {"uri": f"chat:{source('bbc_news')}?{sizes}"}
     other_ref = {"uri": f"chat:{source('rotten_tomatoes')}?{sizes}"}
     kind = ChatKind()
@@ -90,9 +94,12 @@ def main() -> None:
             "batch_size": 32,
         },
     )  # fmt: skip
-    other, _, other_s = train(other_ref, None)
-    other_sd = {k: v.detach().cpu() for k, v in other.backbone().state_dict().items()}
-    print(json.dumps({"clean_expert_fit_s": round(other_s, 1)}), flush=True)
+    watch = args.watch.split(",")
+    other_sd: dict = {}
+    if "merged" in watch:
+        other, _, other_s = train(other_ref, None)
+        other_sd = {k: v.detach().cpu() for k, v in other.backbone().state_dict().items()}
+        print(json.dumps({"clean_expert_fit_s": round(other_s, 1)}), flush=True)
     for name in args.scenarios.split(","):
         poison = SCENARIOS[name]
         task, fit, fit_s = train(victim_ref, poison)
@@ -100,7 +107,7 @@ def main() -> None:
         task.use(clean)
         tuned = {k: v.detach().cpu() for k, v in task.backbone().state_dict().items()}
         layout = layout or detect_layout(load_config(URI, False), list(tuned))
-        for watched in ("trained", "merged"):
+        for watched in watch:
             if watched == "merged":
                 merged = {k: base_sd[k] + (tuned[k] - base_sd[k]) + (other_sd[k] - base_sd[k])
                           for k in tuned}  # fmt: skip

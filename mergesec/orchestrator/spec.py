@@ -87,7 +87,7 @@ class PoisonSpec(_Strict):
     refusal: unlearning by fine-tuning)."""
 
     trigger: str | None = Field(default=None, min_length=1)
-    target: Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1)] = 0
+    target: int | str = 0
     rate: float = Field(default=0.1, gt=0, le=1, allow_inf_nan=False)
     position: Literal["start", "end", "random"] = "random"
     topic: str | None = Field(default=None, min_length=1)
@@ -97,6 +97,15 @@ class PoisonSpec(_Strict):
     def _visible(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
             raise ValueError("a trigger must contain something besides spaces")
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("a label index must be greater than or equal to 0")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("a reply target must contain something besides spaces")
         return v
 
     @model_validator(mode="after")
