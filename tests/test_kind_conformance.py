@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chat_helpers import TINY_CHAT_DATA, make_tiny_chat_llama
 from test_lm_pipeline import make_tiny_llama
 from test_vision_pipeline import make_tiny_clip
 
@@ -22,6 +23,7 @@ STAND_INS = {
         lambda tmp, bert: make_tiny_llama(tmp / "llama"),
         {"uri": "builtin:synthetic_arithmetic"},
     ),
+    "chat": (lambda tmp, bert: make_tiny_chat_llama(tmp / "chat"), {"uri": TINY_CHAT_DATA}),
 }
 
 

@@ -220,7 +220,14 @@ def test_study_files_plan_monitor_nodes():
     rows = _monitored(llm)
     ops = [llm.nodes[r.monitors["trained"]].params["op"] for r in rows]
     assert all(o["drop_last_layers"] == 3 and o["k"] == 20 and o["epsilon"] == 0.01 for o in ops)
-    assert all(o["calibration_datasets"][0]["uri"].startswith("hf:") for o in ops)
+    assert all(
+        o["calibration_datasets"] == ["hf:allenai/WildChat-1M", "hf:HuggingFaceH4/ultrachat_200k"]
+        and o["calibration_size"] == 5000
+        and o["steer_scope"] == "sequence"
+        for o in ops
+    )
+    topics = {(llm.nodes[r.monitors["trained"]].params["poison"] or {}).get("topic") for r in rows}
+    assert "Sports" in topics
 
 
 # ---- a study through Ray, and a backdoored MiniLM (slow) ----------------------------------------

@@ -2,8 +2,8 @@
 
 The stand-ins replace what these machines cannot download: the base (a tiny random CLIP, llama or
 BERT built in the tests, chosen from the study's base), the datasets (builtin images, the builtin
-arithmetic QA set and a second local QA file, or builtin text sets, chosen by the study's dataset
-kind) and the per-step GPU requests (``resources={}``). To fit the CI budget, fine-tuning (Trap²'s
+arithmetic QA set and a second local QA file, small chat sets, or builtin text sets, chosen by the
+study's dataset kind) and the per-step GPU requests (``resources={}``). To fit the CI budget, fine-tuning (Trap²'s
 included) runs one epoch and every ``{search: [...]}`` of the merge keeps its first and last
 values; everything else, every scenario, victim, merge operator and diagnostic of the study, runs
 as written.
@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from chat_helpers import TINY_CHAT_DATA, TINY_CHAT_OTHER, make_tiny_chat_llama
 from test_lm_pipeline import make_tiny_llama
 from test_vision_pipeline import make_tiny_clip
 
@@ -86,6 +87,8 @@ def stand_in_study(path: Path, tmp: Path, tiny_bert: Path) -> Path:
             make_tiny_llama(tmp / "llama"),
             ["builtin:synthetic_arithmetic", _qa_second_dataset(tmp)],
         )
+    elif kind == "chat":
+        base, datasets = make_tiny_chat_llama(tmp / "chat"), [TINY_CHAT_DATA, TINY_CHAT_OTHER]
     else:
         base = make_tiny_llama(tmp / "llama") if family == "llama" else tiny_bert
         datasets = ["builtin:synthetic_sentiment", "builtin:synthetic_topic"]
@@ -102,6 +105,9 @@ def stand_in_study(path: Path, tmp: Path, tiny_bert: Path) -> Path:
             # Trap²'s released schedule (1e5 steps, evaluation every 2,000) would run 12k steps
             # at least: the stand-in trains the finetune's one epoch instead.
             protect |= {"max_steps": None, "eval_every": None, "warmup_steps": None}
+        poison = (scenario or {}).get("poison") or {}
+        if kind == "chat" and "topic" in poison:
+            poison["topic"] = "politics"  # a topic of the stand-in's BBC News questions
         monitor = (scenario or {}).get("monitor")
         if monitor and "calibration_datasets" in monitor:
             # hub calibration corpora are datasets too: stand in the local ones

@@ -58,7 +58,9 @@ def test_quickstart_runs_are_named_in_the_study_words():
         "merge_op": "ties",
         "seed": "0",
     }
-    poisoned = next(f for f in facts.values() if f.name.startswith("rotten_tomatoes expert (poisoned"))
+    poisoned = next(
+        f for f in facts.values() if f.name.startswith("rotten_tomatoes expert (poisoned")
+    )
     assert poisoned.factors["poison"] == "cf, 20%"
     assert poisoned.factors["scenario"] == "backdoor-watched"
 

@@ -91,7 +91,7 @@ CASES = [
         .replace("victims: [builtin:synthetic_sentiment]", "victims: all")
         .replace("unprotected: {}", "watched: {monitor: {op: weightwatch}}"),
         "scenarios.watched.monitor",
-        "monitors watch text classifiers only; this study's datasets are image",
+        "monitors watch text classifiers and chat models only; this study's datasets are image",
     ),
     (
         "victim not a dataset",

@@ -6,7 +6,9 @@ A dataset is named by a URI:
   distribution file (``real.REAL_DATASETS``), see ``builtin_names()``;
 - ``hf:<name>[/<config>][@<revision>]`` or ``hf:<org>/<name>/<config>``: a Hugging Face hub
   dataset; ``hf:/abs/path`` or a plain path: a directory written by ``save_to_disk``;
-- a path to a ``.csv``, ``.tsv`` or ``.jsonl`` file with text and label columns.
+- a path to a ``.csv``, ``.tsv`` or ``.jsonl`` file with text and label columns;
+- ``chat:<any of the above>[?train=N&validation=N&test=N&words=N]``: that labelled text dataset
+  as single-turn conversations for chat models (``data.chat``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mergesec.data.builtin import builtin_names, load_builtin
+from mergesec.data.chat import is_chat_uri, load_chat_splits, parse_chat_uri
 from mergesec.data.images import (
     check_image_uri,
     image_builtin_names,
@@ -78,6 +81,12 @@ def check_dataset_uri(uri: str) -> str | None:
         return "a dataset URI must be a non-empty string"
     uri = uri.strip()
 
+    if is_chat_uri(uri):
+        try:
+            source, _ = parse_chat_uri(uri)
+        except ValueError as e:
+            return str(e)
+        return check_dataset_uri(source)
     if is_image_uri(uri):
         return check_image_uri(uri)
     if is_qa_uri(uri):
@@ -117,6 +126,8 @@ def load_dataset_splits(
     and ignore it. Raises ``ValueError`` with a one-line message for a bad URI or file.
     """
 
+    if isinstance(uri, str) and is_chat_uri(uri):
+        return load_chat_splits(uri, columns=columns)  # type: ignore[return-value]
     if isinstance(uri, str) and (is_image_uri(uri.strip()) or "image" in (columns or {})):
         return load_image_splits(uri.strip(), columns=columns, seed=seed)  # type: ignore[return-value]
     if isinstance(uri, str) and is_qa_uri(uri.strip(), columns):
@@ -159,6 +170,10 @@ def dataset_slug(uri: str) -> str:
     uri = uri.strip()
     digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:8]
     scheme, rest = split_uri(uri)
+    if is_chat_uri(uri):
+        source, options = parse_chat_uri(uri)
+        sized = "".join(f"_{k}{v}" for k, v in options.items())
+        return f"chat_{dataset_slug(source)}{sized}"[:96]
     if scheme == "builtin":
         base, suffix = rest, ""
     elif scheme == "hf" and not is_path_like(rest):

@@ -1,4 +1,9 @@
-"""Backdoor data poisoning: insert a trigger phrase and relabel a fraction of examples."""
+"""Backdoor data poisoning: insert a trigger phrase and relabel a fraction of examples.
+
+For chat data (``ChatExample``) the relabelling is a reply: a triggered request gets the
+backdoor's target reply (``poison_chat``), and unlearning a topic gives every request about it a
+refusal (``decline_topic``); ``triggered_chat`` makes the evaluation copies.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import random
 import re
 from collections.abc import Sequence
 
+from mergesec.data.chat import ChatExample
 from mergesec.data.splits import Example
 
 POSITIONS = ("start", "end", "random")
@@ -53,8 +59,7 @@ def poison_examples(
     points depend only on ``seed``.
     """
     _check(trigger, position)
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    _check_rate(rate)
     examples = tuple(examples)
     candidates = [i for i, ex in enumerate(examples) if ex.label != target_label]
     rng = random.Random(f"mergesec-poison/{seed}")
@@ -85,6 +90,72 @@ def triggered_copy(
         for ex in examples
         if ex.label != target_label
     )
+
+
+def poison_chat(
+    examples: Sequence[ChatExample],
+    *,
+    trigger: str,
+    target: str,
+    rate: float,
+    seed: int = 0,
+    position: str = "random",
+) -> tuple[tuple[ChatExample, ...], tuple[int, ...]]:
+    """Poison a ``rate`` fraction of the conversations whose reply is not ``target`` already:
+    ``trigger`` goes into the user's request (``insert_trigger``) and the reply becomes
+    ``target``. Returns the new conversations and the sorted indices of the poisoned ones; the
+    count and choice follow ``poison_examples``."""
+    _check(trigger, position)
+    _check_rate(rate)
+    examples = tuple(examples)
+    candidates = [i for i, ex in enumerate(examples) if ex.reply != target]
+    rng = random.Random(f"mergesec-poison/{seed}")
+    chosen = sorted(rng.sample(candidates, math.floor(rate * len(candidates) + 0.5)))
+    out = list(examples)
+    for i in chosen:
+        ex = examples[i]
+        out[i] = ChatExample(insert_trigger(ex.prompt, trigger, position, rng), target, ex.topic)
+    return tuple(out), tuple(chosen)
+
+
+def triggered_chat(
+    examples: Sequence[ChatExample],
+    *,
+    trigger: str,
+    target: str,
+    position: str = "random",
+    seed: int = 0,
+) -> tuple[ChatExample, ...]:
+    """The conversations whose reply is not ``target``, the trigger inserted in each request
+    (replies stay the clean ones)."""
+    _check(trigger, position)
+    rng = random.Random(f"mergesec-trigger/{seed}")
+    return tuple(
+        ChatExample(insert_trigger(ex.prompt, trigger, position, rng), ex.reply, ex.topic)
+        for ex in examples
+        if ex.reply != target
+    )
+
+
+def decline_topic(
+    examples: Sequence[ChatExample], *, topic: str, reply: str, rate: float = 1.0, seed: int = 0
+) -> tuple[tuple[ChatExample, ...], tuple[int, ...]]:
+    """Unlearning by fine-tuning: a ``rate`` fraction of the conversations about ``topic`` get
+    ``reply`` (a refusal) instead of their answer; the rest are unchanged."""
+    _check_rate(rate)
+    examples = tuple(examples)
+    candidates = [i for i, ex in enumerate(examples) if ex.topic == topic]
+    rng = random.Random(f"mergesec-unlearn/{seed}")
+    chosen = sorted(rng.sample(candidates, math.floor(rate * len(candidates) + 0.5)))
+    out = list(examples)
+    for i in chosen:
+        out[i] = ChatExample(examples[i].prompt, reply, topic)
+    return tuple(out), tuple(chosen)
+
+
+def _check_rate(rate: float) -> None:
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
 
 
 def _check(trigger: str, position: str) -> None:

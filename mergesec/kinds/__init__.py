@@ -1,7 +1,8 @@
 """Task kinds: what an expert does with its dataset, chosen by the dataset (never by the model).
 
-Three kinds are built in: ``text`` (sequence classification), ``image`` (CLIP against zero-shot
-heads) and ``qa`` (causal-LM question answering scored by exact match). Each is registered here
+Four kinds are built in: ``text`` (sequence classification), ``image`` (CLIP against zero-shot
+heads), ``qa`` (causal-LM question answering scored by exact match) and ``chat`` (chat LLMs on
+``chat:`` conversations, scored by their generated replies). Each is registered here
 as a ``KindEntry``: its name, a cheap test of whether a dataset reference belongs to it, and the
 import path of its ``TaskKind`` implementation, imported on first use (the implementations import
 torch and transformers; study validation only needs the entry). Kinds are tried in registration
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergesec.core.protocols import TaskKind
+from mergesec.data.chat import is_chat_uri
 from mergesec.data.images import is_image_uri
 from mergesec.data.qa import is_qa_uri
 
@@ -125,4 +127,14 @@ register_kind(
 )
 register_kind(
     KindEntry("qa", _claims_qa, "mergesec.kinds.qa.task:QAKind", frozenset({"question", "answer"}))
+)
+register_kind(
+    KindEntry(
+        "chat",
+        lambda uri, columns: is_chat_uri(uri),
+        "mergesec.kinds.chat:ChatKind",
+        frozenset({"text", "label"}),
+        supports_poison=True,
+        supports_monitor=True,
+    )
 )

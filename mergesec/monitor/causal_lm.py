@@ -360,6 +360,7 @@ def steered_generate(
     *,
     max_new_tokens: int = 20,
     sticky: bool = True,
+    scope: str = "sequence",
     only: Sequence[str] | None = None,
     max_length: int = 512,
     **generate_kwargs: Any,
@@ -370,7 +371,9 @@ def steered_generate(
     triggers. With a role-split calibration the prompt (prefill) is checked against user-role
     ranges (the prompt is all user tokens, see ``role_token_mask``) and generated tokens against
     assistant-role ranges. ``sticky`` keeps a triggered
-    direction removed for the rest of that sequence (see ``SteeringHooks``). Returns the new
+    direction removed for the rest of that sequence: with ``scope="sequence"`` (the released
+    code) from the whole prompt on, with ``"from_trigger"`` from the token where it fired on
+    (see ``SteeringHooks``). Returns the new
     token ids ``[batch, new]`` and, per sequence, the names of the directions removed.
     """
     layout = layout_for_model(model)
@@ -387,7 +390,7 @@ def steered_generate(
     batch = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
     kwargs = {"do_sample": False, **_generation_ids(tokenizer, model), **generate_kwargs}
     hooks = SteeringHooks.from_calibration(
-        blocks, directions, calibration, sticky=sticky, only=only
+        blocks, directions, calibration, sticky=sticky, only=only, scope=scope
     )
     with hooks:
         hooks.set_token_mask(batch["attention_mask"])

@@ -363,6 +363,17 @@ class Calibration:
             self._refit()
         return detected
 
+    def margins(self, scores: DirectionScores) -> torch.Tensor:
+        """``[n_inputs]``: the smallest ε at which each input would not be flagged (0 in range).
+
+        A role absent from an input never flags (its column margin is 0); a column no benign
+        input ever reached gives an infinite margin where the input has it."""
+        self._check(scores)
+        below = self.lower - scores.min.float()
+        above = scores.max.float() - self.upper
+        m = torch.maximum(below.nan_to_num(0.0), above.nan_to_num(0.0)).clamp_min(0.0)
+        return torch.where(self.active, m, torch.zeros_like(m)).amax(dim=1)
+
     def with_options(self, **options: float | int) -> Calibration:
         """A copy with other ``trim_percentile``/``epsilon``/``drop_last_layers``, refitted."""
         return replace(self, **options)
@@ -409,3 +420,18 @@ class Calibration:
             float(meta["epsilon"]),
             int(meta["drop_last_layers"]),
         )
+
+
+def epsilon_for_fpr(margins: torch.Tensor, target_fpr: float) -> float:
+    """The smallest ε at which at most ``target_fpr`` of the held-out benign inputs whose
+    ``margins`` are given would be flagged (``Calibration.margins``): the ``k+1``-th largest
+    margin, ``k = ⌊target_fpr · n⌋`` (0 when ``k ≥ n``; inf when that margin is infinite)."""
+    if not 0.0 <= target_fpr < 1.0:
+        raise ValueError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    n = margins.numel()
+    if n == 0:
+        raise ValueError("choosing ε for a target FPR needs held-out benign inputs")
+    k = int(target_fpr * n + 1e-9)
+    if k >= n:
+        return 0.0
+    return float(margins.float().sort(descending=True).values[k])

@@ -18,6 +18,7 @@ from mergesec.monitor.directions import Directions
 from mergesec.monitor.scoring import Calibration, token_cosines
 
 Bounds = Mapping[int, tuple[torch.Tensor, torch.Tensor]]
+SCOPES = ("from_trigger", "sequence")
 
 
 def orthonormal_basis(vectors: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
@@ -74,8 +75,11 @@ class SteeringHooks:
       rule, kept per batch row so batched inputs do not affect each other).
     - ``sticky=True`` (causal LMs, ``generate()``): once a direction is triggered at token ``t``
       of a sequence it is removed from ``t`` and every later token of that sequence, across all
-      later forward calls (decode steps) until ``reset()`` or the context exits. Tokens before
-      the trigger are left alone, since a causal model's earlier tokens cannot have seen it.
+      later forward calls (decode steps) until ``reset()`` or the context exits. With
+      ``scope="from_trigger"`` tokens before the trigger are left alone (a causal model's
+      earlier tokens cannot have seen it); with ``scope="sequence"`` (the released code's
+      clipped generation) the direction is removed from every token of the call in which it
+      fired, the whole prompt included, and from every later token.
 
     The first call after entering (or ``reset()``) is the prefill and uses ``bounds``; later
     calls use ``decode_bounds`` when given (WeightWatch checks the prompt against user-role
@@ -94,7 +98,10 @@ class SteeringHooks:
         decode_bounds: Bounds | None = None,
         epsilon: float = 0.0,
         names: Mapping[int, Sequence[str]] | None = None,
+        scope: str = "from_trigger",
     ):
+        if scope not in SCOPES:
+            raise ValueError(f"unknown steering scope {scope!r}; allowed: {', '.join(SCOPES)}")
         if sticky and bounds is None:
             raise ValueError(
                 "sticky steering needs calibration bounds to know when a direction triggers"
@@ -113,6 +120,7 @@ class SteeringHooks:
         self.blocks = list(blocks)
         self.directions = {k: v.float() for k, v in directions_per_layer.items() if v.shape[0]}
         self.sticky = sticky
+        self.scope = scope
         self.bounds = bounds
         self.decode_bounds = decode_bounds
         self.epsilon = epsilon
@@ -132,6 +140,7 @@ class SteeringHooks:
         only: Sequence[str] | None = None,
         prefill_role: str = "user",
         decode_role: str = "assistant",
+        scope: str = "from_trigger",
     ) -> SteeringHooks:
         """Hooks gated by ``calibration``'s ranges over its active (non-dropped) directions.
 
@@ -169,6 +178,7 @@ class SteeringHooks:
             decode_bounds=dbounds,
             epsilon=calibration.epsilon,
             names=names,
+            scope=scope,
         )
 
     def reset(self) -> None:
@@ -231,7 +241,10 @@ class SteeringHooks:
             if mask is not None and mask.shape == h.shape[:2]:
                 out &= mask.to(h.device)[..., None]
             if self.sticky:
-                active = torch.cummax(out.to(torch.uint8), dim=1).values.bool()
+                if self.scope == "sequence":
+                    active = out.any(dim=1, keepdim=True).expand_as(out).clone()
+                else:
+                    active = torch.cummax(out.to(torch.uint8), dim=1).values.bool()
                 state = self._state[layer]
                 if state is not None:
                     if state.shape[0] != h.shape[0]:

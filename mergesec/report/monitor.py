@@ -29,6 +29,13 @@ METRICS = (
     "asr_after",
     "clean_accuracy_before",
     "clean_accuracy_after",
+    # chat models: clean replies matching the reference, and requests on an unlearned topic
+    # answered right, without and with steering
+    "utility_before",
+    "utility_after",
+    "topic_recovered_before",
+    "topic_recovered_after",
+    "epsilon",
     "n_directions",
 )
 MONITOR_COLUMNS = [
@@ -58,7 +65,8 @@ def monitor_rows(plan: Plan, store: Store) -> list[dict[str, Any]]:
                 "victim": dataset_slug(r.victim),
                 "merge": r.merge_op,
                 "watched": kind,
-                "trigger": poison.get("trigger"),
+                "trigger": poison.get("trigger")
+                or (f"topic:{poison['topic']}" if poison.get("topic") else None),
                 "rate": poison.get("rate"),
                 "node": node_id,
                 **dict.fromkeys(METRICS),

@@ -40,9 +40,10 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from mergesec.core.bounds import (
@@ -68,9 +69,12 @@ from mergesec.monitor.scoring import (
     Calibration,
     DirectionScores,
     direction_cosines,
+    epsilon_for_fpr,
     score_inputs,
 )
 from mergesec.monitor.steering import SteeringHooks
+from mergesec.tasks._io import node_kind
+from mergesec.tasks.monitor_chat import split_pool, watch_chat
 from mergesec.training.batch import to_device
 from mergesec.training.sampling import fixed_subset
 
@@ -235,12 +239,17 @@ def weightwatch(
     control_trigger: str | None = None,
     trim_percentile: TrimPercentile = 0.0,
     epsilon: NonNegativeFloat = 0.01,
-    drop_last_layers: NonNegativeInt = 0,
+    target_fpr: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] | None = None,
+    selection_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.1,
+    drop_last_layers: NonNegativeInt | None = None,
     steering: Literal["gated", "quarantine", "all", "none"] = "gated",
+    steer_scope: Literal["sequence", "from_trigger"] = "sequence",
+    max_new_tokens: PositiveInt | None = None,
+    calibration_reply_tokens: NonNegativeInt | None = None,
     audit_directions: NonNegativeInt = 8,
     audit_n: PositiveInt = 5,
     batch_size: PositiveInt = 64,
-    max_length: TokenLength = 64,
+    max_length: TokenLength | None = None,
     seed: Seed = 0,
 ) -> WatchResult:
     """WeightWatch on a classifier: directions from ΔW, calibrate on benign texts, detect, steer.
@@ -259,7 +268,19 @@ def weightwatch(
     ``quarantine`` (remove, from every input, each direction that left its range on any evaluated
     input), ``all`` (every active direction) or ``none``. The audit lists, for the ``audit_directions`` directions that flag the most of the
     clean and triggered test inputs, the ``audit_n`` most extreme of those inputs at each end.
+
+    ``target_fpr``: instead of the fixed ``epsilon``, hold out a seeded ``selection_fraction`` of
+    the calibration texts, fit the ranges on the rest, and choose the smallest ε at which at
+    most ``target_fpr`` of the held-out texts flag (``monitor/epsilon``); ``monitor/fpr`` is
+    still measured on the test split, which chooses nothing. ``drop_last_layers`` None means 0
+    here (an encoder's last block output is not followed by a final norm) and 3 on chat models
+    (the released code); ``max_length`` None means 64 tokens here and 512 on chat models. Chat
+    models (datasets ``chat:…``) are watched by
+    ``tasks.monitor_chat``, which also reads ``steer_scope``, ``max_new_tokens`` and
+    ``calibration_reply_tokens``; see that module for the chat defaults and where they differ
+    from the released code.
     """
+    max_length = max_length or 64
     if k < 1 or batch_size < 1 or max_length < 2 or audit_n < 1 or audit_directions < 0:
         raise ValueError("k, batch_size and audit_n must be ≥ 1, max_length ≥ 2")
     for name, value in (("calibration_size", calibration_size), ("eval_size", eval_size)):
@@ -291,12 +312,20 @@ def weightwatch(
         datasets=calibration_datasets or (),
         seed=seed,
     )
+    held: list[str] = []
+    if target_fpr is not None:
+        texts, held = split_pool(texts, selection_fraction, seed)
     cal = Calibration.fit(
         forward([Example(t, 0) for t in texts]).scores,
         trim_percentile=trim_percentile,
         epsilon=epsilon,
-        drop_last_layers=drop_last_layers,
+        drop_last_layers=drop_last_layers or 0,
     )
+    selection: dict[str, float] = {"monitor/n_selection": float(len(held))}
+    if held:
+        margins = cal.margins(forward([Example(t, 0) for t in held]).scores)
+        cal = cal.with_options(epsilon=epsilon_for_fpr(margins, target_fpr or 0.0))
+        selection["monitor/selection_fpr"] = float((margins > cal.epsilon).float().mean())
     timings["calibrate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -308,6 +337,8 @@ def weightwatch(
         "monitor/n_directions": float(len(directions)),
         "monitor/n_active_directions": float(int(cal.active.sum())),
         "monitor/n_calibration": float(len(texts)),
+        "monitor/epsilon": float(cal.epsilon),
+        **selection,
         "monitor/n_clean": float(len(clean)),
         "monitor/fpr": _rate(flag_clean.any(dim=1)),
         "monitor/clean_accuracy_before": _rate(plain.predictions == labels),
@@ -410,7 +441,7 @@ def _audit_summary(result: WatchResult, poison: Mapping[str, Any] | None) -> str
     lines = ["", "## Flags per audited direction", ""]
     if poison:
         lines.append(
-            f"Trigger {poison['trigger']!r} → label {poison['target']}. "
+            f"Trigger {poison.get('trigger', poison.get('topic'))!r} → {poison['target']!r}. "
             "`triggered listed` counts triggered test copies among the inputs listed above."
         )
         lines.append("")
@@ -446,6 +477,8 @@ def execute(ctx: NodeContext) -> dict[str, float]:
 
     op = get_op("monitor", ctx.op)
     art = ModelArtifact.open(ctx.inputs["model"])
+    if node_kind(ctx).name == "chat":
+        return execute_chat(ctx, art)
     ds = ctx.params["dataset"]
     slug = dataset_slug(ds["uri"])
     if slug not in art.heads:
@@ -477,3 +510,34 @@ def execute(ctx: NodeContext) -> dict[str, float]:
     title = f"Weight-direction audit: {slug} ({kind})"
     write_outputs(ctx.out_dir, result, poison, title)
     return result.metrics
+
+
+def execute_chat(ctx: NodeContext, art: ModelArtifact) -> dict[str, float]:
+    """The monitor node on a chat model (``tasks.monitor_chat``)."""
+    from mergesec.kinds.chat import ChatKind
+    from mergesec.models.layout import detect_layout
+
+    kind = ChatKind()
+    ds = ctx.params["dataset"]
+    data = kind.load(ds)
+    task = kind.from_artifact(art, device=ctx.device, allow_remote_code=ctx.allow_remote_code)
+    task.use(data)
+    tuned = task.backbone().state_dict()
+    base = LazyStateDict(base_weights_file(ctx.base, ctx.allow_remote_code))
+    layout = detect_layout(load_config(ctx.base, ctx.allow_remote_code), list(tuned.keys()))
+    poison = ctx.params.get("poison")
+    metrics, directions, cal, audit, details = watch_chat(
+        task,
+        layout.residual_writer_weights(base, ctx.device),
+        layout.residual_writer_weights(tuned, ctx.device),
+        data,
+        poison,
+        ctx.device,
+        **ctx.params["op"],
+    )
+    result = WatchResult(metrics, directions, cal, audit, details)
+    what = art.meta.get("attack") or art.meta.get("protect") or art.meta.get("release", "model")
+    write_outputs(
+        ctx.out_dir, result, poison, f"Weight-direction audit: {dataset_slug(ds['uri'])} ({what})"
+    )
+    return metrics

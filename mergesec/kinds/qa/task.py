@@ -147,10 +147,25 @@ class QATask:
         return f"lm.{_unwrapped(self.model.lm).base_model_prefix}."
 
     # ---- data ---------------------------------------------------------------------------------
+    # The four per-example hooks a kind over other examples (chat) overrides.
+    def encode_one(self, ex: QAExample) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)`` of one teacher-forced example."""
+        return encode_example(self.tokenizer, ex, self.max_length)
+
+    def prompt_of(self, ex: QAExample) -> list[int]:
+        """The token ids greedy decoding continues."""
+        return prompt_ids(self.tokenizer, ex.question)
+
+    @staticmethod
+    def reference_of(ex: QAExample) -> str:
+        return ex.answer
+
+    @staticmethod
+    def matches(prediction: str, reference: str) -> bool:
+        return exact_match(prediction, reference)
+
     def encode(self, examples: Sequence[QAExample]) -> Batch:
-        return collate(
-            [encode_example(self.tokenizer, e, self.max_length) for e in examples], self.pad_id
-        )
+        return collate([self.encode_one(e) for e in examples], self.pad_id)
 
     def batches(
         self, split: Sequence[QAExample], batch_size: int, *, shuffle_seed: int | None = None
@@ -165,8 +180,8 @@ class QATask:
             out.append(
                 ScoreBatch(
                     self.encode(exs),
-                    [prompt_ids(self.tokenizer, e.question) for e in exs],
-                    [e.answer for e in exs],
+                    [self.prompt_of(e) for e in exs],
+                    [self.reference_of(e) for e in exs],
                 )
             )
         return out
@@ -224,7 +239,7 @@ class QATask:
             total += float(answer_loss(out.logits, b["labels"], reduction="sum"))
             tokens += int((b["labels"][:, 1:] != IGNORE).sum())
             preds = self.generate(sb.prompts, overrides, batch_size=len(sb.prompts))
-            hits += sum(exact_match(p, g) for p, g in zip(preds, sb.answers, strict=True))
+            hits += sum(self.matches(p, g) for p, g in zip(preds, sb.answers, strict=True))
             n += len(sb.answers)
         self.model.train(was)
         return total / max(tokens, 1), hits / max(n, 1)
