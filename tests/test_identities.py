@@ -3,6 +3,7 @@ no silent op replacement, unpinned hub references flagged."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -135,7 +136,11 @@ def test_node_record_names_the_code_that_ran_it(tmp_path):
     node = Node("evaluate", "accuracy", "1", {"datasets": [], "op": {}}, {"model": "0" * 16})
     with pytest.raises(Exception):  # noqa: B017 (whatever the op raises, the record is kept)
         execute_node(node, store)
-    code = store.read_node(node.id)["code"]
+    from mergesec.orchestrator.store import FAILED_RECORD
+
+    # a failure is recorded beside the (absent) commit, never as one
+    assert not store.is_done(node.id) and store.is_failed(node.id)
+    code = json.loads(store.read_text(f"nodes/{node.id}/{FAILED_RECORD}"))["code"]
     root = Path(mergesec.__file__).resolve().parent.parent
     head = subprocess.run(
         ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True
