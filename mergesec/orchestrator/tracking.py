@@ -47,7 +47,7 @@ from mergesec.orchestrator.headline import headline_metrics, headline_nodes, row
 from mergesec.orchestrator.node import Node, canonical_json
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.run_facts import FACTORS, RunFacts, describe_plan, poison_text
-from mergesec.orchestrator.run_notes import InputRun, node_note, parent_note
+from mergesec.orchestrator.run_notes import RESULTS_FILE, InputRun, node_note, parent_note
 from mergesec.orchestrator.runner import STEP_KEY
 from mergesec.orchestrator.spec import Study
 from mergesec.orchestrator.store import Store
@@ -62,7 +62,7 @@ TAG_NOTE = "mlflow.note.content"
 TAG_KIND = "mlflow.experimentKind"
 # The MLflow UI opens an experiment of this kind in its model-training layout.
 EXPERIMENT_KIND = "custom_model_development"
-RESULTS_TABLE = "results_table.json"
+RESULTS_TABLE = RESULTS_FILE
 SWEEP_TABLE = "sweep.json"
 # Model-producing roles that may become MLflow logged models (``tracking.log_models``).
 MODEL_ROLES = ("expert", "release", "attacked", "merge")
@@ -396,7 +396,10 @@ class StudyTracker:
 
     def _parent_note(self) -> str:
         rows = [self._rows[i] for i in sorted(self._rows)]
-        return parent_note(self.study, self.invocation, self.ctx.source, self.experiment_id, rows)
+        total = len(self.ctx.plan.rows) if self.ctx.plan is not None else 0
+        return parent_note(
+            self.study, self.invocation, self.ctx.source, self.experiment_id, rows, total
+        )
 
     def _log_texts(self, run_id: str, files: Mapping[str, str | None], artifact_path=None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
