@@ -32,13 +32,15 @@ def study_in_mlflow(tmp_path_factory, tiny_bert):
             root, tiny_bert, scenarios=SCENARIOS, merge=MERGE, tracking={"log_models": True}
         )
     )
-    summary = run_study(
-        study, store_uri=str(root / "store"), tracking_uri=url, on_finish=write_reports
-    )
-    assert summary.ok, (summary.failed, summary.skipped, summary.untracked)
-    yield url, study, summary, root
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        summary = run_study(
+            study, store_uri=str(root / "store"), tracking_uri=url, on_finish=write_reports
+        )
+        assert summary.ok, (summary.failed, summary.skipped, summary.untracked)
+        yield url, study, summary, root
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def _client(url):
