@@ -137,9 +137,14 @@ def study_context(study: Study, plan: Plan, log_models: bool = False) -> StudyCo
         },
         sort_keys=False,
     )
+    try:
+        facts = describe_plan(plan, study)
+    except Exception as e:  # noqa: BLE001 - naming runs must never stop a study
+        log.warning("MLflow run names fall back to node titles (%s: %s)", type(e).__name__, e)
+        facts = {}
     return StudyContext(
         plan=plan,
-        facts=describe_plan(plan, study),
+        facts=facts,
         source=f"mergesec run {study.file}",
         study_text=text,
         resolved=resolved,
