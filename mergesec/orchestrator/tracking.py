@@ -372,12 +372,12 @@ class StudyTracker:
         from mlflow.entities import RunTag
 
         self.connect()
-        self.invocation = 1 + max(
-            (int(p.data.tags.get(TAG_INVOCATION, "1")) for p in self._parents), default=0
-        )
+        self.invocation = 1 + max((_invocation(p) for p in self._parents), default=0)
         name = parent_run_name(self.study, self.invocation)
         all_tags = parent_tags(self.study, tags) | self._source
-        all_tags |= {TAG_INVOCATION: str(self.invocation), TAG_DIGEST: self.ctx.digest}
+        all_tags[TAG_INVOCATION] = str(self.invocation)
+        if self.ctx.digest:
+            all_tags[TAG_DIGEST] = self.ctx.digest
         latest = max(self._parents, key=lambda r: r.info.start_time or 0, default=None)
         if (
             latest is not None
@@ -713,6 +713,12 @@ class StudyTracker:
             metrics=numeric_metrics(study_summary(rows, len(self.ctx.plan.rows)), None, ts),
         )
         self.client.set_tag(self.parent_id, TAG_NOTE, self._parent_note())
+
+
+def _invocation(run) -> int:
+    """Which invocation a study run says it is (1 when it does not say)."""
+    value = run.data.tags.get(TAG_INVOCATION, "1")
+    return int(value) if value.isdigit() else 1
 
 
 def study_summary(rows: list[dict[str, Any]], total: int) -> dict[str, float]:
