@@ -131,7 +131,8 @@ def parent_note(
             "merged",
             "others",
         )
-        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        align = "|---|---|---|" + "---:|" * (len(cols) - 3)
+        lines += ["", "| " + " | ".join(cols) + " |", align]
         for r in rows:
             variant = ",".join(
                 p
@@ -143,11 +144,8 @@ def parent_note(
             vals = [
                 r.get(k) for k in ("coefficient", "victim_clean", "victim_release", "victim_merged")
             ] + [r.get("others_merged")]
-            lines.append(
-                "| "
-                + " | ".join([cell, _md(str(r["victim"])), _md(str(r["merge"]))])
-                + " | "
-                + " | ".join("-" if x is None else _num(float(x)) for x in vals)
-                + " |"
-            )
+            # code spans: the UI's Markdown tables have no cell padding
+            cells = [cell, f"`{r['victim']}`", f"`{r['merge']}`"]
+            cells += ["-" if x is None else f"`{_num(float(x))}`" for x in vals]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
