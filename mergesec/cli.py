@@ -19,6 +19,7 @@ from mergesec.core.uris import STORE_URI_ENV, has_credentials, redact_text, reda
 from mergesec.orchestrator.engine import DEFAULT_STORE, _ray_init, node_states, run_study
 from mergesec.orchestrator.errors import StudyError
 from mergesec.orchestrator.interrupts import Interrupts
+from mergesec.orchestrator.maintenance import collect_garbage, verify_nodes
 from mergesec.orchestrator.pins import unpinned_lines
 from mergesec.orchestrator.plan import build_plan
 from mergesec.orchestrator.spec import load_study
@@ -166,18 +167,28 @@ def run(
 
             ray.shutdown()
     assert summary.plan is not None and summary.store is not None
-    finished = summary.cached + summary.ran + len(summary.failed) + len(summary.skipped)
+    for node_id, problems in summary.invalidated.items():
+        err.print(
+            f"corrupt {summary.plan.nodes[node_id].title()} ({node_id}): {problems[0]}; "
+            "invalidated and computed again",
+            highlight=False,
+            markup=False,
+        )
+    done = summary.cached + summary.ran + summary.elsewhere
+    finished = done + len(summary.failed) + len(summary.skipped)
     if interrupts.signum is not None or finished < summary.total:
         err.print(
-            f"interrupted by {interrupts.name}: {summary.cached + summary.ran} of {summary.total} "
+            f"interrupted by {interrupts.name}: {done} of {summary.total} "
             "nodes done, reports not rewritten; run the same command to resume",
             highlight=False,
         )
         raise typer.Exit(interrupts.exit_code)
     out.print(_results_table(build_results(summary.plan, summary.store)))
+    elsewhere = f"{summary.elsewhere} by another run, " if summary.elsewhere else ""
     out.print(
         f"nodes: {summary.total} total, {summary.cached} already in the store, {summary.ran} ran, "
-        f"{len(summary.failed)} failed, {len(summary.skipped)} skipped; {summary.wall_time_s:.1f}s"
+        f"{elsewhere}{len(summary.failed)} failed, {len(summary.skipped)} skipped; "
+        f"{summary.wall_time_s:.1f}s"
     )
     for name, path in summary.reports.items():
         out.print(f"  {name}: {path}", highlight=False)
@@ -288,6 +299,49 @@ def report(
     sys.stdout.write(text)
     for name, path in paths.items():
         err.print(f"  {name}: {path}", highlight=False)
+
+
+@app.command()
+def verify(study: StudyArg, set_: SetOpt = None, store: StoreOpt = DEFAULT_STORE) -> None:
+    """Check every committed node of the study against its manifest, reading every file.
+
+    Corrupt nodes are invalidated; the next run computes them again. Exit status 1 when any was
+    found, 0 when all match.
+    """
+    s = _load(study, set_)
+    st = _store(store)
+    p = build_plan(s)
+    v = verify_nodes(st, [n.id for n in p.topological()])
+    for node_id, problems in v.corrupt.items():
+        err.print(
+            f"corrupt {p.nodes[node_id].title()} ({node_id}): {'; '.join(problems[:3])}; "
+            "invalidated, the next run computes it again",
+            highlight=False,
+            markup=False,
+        )
+    legacy = f"; {v.legacy} written before manifests (JSON files checked)" if v.legacy else ""
+    out.print(
+        f"verified {v.checked} committed nodes of {len(p.nodes)} ({v.bytes_checked} bytes): "
+        f"{v.checked - len(v.corrupt)} match, {len(v.corrupt)} corrupt{legacy}",
+        highlight=False,
+    )
+    if v.corrupt:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    store: StoreOpt = DEFAULT_STORE,
+    min_age: Annotated[
+        float, typer.Option("--min-age", min=0, help="hours an abandoned file must be old")
+    ] = 6.0,
+) -> None:
+    """Remove abandoned attempts and temporary files of a store and of the local cache."""
+    st = _store(store)
+    got = collect_garbage(st, min_age_s=min_age * 3600)
+    for path in got.removed:
+        out.print(f"removed {path}", highlight=False, markup=False)
+    out.print(f"{len(got.removed)} removed, {got.bytes} bytes freed", highlight=False)
 
 
 @app.command()

@@ -17,6 +17,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist the workers share the machine's cores: one torch thread pool per worker of
+# cores / workers threads, instead of every worker taking every core.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable within each group): with several workers the longest tests start
+    at once instead of finishing the run late."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -100,7 +115,7 @@ def minilm_experts(tmp_path_factory) -> dict[str, Path]:
     for name in ("sentiment", "topic"):
         params = {
             "base": "builtin:minilm-l6",
-            "dataset": {"uri": f"builtin:{name}"},
+            "dataset": {"uri": f"builtin:synthetic_{name}"},
             "op": FINETUNE_FAST,
         }
         out[name], _ = run_executor(root, "finetune", "full", params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -15,6 +16,8 @@ from rich.console import Console
 
 from mergesec.core.uris import redact_uri
 from mergesec.orchestrator.errors import InfeasibleResources
+from mergesec.orchestrator.leases import LeaseKeeper, lease_alive, new_owner
+from mergesec.orchestrator.maintenance import check_inputs, tune_tmp_prefix
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.plan import Plan, build_plan
 from mergesec.orchestrator.progress import ProgressCallback
@@ -34,6 +37,7 @@ from mergesec.orchestrator.tracking import (
     MlflowCallback,
     StudyTracker,
     TrackingWriter,
+    liveness_tags,
     study_context,
     tracking_threads,
 )
@@ -64,6 +68,10 @@ class RunSummary:
     # next invocation logs them.
     untracked: list[str] = field(default_factory=list)
     tracking_error: str = ""
+    # Committed nodes found corrupt before use (invalidated and computed again): id -> problems.
+    invalidated: dict[str, list[str]] = field(default_factory=dict)
+    # Nodes another driver on the same store computed while this one waited for them.
+    elsewhere: int = 0
 
     @property
     def ok(self) -> bool:
@@ -169,9 +177,11 @@ def run_study(
     plan = build_plan(study)
     store = Store(store_uri)
     states = node_states(plan, store)
+    invalidated = check_inputs(plan, store, states)
     todo = [n for n in plan.topological() if states[n.id] != "done"]
     summary = RunSummary(study.name, len(plan.nodes), len(plan.nodes) - len(todo))
     summary.plan, summary.store = plan, store
+    summary.invalidated = invalidated
     if todo:
         tracker, status = _run_nodes(
             plan, study, store, todo, summary, address, tracking_uri, max_concurrent, console
@@ -229,13 +239,16 @@ def run_dag(
     cached: dict[str, int] | None = None,
     console: Console | None = None,
     timeouts: dict[str, float] | None = None,
+    leases: LeaseKeeper | None = None,
 ) -> DagSearcher:
     """Run ``nodes`` (inputs outside the list count as done) as one Tuner; return the searcher's end state.
 
     Ray must already be initialised. ``resources`` maps a step to ``{"cpu": .., "gpu": ..}``.
     Every ready node is handed to Tune with its own resource shape (up to ``queue_window`` of each
     shape waiting at once), so nodes waiting for a GPU never hold back CPU nodes;
-    ``max_concurrent`` bounds the nodes handed out and not finished.
+    ``max_concurrent`` bounds the nodes handed out and not finished. With ``leases``, a node is
+    started only under this driver's lease; one another driver holds is waited for (see
+    ``DagSearcher``).
     """
     import ray
     from ray import tune
@@ -253,21 +266,21 @@ def run_dag(
             "store": redact_uri(store.uri),
             "allow_remote_code": allow_remote_code,
             "timeouts": dict(timeouts or {}),
+            "owner": leases.owner if leases is not None else "",
         },
         shape=shape_of,
         window=window,
         max_running=max_concurrent,
+        **(lease_hooks(leases) if leases is not None else {}),
     )
     shapes = {shape_of(n) for n in searcher.nodes.values()}
     trainable = tune.with_resources(
         run_trial, lambda config: resources.get(config["node"]["step"], default)
     )
     progress = ProgressCallback(searcher, cached or {}, console or Console(stderr=True))
-    tune_dir = (
-        store.local / "tune"
-        if store.local is not None
-        else tempfile.mkdtemp(prefix="mergesec-tune-")
-    )
+    # Tune's own files are not used (the store is the checkpoint): one directory per invocation,
+    # so concurrent drivers never share it, removed at the end.
+    tune_dir = tempfile.mkdtemp(prefix=tune_tmp_prefix())
     pending = str(max(1, window * len(shapes)))
     # Without per-trial result files Tune's end-of-run analysis warns once per trial.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
@@ -297,7 +310,34 @@ def run_dag(
             ).fit()
     finally:
         progress.close()
+        shutil.rmtree(tune_dir, ignore_errors=True)
     return searcher
+
+
+def lease_hooks(leases: LeaseKeeper) -> dict[str, Any]:
+    """``DagSearcher``'s claim, release and elsewhere hooks on the store's leases."""
+    store = leases.store
+
+    def claim(node_id: str) -> bool:
+        # a node another driver committed since this one read the store is not claimed: it then
+        # waits aside, and the next poll of ``elsewhere`` finds it done
+        if store.is_done(node_id) or leases.acquire(node_id) is not None:
+            return False
+        if store.is_done(node_id):  # committed between the check and the lease
+            leases.release(node_id)
+            return False
+        return True
+
+    def elsewhere(node_id: str) -> str:
+        if store.is_done(node_id):
+            return "done"
+        return "held" if lease_alive(store, node_id) else "free"
+
+    return {
+        "claim": claim,
+        "release": leases.release,
+        "elsewhere": elsewhere,
+    }
 
 
 def _open_tracking(
@@ -307,6 +347,7 @@ def _open_tracking(
     todo_ids: set[str],
     summary: RunSummary,
     tracking_uri: str | None,
+    owner: str | None = None,
 ) -> TrackingWriter:
     """The study's background MLflow writer, opened (its study run started) for this invocation."""
     spec = study.spec
@@ -326,7 +367,11 @@ def _open_tracking(
     )
     tracker.open(
         study.raw,
-        {"mergesec.store": redact_uri(store.uri), "mergesec.study_file": study.file},
+        {
+            "mergesec.store": redact_uri(store.uri),
+            "mergesec.study_file": study.file,
+            **(liveness_tags(owner) if owner else {}),
+        },
         {i: "done" for i in plan.nodes if i not in todo_ids},
         plan.nodes,
     )
@@ -363,7 +408,8 @@ def _run_nodes(
                 ray.shutdown()
             raise
     todo_ids = {n.id for n in todo}
-    tracker = _open_tracking(plan, study, store, todo_ids, summary, tracking_uri)
+    owner = new_owner()
+    tracker = _open_tracking(plan, study, store, todo_ids, summary, tracking_uri, owner)
     cached: dict[str, int] = {}
     for n in plan.topological():
         if n.id not in todo_ids:
@@ -375,6 +421,7 @@ def _run_nodes(
     }
     status = "FAILED"
     searcher = None
+    leases = LeaseKeeper(store, owner=owner, on_beat=tracker.heartbeat)
     try:
         searcher = run_dag(
             todo,
@@ -388,11 +435,14 @@ def _run_nodes(
             cached=cached,
             console=console,
             timeouts=timeouts,
+            leases=leases,
         )
         status = "FINISHED"
     finally:
+        leases.close()
         states = searcher.state if searcher is not None else {}
-        summary.ran = sum(1 for s in states.values() if s == DONE)
+        summary.elsewhere = len(searcher.done_elsewhere) if searcher is not None else 0
+        summary.ran = sum(1 for s in states.values() if s == DONE) - summary.elsewhere
         for node_id, s in states.items():
             node = plan.nodes[node_id]
             if s == FAILED:

@@ -109,12 +109,16 @@ class Plan:
 
 
 def dataset_ref(d: DatasetSpec) -> dict[str, Any]:
-    """What identifies a dataset in node params: its URI, column mapping and, for local files and
-    directories, a hash of their content (so an edited dataset recomputes what depends on it)."""
+    """What identifies a dataset in node params: its URI, column mapping, example caps and, for
+    local files and directories, a hash of their content (so an edited dataset recomputes what
+    depends on it)."""
 
     ref: dict[str, Any] = {"uri": d.uri}
     if d.columns:
         ref["columns"] = dict(d.columns)
+    caps = d.examples.model_dump(exclude_none=True) if d.examples else {}
+    if caps:
+        ref["examples"] = caps
     p = local_dataset_path(d.uri)
     if p is not None and p.is_file():
         ref["sha256"] = file_sha256(p)[:16]

@@ -10,11 +10,13 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from mergesec.core.context import NodeContext, pick_device
 from mergesec.core.registry import get_op
 from mergesec.core.uris import trial_store_uri
+from mergesec.orchestrator.manifest import CorruptNode
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.provenance import code_versions
 from mergesec.orchestrator.store import Store
@@ -26,7 +28,7 @@ STEP_KEY = "mergesec_step"
 NODE_CACHES = (
     ("mergesec.data.images", "_load_cached"),
     ("mergesec.data.qa", "_load_cached"),
-    ("mergesec.vision.clip", "_zero_shot_head"),
+    ("mergesec.kinds.image.clip", "_zero_shot_head"),
 )
 
 
@@ -48,12 +50,15 @@ def execute_node(
     allow_remote_code: bool = False,
     report=None,
     worker: str = "",
+    owner: str = "",
 ) -> dict[str, float]:
     """Run ``node`` unless the store already has it; return its metrics. Raises if the op fails."""
     import torch
 
     if store.is_done(node.id):
-        return store.read_metrics(node.id)
+        if not store.check(node.id):
+            return store.read_metrics(node.id)
+        store.invalidate(node.id)  # corrupt: computed again below
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
@@ -64,10 +69,10 @@ def execute_node(
         "worker": worker,
         "code": code_versions(),
     }
-    inputs = {role: store.local_dir(up) for role, up in node.inputs.items()}
     started = time.time()
     try:
-        with store.writing(node.id, record) as out_dir:
+        inputs = read_inputs(node, store)
+        with store.writing(node.id, record, owner=owner) as out_dir:
             ctx = NodeContext(
                 node_id=node.id,
                 step=node.step,
@@ -86,6 +91,24 @@ def execute_node(
         store.mark_failed(node.id, record, traceback.format_exc())
         raise
     return metrics
+
+
+def read_inputs(node: Node, store: Store) -> dict[str, Path]:
+    """Local directories of the node's inputs, each checked against its manifest.
+
+    A corrupt input is invalidated (the next run computes it again) and this node fails.
+    """
+    inputs = {}
+    for role, up in node.inputs.items():
+        try:
+            inputs[role] = store.local_dir(up)
+        except CorruptNode as e:
+            store.invalidate(up)
+            raise RuntimeError(
+                f"input {role} ({up}) is corrupt and was invalidated; the next run computes it "
+                f"again ({'; '.join(e.problems[:3])})"
+            ) from None
+    return inputs
 
 
 def release_node_memory(used_accelerator: bool) -> None:
@@ -155,6 +178,7 @@ def run_trial(config: dict[str, Any]) -> None:
             allow_remote_code=bool(config.get("allow_remote_code", False)),
             report=report,
             worker=worker,
+            owner=str(config.get("owner", "")),
         )
     finally:
         if watchdog is not None:

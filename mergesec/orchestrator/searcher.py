@@ -6,6 +6,7 @@ The DAG state is kept with in-degree counts and one ready queue per resource sha
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
@@ -29,6 +30,12 @@ class DagSearcher(Searcher):
     "waiting"; at most ``window`` of each shape wait at once, and the next suggestion comes from the
     shape with the fewest waiting nodes, so nodes that wait for a GPU never hold back CPU nodes.
     ``max_running`` bounds the nodes handed out and not finished (running or waiting).
+
+    With several drivers on one store, ``claim(node_id)`` is asked before a node is handed out
+    (True: this driver may run it, holding its lease) and ``release(node_id)`` when it ended. A node
+    another driver holds waits aside; every ``poll_s`` seconds ``elsewhere(node_id)`` says whether
+    it is ``"done"`` (the other driver committed it: done here too, never run twice), ``"free"``
+    (that driver is gone: claimed again) or still ``"held"``.
     """
 
     def __init__(
@@ -40,9 +47,18 @@ class DagSearcher(Searcher):
         shape: Callable[[dict[str, Any]], Hashable] | None = None,
         window: int = 1 << 30,
         max_running: int | None = None,
+        claim: Callable[[str], bool] | None = None,
+        release: Callable[[str], None] | None = None,
+        elsewhere: Callable[[str], str] | None = None,
+        poll_s: float = 2.0,
     ):
         super().__init__(metric=None, mode=None)
         self.extra = dict(extra or {})
+        self.claim, self.release, self.elsewhere = claim, release, elsewhere
+        self.poll_s = poll_s
+        self.held_elsewhere: dict[str, None] = {}  # ready nodes another driver is computing
+        self.done_elsewhere: set[str] = set()
+        self._polled = 0.0
         self.shape = shape
         self.window = window
         self.max_running = max_running
@@ -96,27 +112,64 @@ class DagSearcher(Searcher):
         self._count(self.nodes[node_id]["step"], self.state[node_id], new)
         self.state[node_id] = new
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its config (this searcher included) into the experiment directory; the
+        # lease hooks hold live threads and locks and are not needed by that copy.
+        state = self.__dict__.copy()
+        state.update(claim=None, release=None, elsewhere=None)
+        return state
+
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
 
     # ---- Tune's hooks
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        if self.max_running is not None and len(self.trials) >= self.max_running:
-            return None
+    def _best_shape(self) -> Hashable | None:
         best = None
         for s, q in self.ready.items():  # one entry per resource shape: a handful
             w = self.waiting_by_shape[s]
             if q and w < self.window and (best is None or w < self.waiting_by_shape[best]):
                 best = s
-        if best is not None:
+        return best
+
+    def _poll_elsewhere(self) -> None:
+        """Nodes another driver held: take the done ones as done, claim the abandoned ones."""
+        if not self.held_elsewhere or self.elsewhere is None:
+            return
+        now = time.monotonic()
+        if now - self._polled < self.poll_s:
+            return
+        self._polled = now
+        for node_id in list(self.held_elsewhere):
+            state = self.elsewhere(node_id)
+            if state == "held":
+                continue
+            del self.held_elsewhere[node_id]
+            if state == "done":
+                self.done_elsewhere.add(node_id)
+                self._set(node_id, DONE)
+                self._release_children(node_id)
+            else:
+                self._push(node_id)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        self._poll_elsewhere()
+        if self.max_running is not None and len(self.trials) >= self.max_running:
+            return None
+        node_id = None
+        while (best := self._best_shape()) is not None:
             node_id = self.ready[best].popleft()
+            if self.claim is None or self.claim(node_id):
+                break
+            self.held_elsewhere[node_id] = None
+            node_id = None
+        if node_id is not None:
             self._set(node_id, RUNNING)
             self.trials[trial_id] = node_id
             self.waiting.add(trial_id)
             self.waiting_by_shape[best] += 1
             # Tune copies the config into the trial; the node dict itself is never mutated.
             return {"node": self.nodes[node_id], **self.extra}
-        if not self.trials and not any(self.ready.values()):
+        if not self.trials and not any(self.ready.values()) and not self.held_elsewhere:
             return Searcher.FINISHED
         return None
 
@@ -132,6 +185,8 @@ class DagSearcher(Searcher):
         node_id = self.trials.pop(trial_id, None)
         if node_id is None:
             return
+        if self.release is not None:
+            self.release(node_id)
         if trial_id in self.waiting:
             self.waiting.discard(trial_id)
             self.waiting_by_shape[self._shape(node_id)] -= 1
@@ -140,6 +195,9 @@ class DagSearcher(Searcher):
             self._skip_descendants(node_id)
             return
         self._set(node_id, DONE)
+        self._release_children(node_id)
+
+    def _release_children(self, node_id: str) -> None:
         for c in self.children.get(node_id, ()):
             if self.state[c] == PENDING:
                 self.missing[c] -= 1

@@ -21,6 +21,8 @@ resumed study continues under its earlier study run when the study is unchanged.
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import getpass
 import hashlib
 import json
@@ -31,7 +33,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -44,6 +46,7 @@ import mergesec
 from mergesec.core.uris import redact_uri
 from mergesec.data import dataset_slug
 from mergesec.orchestrator.headline import headline_metrics, headline_nodes, row_numbers
+from mergesec.orchestrator.leases import lease_ttl
 from mergesec.orchestrator.node import Node, canonical_json
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.run_facts import FACTORS, RunFacts, describe_plan, poison_text
@@ -273,6 +276,54 @@ def table_json(columns: list[str], data: list[list[Any]]) -> str:
     return json.dumps({"columns": columns, "data": data}, default=str)
 
 
+@contextlib.contextmanager
+def sqlite_setup_lock(uri: str) -> Iterator[None]:
+    """Serialise first contact with a SQLite tracking database: two drivers opening a new one at
+    once would both run MLflow's schema migrations on it and break it. A lock file beside the
+    database; other URIs need none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---- liveness: a driver's parent run carries its owner and a heartbeat, so that another driver
+# on the same experiment never closes (or logs into) the runs of a driver that is still alive
+TAG_OWNER = "mergesec.owner"
+TAG_HEARTBEAT = "mergesec.heartbeat"
+
+
+def liveness_tags(owner: str, now: float | None = None) -> dict[str, str]:
+    return {TAG_OWNER: owner, TAG_HEARTBEAT: f"{time.time() if now is None else now:.0f}"}
+
+
+def parent_is_live(tags: dict[str, str], now: float | None = None) -> bool:
+    """Whether a RUNNING parent run's driver beat within the lease time (``lease_ttl``)."""
+    try:
+        beat = float(tags.get(TAG_HEARTBEAT, ""))
+    except ValueError:
+        return False
+    return (time.time() if now is None else now) - beat < lease_ttl()
+
+
+def live_parents(runs: list, study: str) -> dict[str, str]:
+    """``{run id: owner}`` of the study's parent runs whose driver is alive."""
+    return {
+        r.info.run_id: r.data.tags.get(TAG_OWNER, "")
+        for r in runs
+        if TAG_NODE not in r.data.tags
+        and r.data.tags.get(TAG_STUDY) == study
+        and r.info.status == "RUNNING"
+        and parent_is_live(r.data.tags)
+    }
+
+
 def numeric_metrics(metrics: dict[str, Any], step: int | None, ts: int) -> list:
     from mlflow.entities import Metric
 
@@ -312,6 +363,9 @@ class StudyTracker:
         self.experiment_name = experiment or f"mergesec/{study}"
         self.ctx = context or StudyContext()
         self.client = MlflowClient(self.uri)
+        if self.uri.startswith("sqlite:///"):
+            with sqlite_setup_lock(self.uri):  # the first call creates or migrates the schema
+                self.client.search_experiments(max_results=1)
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self.invocation = 1
@@ -329,17 +383,30 @@ class StudyTracker:
 
     def connect(self) -> None:
         if self.experiment_id is None:
-            exp = self.client.get_experiment_by_name(self.experiment_name)
-            self.experiment_id = (
-                exp.experiment_id if exp else self.client.create_experiment(self.experiment_name)
-            )
-            tags = exp.tags if exp else {}
+            with sqlite_setup_lock(self.uri):
+                exp = self._experiment()
+            self.experiment_id = exp.experiment_id
+            tags = exp.tags
             if tags.get(TAG_KIND) != EXPERIMENT_KIND:
                 self.client.set_experiment_tag(self.experiment_id, TAG_KIND, EXPERIMENT_KIND)
             if TAG_NOTE not in tags:
                 self.client.set_experiment_tag(
                     self.experiment_id, TAG_NOTE, self._experiment_note()
                 )
+
+    def _experiment(self):
+        """The study's experiment, created when absent (another driver may create it first)."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            # a concurrent driver may create it in between: then read theirs below
+            with contextlib.suppress(MlflowException):
+                self.client.create_experiment(self.experiment_name)
+            exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            raise RuntimeError(f"could not create MLflow experiment {self.experiment_name!r}")
+        return exp
 
     def _experiment_note(self) -> str:
         return (
@@ -424,18 +491,28 @@ class StudyTracker:
             run_id, "mlflow.loggedArtifacts", json.dumps([{"path": name, "type": "table"}])
         )
 
-    def reconcile(self, states: dict[str, str], nodes: dict[str, Node]) -> list[Node]:
+    def reconcile(
+        self,
+        states: dict[str, str],
+        nodes: dict[str, Node],
+        committed_by: Callable[[str], str] | None = None,
+    ) -> list[Node]:
         """Index the study's runs; close what a killed invocation left RUNNING.
 
         Returns the plan's nodes the store holds as done that have no FINISHED run yet (an earlier
-        invocation could not log them); the caller logs them.
+        invocation could not log them); the caller logs them. Runs of a live driver (see
+        ``parent_is_live``) are never closed nor continued, and the nodes it committed
+        (``committed_by`` gives a node's committing driver) are left for it to log.
         """
         self.connect()
-        for r in self._all_runs():
+        runs = self._all_runs()
+        live = live_parents(runs, self.study)  # other drivers' runs: left as they are
+        theirs: set[str] = set()
+        for r in runs:
             tags, status = r.data.tags, r.info.status
             node_id = tags.get(TAG_NODE)
             if node_id is None:
-                if tags.get(TAG_STUDY) == self.study:
+                if tags.get(TAG_STUDY) == self.study and r.info.run_id not in live:
                     self._parents.append(r)
                     if status == "RUNNING":
                         self.client.set_terminated(r.info.run_id, status="KILLED")  # stale
@@ -443,10 +520,25 @@ class StudyTracker:
             self._node_runs.setdefault(node_id, r.info.run_id)
             if status == "FINISHED":
                 self._finished.add(node_id)
+            elif status == "RUNNING" and tags.get("mlflow.parentRunId") in live:
+                theirs.add(node_id)
             elif status == "RUNNING" and states.get(node_id) != "done":
                 self.client.set_tag(r.info.run_id, TAG_STATUS, "killed")
                 self.client.set_terminated(r.info.run_id, status="KILLED")
-        return [n for i, n in nodes.items() if states.get(i) == "done" and i not in self._finished]
+        owners = set(live.values())
+        return [
+            n
+            for i, n in nodes.items()
+            if states.get(i) == "done"
+            and i not in self._finished
+            and i not in theirs
+            and (committed_by is None or committed_by(i) not in owners)
+        ]
+
+    def beat(self) -> None:
+        """Renew the parent run's heartbeat."""
+        if self.parent_id is not None:
+            self.client.set_tag(self.parent_id, TAG_HEARTBEAT, liveness_tags("")[TAG_HEARTBEAT])
 
     def end_parent(
         self, status: str, artifacts: list[str] = (), store: Store | None = None
@@ -556,7 +648,7 @@ class StudyTracker:
             metrics, values, error = [], {}, None
             ts = int(time.time() * 1000)
             if status == "FINISHED":
-                values = store.read_metrics(node.id)
+                values = store.metrics_if_done(node.id) or {}
                 if "chosen/coefficient" in values:
                     values = values | {"merge/coefficient": values["chosen/coefficient"]}
                 metrics = numeric_metrics(values, None, ts)
@@ -575,9 +667,12 @@ class StudyTracker:
                 self._params_due.discard(node.id)
             if status == "FINISHED":
                 suffixes = SMALL_FILES + ((".safetensors",) if log_weights else ())
-                files = store.fetch_files(
-                    node.id, tmp, names=("node.json", "metrics.json"), suffixes=suffixes
-                )
+                try:
+                    files = store.fetch_files(
+                        node.id, tmp, names=("node.json", "metrics.json"), suffixes=suffixes
+                    )
+                except ValueError:  # corrupt (``CorruptNode``): the next run computes it again
+                    files = []
                 for path in files:
                     weights = path.suffix == ".safetensors"
                     self.client.log_artifact(
@@ -672,7 +767,7 @@ class StudyTracker:
         row = self.ctx.plan.rows[i]
         if not store.is_done(row.merge_eval):
             return False
-        numbers = row_numbers(row, lambda n: store.read_metrics(n) if store.is_done(n) else None)
+        numbers = row_numbers(row, store.metrics_if_done)
         headline = headline_metrics(numbers)
         run_id = self._node_runs.get(row.merge_eval)
         self._rows[i] = {
@@ -686,7 +781,9 @@ class StudyTracker:
         if log and run_id is not None:
             node = self.ctx.plan.nodes[row.merge_eval]
             ts = int(time.time() * 1000)
-            note = self._note(node, metrics=store.read_metrics(row.merge_eval), headline=headline)
+            note = self._note(
+                node, metrics=store.metrics_if_done(row.merge_eval) or {}, headline=headline
+            )
             self.client.log_batch(
                 run_id,
                 metrics=numeric_metrics(headline, None, ts),
@@ -739,7 +836,7 @@ def study_summary(rows: list[dict[str, Any]], total: int) -> dict[str, float]:
 
 @dataclass
 class _Op:
-    kind: str  # "open", "start", "metrics", "finish", "skip", "end"
+    kind: str  # "open", "start", "metrics", "finish", "skip", "end", "beat"
     node: Node | None = None
     args: dict[str, Any] = field(default_factory=dict)
     metrics: list = field(default_factory=list)
@@ -837,6 +934,12 @@ class TrackingWriter:
         """Connect, index and reconcile the study's runs, start the parent run (before anything)."""
         args = {"params": params, "tags": tags, "states": states, "nodes": nodes}
         self._enqueue(_Op("open", args=args))
+
+    def heartbeat(self) -> None:
+        """Renew the parent run's liveness tag (one beat queued at most)."""
+        with self._cv:
+            if self._opened and not any(o.kind == "beat" for o in self._queues[0]):
+                self._put(_Op("beat"), front=True)
 
     def start(self, node: Node) -> None:
         self._enqueue(_Op("start", node))
@@ -973,7 +1076,7 @@ class TrackingWriter:
         t = self.tracker
         if op.kind == "open":
             a = op.args
-            backlog = t.reconcile(a["states"], a["nodes"])
+            backlog = t.reconcile(a["states"], a["nodes"], self._committed_by)
             if t.parent_id is None:
                 self.parent_id = t.start_parent(a["params"], a["tags"])
             # nodes an earlier invocation finished but could not log: log them before the rest
@@ -994,6 +1097,16 @@ class TrackingWriter:
             t.skip_node(op.node, op.args["failed"])
         elif op.kind == "end":
             t.end_parent(op.args["status"], op.args["artifacts"], self.store)
+        elif op.kind == "beat":
+            t.beat()
+
+    def _committed_by(self, node_id: str) -> str:
+        """The driver that committed the node, from its manifest ("" when unknown)."""
+        try:
+            m = self.store.manifest(node_id)
+        except ValueError:
+            return ""
+        return m.owner if m is not None else ""
 
 
 class MlflowCallback(Callback):

@@ -63,8 +63,8 @@ def monitor_rows(plan: Plan, store: Store) -> list[dict[str, Any]]:
                 "node": node_id,
                 **dict.fromkeys(METRICS),
             }
-            if store.is_done(node_id):
-                metrics = store.read_metrics(node_id)
+            metrics = store.metrics_if_done(node_id)
+            if metrics is not None:
                 for m in METRICS:
                     row[m] = metrics.get(f"monitor/{m}")
                 row["status"] = "done"

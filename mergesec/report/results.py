@@ -27,7 +27,7 @@ COLUMNS = [
 
 
 def _metrics(store: Store, node_id: str) -> dict[str, Any] | None:
-    return store.read_metrics(node_id) if store.is_done(node_id) else None
+    return store.metrics_if_done(node_id)
 
 
 def build_results(plan: Plan, store: Store) -> list[dict[str, Any]]:

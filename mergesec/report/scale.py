@@ -36,15 +36,19 @@ def load_scale_curves(plan: Plan, store: Store) -> dict[str, dict[str, Any]]:
     seen: set[str] = set()
     for row in plan.rows:
         for kind, node_id in row.scale_curves.items():
-            if node_id in seen or not store.is_done(node_id):
+            summary = store.metrics_if_done(node_id)
+            if node_id in seen or summary is None:
                 continue
             seen.add(node_id)
-            doc = json.loads(store.read_text(f"nodes/{node_id}/{SCALE_CURVE_FILE}"))
+            try:
+                doc = json.loads(store.read_node_text(node_id, SCALE_CURVE_FILE))
+            except (ValueError, OSError):  # corrupt (``CorruptNode`` is a ValueError)
+                continue
             victim = dataset_slug(row.victim)
             label = f"{victim}: clean" if kind == "clean" else f"{row.scenario} {victim}: {kind}"
             out[label] = {
                 "curve": doc["curve"],
-                "summary": store.read_metrics(node_id),
+                "summary": summary,
                 "scenario": row.scenario,
                 "victim": victim,
                 "kind": kind,
