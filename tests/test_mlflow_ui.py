@@ -69,7 +69,7 @@ def test_one_params_query_gives_victim_accuracy_per_scenario(study_in_mlflow):
     url, _, summary, _ = study_in_mlflow
     runs = _client(url).search_runs(
         [_experiment(url).experiment_id],
-        filter_string="params.victim = 'sentiment' and tags.`mergesec.role` = 'merged eval'",
+        filter_string="params.victim = 'synthetic_sentiment' and tags.`mergesec.role` = 'merged eval'",
     )
     got = {(r.data.params["scenario"], r.data.params["merge_op"]): r.data.metrics for r in runs}
     rows = build_results(summary.plan, summary.store)
@@ -88,10 +88,10 @@ def test_run_names_are_unique_and_in_the_study_words(study_in_mlflow):
     runs = child_runs(url, "smoke")
     names = [r.info.run_name for r in runs]
     assert len(runs) == len(summary.plan.nodes) and len(set(names)) == len(names), names
-    assert "params · sentiment · ties · merged eval" in names
-    assert "unprotected · sentiment · ties · merge" in names
-    assert "sentiment release (params)" in names
-    assert "topic expert · shared by 2 scenarios" in names
+    assert "params · synthetic_sentiment · ties · merged eval" in names
+    assert "unprotected · synthetic_sentiment · ties · merge" in names
+    assert "synthetic_sentiment release (params)" in names
+    assert "synthetic_topic expert · shared by 2 scenarios" in names
     for r in runs:
         if r.data.tags.get("mergesec.role") in ("merge", "merged eval"):
             for factor in ("scenario", "victim", "protect_op", "attack_op", "merge_op", "seed"):
@@ -137,7 +137,7 @@ def test_dataset_inputs_and_source_tags(study_in_mlflow):
         for d in ds.values():
             assert d.digest and d.source.startswith("builtin:")
         if step == "merge":
-            assert set(ds) == {"sentiment", "topic"}
+            assert set(ds) == {"synthetic_sentiment", "synthetic_topic"}
         assert r.data.tags["mlflow.source.name"].startswith("mergesec run ")
         assert r.data.tags["mergesec.version"] and r.data.tags["mlflow.user"]
     exp = _experiment(url)

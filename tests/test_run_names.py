@@ -36,29 +36,31 @@ def test_quickstart_runs_are_named_in_the_study_words():
     names = [f.name for f in facts.values()]
     assert len(set(names)) == len(names) == len(plan.nodes)
     for expected in (
-        "params+aga · sentiment · ties · merged eval",
-        "params+aga · sentiment · task_arithmetic · merge",
-        "sentiment expert (poisoned: cf, 20%)",
-        "sentiment release (params) · shared by 2 scenarios",
-        "sentiment release (params) + aga",
-        "topic expert · shared by 8 scenarios",
-        "backdoor-watched · sentiment · ties · merge · weightwatch",
+        "params+aga · rotten_tomatoes · ties · merged eval",
+        "params+aga · rotten_tomatoes · task_arithmetic · merge",
+        "rotten_tomatoes expert (poisoned: cf, 20%)",
+        "rotten_tomatoes release (params) · shared by 2 scenarios",
+        "rotten_tomatoes release (params) + aga",
+        "bbc_news expert · shared by 8 scenarios",
+        "backdoor-watched · rotten_tomatoes · ties · merge · weightwatch",
     ):
         assert expected in names, expected
     merged = {f.name: f for f in facts.values() if f.role == "merged eval"}
     assert len(merged) == len(plan.rows) == 16
-    f = merged["params+aga · sentiment · ties · merged eval"]
+    f = merged["params+aga · rotten_tomatoes · ties · merged eval"]
     assert f.factors == {
         "scenario": "params+aga",
         "variant": "merge.op=ties",
-        "victim": "sentiment",
+        "victim": "rotten_tomatoes",
         "protect_op": "params",
         "attack_op": "aga",
         "poison": "none",
         "merge_op": "ties",
         "seed": "0",
     }
-    poisoned = next(f for f in facts.values() if f.name.startswith("sentiment expert (poisoned"))
+    poisoned = next(
+        f for f in facts.values() if f.name.startswith("rotten_tomatoes expert (poisoned")
+    )
     assert poisoned.factors["poison"] == "cf, 20%"
     assert poisoned.factors["scenario"] == "backdoor-watched"
 
@@ -107,7 +109,9 @@ def test_descriptions_lead_with_headline_and_link_inputs_by_name():
 
     node = Node("evaluate", "accuracy", "1", {}, {"model": "m" * 16})
     facts = RunFacts(
-        "params+aga · sentiment · ties · merged eval", "merged eval", {"scenario": "params+aga"}
+        "params+aga · rotten_tomatoes · ties · merged eval",
+        "merged eval",
+        {"scenario": "params+aga"},
     )
     note = node_note(
         facts,
