@@ -66,7 +66,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout_s: float = 120) -> None:
+def wait_http(url: str, timeout_s: float = 300) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
@@ -283,7 +283,7 @@ async def take(args, base: str, exp, merged, parent) -> None:
 
         await b.set_ui_state(base, eid, ui_state(group_by="scenario"))
         await b.goto(runs_url + "&compareRunsMode=CHART", text_shown("Group: "), settle_s=6)
-        await b.screenshot(out / "02_charts_by_scenario.png", full_height=args.height * 2)
+        await b.screenshot(out / "02_charts_by_scenario.png", full_height=int(args.height * 1.2))
 
         run_page = f"{base}/#/experiments/{eid}/runs/{shown.info.run_id}?{LAYOUT}"
         await b.goto(run_page, text_shown("Inputs:"))

@@ -11,7 +11,7 @@ import pytest
 from conftest import start_mlflow_server
 from e2e import child_runs, write_study
 
-from mergesec.orchestrator.engine import run_study
+from mergesec.orchestrator.engine import _ray_init, run_study
 from mergesec.orchestrator.plan import build_plan
 from mergesec.orchestrator.run_notes import linked_runs
 from mergesec.orchestrator.spec import load_study
@@ -32,13 +32,27 @@ def study_in_mlflow(tmp_path_factory, tiny_bert):
             root, tiny_bert, scenarios=SCENARIOS, merge=MERGE, tracking={"log_models": True}
         )
     )
-    summary = run_study(
-        study, store_uri=str(root / "store"), tracking_uri=url, on_finish=write_reports
-    )
-    assert summary.ok, (summary.failed, summary.skipped, summary.untracked)
-    yield url, study, summary, root
-    proc.terminate()
-    proc.wait(timeout=30)
+    import ray
+
+    for attempt in range(3):  # Ray's node start has a fixed 30 s limit a loaded machine can miss
+        try:
+            _ray_init(None)  # as run_study starts it; the study's three runs then share it
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                proc.terminate()
+                raise
+    try:
+        summary = run_study(
+            study, store_uri=str(root / "store"), tracking_uri=url, on_finish=write_reports
+        )
+        assert summary.ok, (summary.failed, summary.skipped, summary.untracked)
+        yield url, study, summary, root
+    finally:
+        ray.shutdown()
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def _client(url):

@@ -100,3 +100,29 @@ def test_terminal_results_table_fits_120_columns():
     text = console.export_text()
     assert max(len(line.rstrip()) for line in text.splitlines()) <= 120
     assert "…" not in text and "backdoor-watched-b" in text and "task_arithmetic" in text
+
+
+def test_descriptions_lead_with_headline_and_link_inputs_by_name():
+    from mergesec.orchestrator.node import Node
+    from mergesec.orchestrator.run_facts import RunFacts
+    from mergesec.orchestrator.run_notes import linked_runs, node_note
+
+    node = Node("evaluate", "accuracy", "1", {}, {"model": "m" * 16})
+    facts = RunFacts(
+        "params+aga · rotten_tomatoes · ties · merged eval",
+        "merged eval",
+        {"scenario": "params+aga"},
+    )
+    note = node_note(
+        facts,
+        node,
+        "7",
+        [("model", "params+aga · sentiment · ties · merge", "abc123"), ("reference", "x", None)],
+        headline={"victim/accuracy_merged": 0.5, "merge/coefficient": 0.3},
+        error="ValueError: `bad` thing",
+    )
+    assert note.startswith("Headline: merged **0.500** · coefficient **0.300**")
+    assert linked_runs(note) == [("7", "abc123")]
+    assert "[params+aga · sentiment · ties · merge](#/experiments/7/runs/abc123)" in note
+    assert "x (no run)" in note and "**Failed:** `ValueError: 'bad' thing`" in note
+    assert "scenario: `params+aga`" in note

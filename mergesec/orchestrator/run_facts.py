@@ -49,6 +49,7 @@ class RunFacts:
     role: str
     factors: dict[str, str] = field(default_factory=dict)
     rows: list[int] = field(default_factory=list)  # indices into ``Plan.rows``
+    variant: str = ""  # the grid variant(s) in short, without the merge op
 
 
 def poison_text(poison: dict[str, Any] | None) -> str:
@@ -65,9 +66,16 @@ def _joined(values: Iterable[str], most: int = 3, noun: str = "scenarios") -> st
     return f"{len(vals)} {noun}"
 
 
-def _variant_parts(variant: str) -> str:
-    """The grid variant without its merge op (the merge op is named on its own)."""
-    return ",".join(p for p in variant.split(",") if p and not p.startswith("merge.op="))
+def short_variant(label: dict[str, str], most: int = 40) -> str:
+    """A grid variant for a run name: without the merge op (named on its own), each value cut to
+    ``most`` characters."""
+    parts = []
+    for k, v in label.items():
+        if k in ("merge", "merge.op"):
+            continue
+        text = f"{k}={v}"
+        parts.append(text if len(text) <= most else text[: most - 1] + "…")
+    return ",".join(parts)
 
 
 def row_factors(row: PlanRow, spec: StudySpec) -> dict[str, str]:
@@ -90,7 +98,12 @@ class _Namer:
     def __init__(self, plan: Plan, study: Study):
         self.plan = plan
         specs = {",".join(f"{k}={v}" for k, v in label.items()): s for label, s in study.variants}
+        short = {
+            ",".join(f"{k}={v}" for k, v in label.items()): short_variant(label)
+            for label, _ in study.variants
+        }
         self.row_factors = [row_factors(r, specs[r.variant]) for r in plan.rows]
+        self.row_short = [short[r.variant] for r in plan.rows]
         self.merge_evals = {r.merge_eval: i for i, r in enumerate(plan.rows)}
         by_label: dict[str, list[int]] = {}
         for i, r in enumerate(plan.rows):
@@ -130,9 +143,7 @@ class _Namer:
             _joined((x["victim"] for x in f), noun="victims"),
             _joined((x["merge_op"] for x in f), noun="merge ops"),
         ]
-        extra = _joined(
-            (_variant_parts(x["variant"]) for x in f if x["variant"] != "-"), 2, "variants"
-        )
+        extra = _joined((self.row_short[i] for i in rows), 2, "variants")
         return " · ".join(p for p in [*parts, extra] if p)
 
     def _shared(self, node_id: str) -> str:
@@ -224,6 +235,9 @@ def describe_plan(plan: Plan, study: Study) -> dict[str, RunFacts]:
             role=namer.role(node),
             factors=namer.factors(node.id),
             rows=sorted(set(namer.labelled[node.id]) | namer.used[node.id]),
+            variant=", ".join(
+                dict.fromkeys(namer.row_short[i] for i in sorted(namer.used[node.id]))
+            ),
         )
         for node in plan.topological()
     }
@@ -241,7 +255,9 @@ def _make_unique(facts: dict[str, RunFacts]) -> None:
         if len(ids) < 2:
             continue
         for key in ("variant", "victim", "scenario", "seed"):
-            values = [facts[i].factors.get(key, "") for i in ids]
+            values = [
+                facts[i].variant if key == "variant" else facts[i].factors.get(key, "") for i in ids
+            ]
             if all(values) and len(set(values)) == len(ids):
                 for i, v in zip(ids, values, strict=True):
                     facts[i].name += f" [{v}]"

@@ -25,6 +25,7 @@ HEADLINE_TEXT = (
     ("merge/coefficient", "coefficient"),
 )
 MAX_METRICS = 8
+RESULTS_FILE = "results_table.json"
 
 
 def run_link(experiment_id: str, run_id: str) -> str:
@@ -110,13 +111,14 @@ def parent_note(
     source: str,
     experiment_id: str,
     rows: Sequence[Mapping[str, Any]],
+    total: int,
 ) -> str:
     """The study run's description: which invocation it is and the results so far, each row
     linking to its merged-evaluation run."""
     lines = [
         f"**Study `{_md(study)}`**, invocation {invocation} (`{_md(source)}`)",
         "",
-        f"{len(rows)} result row(s) so far; the table is also logged as `results_table.json`.",
+        f"{len(rows)} of {total} result rows; the table is also logged as `{RESULTS_FILE}`.",
     ]
     if rows:
         cols = (
@@ -129,18 +131,21 @@ def parent_note(
             "merged",
             "others",
         )
-        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        align = "|---|---|---|" + "---:|" * (len(cols) - 3)
+        lines += ["", "| " + " | ".join(cols) + " |", align]
         for r in rows:
-            name = _md(str(r["scenario"])) + (f" ({_md(r['variant'])})" if r.get("variant") else "")
+            variant = ",".join(
+                p
+                for p in (r.get("variant") or "").split(",")
+                if p and not p.startswith("merge.op=")
+            )
+            name = _md(str(r["scenario"])) + (f" ({_md(variant)})" if variant else "")
             cell = f"[{name}]({run_link(experiment_id, r['run_id'])})" if r.get("run_id") else name
             vals = [
                 r.get(k) for k in ("coefficient", "victim_clean", "victim_release", "victim_merged")
             ] + [r.get("others_merged")]
-            lines.append(
-                "| "
-                + " | ".join([cell, _md(str(r["victim"])), _md(str(r["merge"]))])
-                + " | "
-                + " | ".join("-" if x is None else _num(float(x)) for x in vals)
-                + " |"
-            )
+            # code spans: the UI's Markdown tables have no cell padding
+            cells = [cell, f"`{r['victim']}`", f"`{r['merge']}`"]
+            cells += ["-" if x is None else f"`{_num(float(x))}`" for x in vals]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -50,7 +50,7 @@ from mergesec.orchestrator.leases import lease_ttl
 from mergesec.orchestrator.node import Node, canonical_json
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.run_facts import FACTORS, RunFacts, describe_plan, poison_text
-from mergesec.orchestrator.run_notes import InputRun, node_note, parent_note
+from mergesec.orchestrator.run_notes import RESULTS_FILE, InputRun, node_note, parent_note
 from mergesec.orchestrator.runner import STEP_KEY
 from mergesec.orchestrator.spec import Study
 from mergesec.orchestrator.store import Store
@@ -65,7 +65,7 @@ TAG_NOTE = "mlflow.note.content"
 TAG_KIND = "mlflow.experimentKind"
 # The MLflow UI opens an experiment of this kind in its model-training layout.
 EXPERIMENT_KIND = "custom_model_development"
-RESULTS_TABLE = "results_table.json"
+RESULTS_TABLE = RESULTS_FILE
 SWEEP_TABLE = "sweep.json"
 # Model-producing roles that may become MLflow logged models (``tracking.log_models``).
 MODEL_ROLES = ("expert", "release", "attacked", "merge")
@@ -140,9 +140,14 @@ def study_context(study: Study, plan: Plan, log_models: bool = False) -> StudyCo
         },
         sort_keys=False,
     )
+    try:
+        facts = describe_plan(plan, study)
+    except Exception as e:  # noqa: BLE001 - naming runs must never stop a study
+        log.warning("MLflow run names fall back to node titles (%s: %s)", type(e).__name__, e)
+        facts = {}
     return StudyContext(
         plan=plan,
-        facts=describe_plan(plan, study),
+        facts=facts,
         source=f"mergesec run {study.file}",
         study_text=text,
         resolved=resolved,
@@ -434,12 +439,12 @@ class StudyTracker:
         from mlflow.entities import RunTag
 
         self.connect()
-        self.invocation = 1 + max(
-            (int(p.data.tags.get(TAG_INVOCATION, "1")) for p in self._parents), default=0
-        )
+        self.invocation = 1 + max((_invocation(p) for p in self._parents), default=0)
         name = parent_run_name(self.study, self.invocation)
         all_tags = parent_tags(self.study, tags) | self._source
-        all_tags |= {TAG_INVOCATION: str(self.invocation), TAG_DIGEST: self.ctx.digest}
+        all_tags[TAG_INVOCATION] = str(self.invocation)
+        if self.ctx.digest:
+            all_tags[TAG_DIGEST] = self.ctx.digest
         latest = max(self._parents, key=lambda r: r.info.start_time or 0, default=None)
         if (
             latest is not None
@@ -463,7 +468,10 @@ class StudyTracker:
 
     def _parent_note(self) -> str:
         rows = [self._rows[i] for i in sorted(self._rows)]
-        return parent_note(self.study, self.invocation, self.ctx.source, self.experiment_id, rows)
+        total = len(self.ctx.plan.rows) if self.ctx.plan is not None else 0
+        return parent_note(
+            self.study, self.invocation, self.ctx.source, self.experiment_id, rows, total
+        )
 
     def _log_texts(self, run_id: str, files: Mapping[str, str | None], artifact_path=None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -802,6 +810,12 @@ class StudyTracker:
             metrics=numeric_metrics(study_summary(rows, len(self.ctx.plan.rows)), None, ts),
         )
         self.client.set_tag(self.parent_id, TAG_NOTE, self._parent_note())
+
+
+def _invocation(run) -> int:
+    """Which invocation a study run says it is (1 when it does not say)."""
+    value = run.data.tags.get(TAG_INVOCATION, "1")
+    return int(value) if value.isdigit() else 1
 
 
 def study_summary(rows: list[dict[str, Any]], total: int) -> dict[str, float]:
