@@ -23,18 +23,21 @@ HEADLINE_METRICS = {
     "victim/normalized_merged": "victim_merged_norm",
     "others/accuracy_mean": "others_merged",
     "merge/coefficient": "coefficient",
+    "victim/accuracy_left_out": "victim_left_out",
+    "victim/majority_rate": "victim_majority",
 }
 
 
 def headline_nodes(row: PlanRow) -> tuple[str, ...]:
     """The nodes whose metrics make the row's headline: clean expert eval, release eval, merge,
-    merged eval."""
-    return (
+    merged eval, and the left-out reference's evaluation when the study plans one."""
+    nodes = (
         row.expert_evals[dataset_slug(row.victim)],
         row.victim_eval,
         row.merge_node,
         row.merge_eval,
     )
+    return nodes if row.left_out_eval is None else (*nodes, row.left_out_eval)
 
 
 def row_numbers(row: PlanRow, metrics_of: MetricsOf) -> dict[str, Any]:
@@ -44,7 +47,7 @@ def row_numbers(row: PlanRow, metrics_of: MetricsOf) -> dict[str, Any]:
     ``references: [left_out]``) and ``victim_majority`` (None when unknown) and
     ``per_dataset`` (merged accuracy per dataset, when the merged model was evaluated)."""
     v = dataset_slug(row.victim)
-    clean, release, merge_node, merged = (metrics_of(n) for n in headline_nodes(row))
+    clean, release, merge_node, merged = (metrics_of(n) for n in headline_nodes(row)[:4])
     out: dict[str, Any] = {
         "coefficient": None,
         "victim_clean": None,
