@@ -315,16 +315,25 @@ def lease_hooks(leases: LeaseKeeper) -> dict[str, Any]:
     """``DagSearcher``'s claim, release and elsewhere hooks on the store's leases."""
     store = leases.store
 
-    def elsewhere(node_id: str) -> str:
-        if store.is_done(node_id):
-            return "done"
-        return "held" if lease_alive(store, node_id) else "free"
+    def claim(node_id: str) -> bool:
+        try:
+            return leases.acquire(node_id) is None
+        except OSError:  # the store did not answer: run it; its commit is still conditional
+            return True
 
-    return {
-        "claim": lambda node_id: leases.acquire(node_id) is None,
-        "release": leases.release,
-        "elsewhere": elsewhere,
-    }
+    def release(node_id: str) -> None:
+        with contextlib.suppress(OSError):  # else the lease expires by itself
+            leases.release(node_id)
+
+    def elsewhere(node_id: str) -> str:
+        try:
+            if store.is_done(node_id):
+                return "done"
+            return "held" if lease_alive(store, node_id) else "free"
+        except OSError:
+            return "held"  # asked again at the next poll
+
+    return {"claim": claim, "release": release, "elsewhere": elsewhere}
 
 
 def _run_nodes(
