@@ -27,7 +27,8 @@ def attempts(store: Path) -> dict[str, str]:
     """node id -> the attempt its commit names."""
     out = {}
     for p in (store / "nodes").glob("*/_SUCCESS"):
-        out[p.parent.name] = json.loads(p.read_text())["attempt"]
+        if not p.parent.name.startswith("."):  # an attempt directory before its rename
+            out[p.parent.name] = json.loads(p.read_text())["attempt"]
     return out
 
 
