@@ -30,7 +30,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from mergesec.orchestrator.leases import lease_ttl
+from mergesec.orchestrator.leases import lease_ttl, owner_may_live
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.runner import STEP_KEY
 from mergesec.orchestrator.store import Store
@@ -120,12 +120,14 @@ def liveness_tags(owner: str, now: float | None = None) -> dict[str, str]:
 
 
 def parent_is_live(tags: dict[str, str], now: float | None = None) -> bool:
-    """Whether a RUNNING parent run's driver beat within the lease time (``lease_ttl``)."""
+    """Whether a RUNNING parent run's driver beat within the lease time (``lease_ttl``) and, on
+    this host, its process still exists."""
     try:
         beat = float(tags.get(TAG_HEARTBEAT, ""))
     except ValueError:
         return False
-    return (time.time() if now is None else now) - beat < lease_ttl()
+    fresh = (time.time() if now is None else now) - beat < lease_ttl()
+    return fresh and owner_may_live(tags.get(TAG_OWNER, ""))
 
 
 def live_parents(runs: list, study: str) -> dict[str, str]:
