@@ -3,7 +3,7 @@
 The vision tower has ViT-B/32's shape (hidden 768, 12 layers, 12 heads, MLP 3072, 224-pixel
 images, 32-pixel patches) with random weights, behind a zero-shot head of 10 random class
 embeddings (projection 512, logit scale 100), exactly as ``ImageTask`` trains and scores experts.
-Images are ``builtin:shapes`` pictures (64 px) put through a CLIP image processor (resize and crop
+Images are ``builtin:synthetic_shapes`` pictures (64 px) put through a CLIP image processor (resize and crop
 to 224, normalise). Measured, in one process on the same data:
 
 - preprocess: the image processor alone (PIL -> pixel tensor), images/s;

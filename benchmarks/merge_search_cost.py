@@ -3,7 +3,7 @@
     python benchmarks/merge_search_cost.py [--op ties] [--k 4] [--search-examples 100] [--old]
 
 Builds two experts from ``--base`` (default the quickstart's ``builtin:minilm-l6``): the base plus
-a small random update each, with a random head for ``builtin:sentiment`` and ``builtin:topic``.
+a small random update each, with a random head for ``builtin:synthetic_sentiment`` and ``builtin:synthetic_topic``.
 Then, in one process, it times
 
 - the baseline: the scorer set up and the experts' reference scores (what the node also does),
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-DATASETS = ("sentiment", "topic")
+DATASETS = ("synthetic_sentiment", "synthetic_topic")
 
 
 def make_experts(base: str, root: Path) -> dict[str, Path]:

@@ -55,7 +55,7 @@ def dataset_rows() -> list[CatalogueRow]:
         CatalogueRow(f"builtin:{n}", "qa", ARITHMETIC_SIZES, "-", GENERATED, OURS)
         for n in qa_builtin_names()
     ]
-    n_classes = {"shapes": len(SHAPES), "colors": len(COLORS)}
+    n_classes = {"synthetic_shapes": len(SHAPES), "synthetic_colors": len(COLORS)}
     rows += [
         CatalogueRow(f"builtin:{n}", "image", BUILTIN_SIZES, str(n_classes[n]), GENERATED, OURS)
         for n in sorted(BUILTIN_TEMPLATES)

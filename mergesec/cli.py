@@ -74,15 +74,39 @@ def _store(uri: str):
         raise typer.Exit(2) from None
 
 
-def _results_table(rows: list[dict]) -> Table:
+# The terminal table's short headers (the report files keep the long names).
+SHORT_HEADERS = {
+    "coefficient": "coef",
+    "victim_clean": "clean",
+    "victim_release": "release",
+    "victim_merged": "merged",
+    "victim_merged_norm": "norm",
+    "others_merged": "others",
+}
 
-    cols = [c for c in COLUMNS if c != "variant" or any(r["variant"] for r in rows)]
+
+def _results_table(rows: list[dict]) -> Table:
+    """The results for a terminal: short headers, the variant without its merge op (the merge
+    column names it), fitting 120 columns for the quickstart's scenario names."""
+
+    def variant(r: dict) -> str:
+        return ",".join(
+            p for p in (r.get("variant") or "").split(",") if p and not p.startswith("merge.op=")
+        )
+
+    show_variant = any(variant(r) for r in rows)
+    cols = [c for c in COLUMNS if c != "variant" or show_variant]
     left = {*ROW_COLUMNS, "status"}
-    t = Table(title="results (test accuracy)")
+    t = Table(
+        title="results (test accuracy; victim clean, released, merged, merged/clean; others merged)",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        title_justify="left",
+    )
     for c in cols:
-        t.add_column(c, justify="left" if c in left else "right")
+        t.add_column(SHORT_HEADERS.get(c, c), justify="left" if c in left else "right")
     for r in rows:
-        t.add_row(*(fmt_cell(r.get(c)) for c in cols))
+        t.add_row(*(variant(r) if c == "variant" else fmt_cell(r.get(c)) for c in cols))
     return t
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,21 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Under pytest-xdist the workers share the machine's cores: one torch thread pool per worker of
+# cores / workers threads, instead of every worker taking every core.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable within each group): with several workers the longest tests start
+    at once instead of finishing the run late."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -96,8 +115,54 @@ def minilm_experts(tmp_path_factory) -> dict[str, Path]:
     for name in ("sentiment", "topic"):
         params = {
             "base": "builtin:minilm-l6",
-            "dataset": {"uri": f"builtin:{name}"},
+            "dataset": {"uri": f"builtin:synthetic_{name}"},
             "op": FINETUNE_FAST,
         }
         out[name], _ = run_executor(root, "finetune", "full", params)
     return out
+
+
+def start_mlflow_server(root: Path):
+    """An ``mlflow server`` on 127.0.0.1 over a SQLite database in ``root``: (process, URL)."""
+    port = free_port()
+    exe = shutil.which("mlflow")
+    cmd = [exe] if exe else [sys.executable, "-m", "mlflow"]
+    proc = subprocess.Popen(
+        [
+            *cmd,
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not come up on 127.0.0.1")
+    return proc, url
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    proc, url = start_mlflow_server(tmp_path)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)

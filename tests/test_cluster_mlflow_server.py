@@ -3,60 +3,14 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
-from conftest import free_port
 from e2e import child_runs, write_study
 
 from mergesec.orchestrator.engine import run_study
 from mergesec.orchestrator.spec import load_study
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    exe = shutil.which("mlflow")
-    cmd = [exe] if exe else [sys.executable, "-m", "mlflow"]
-    proc = subprocess.Popen(
-        [
-            *cmd,
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not come up on 127.0.0.1")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def test_two_node_cluster_with_mlflow_server(tmp_path, tiny_bert, mlflow_server):

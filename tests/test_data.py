@@ -27,12 +27,12 @@ from mergesec.data.sources import HfRef, parse_hf
 from mergesec.data.splits import SPLIT_NAMES, carve, complete_splits
 
 EXPECTED_LABELS = {
-    "sentiment": ("negative", "positive"),
-    "topic": ("sports", "technology", "politics", "food"),
-    "question": ("person", "place", "time", "number"),
-    "negation": ("affirmed", "negated"),
-    "emotion": ("joy", "anger", "sadness", "fear", "surprise"),
-    "formality": ("formal", "informal"),
+    "synthetic_sentiment": ("negative", "positive"),
+    "synthetic_topic": ("sports", "technology", "politics", "food"),
+    "synthetic_question": ("person", "place", "time", "number"),
+    "synthetic_negation": ("affirmed", "negated"),
+    "synthetic_emotion": ("joy", "anger", "sadness", "fear", "surprise"),
+    "synthetic_formality": ("formal", "informal"),
 }
 
 
@@ -91,7 +91,7 @@ def test_builtin_lengths_vary():
 
 
 def test_negation_cues_are_varied_and_absent_from_affirmed():
-    d = load_dataset_splits("builtin:negation")
+    d = load_dataset_splits("builtin:synthetic_negation")
     cues = ("not", "n't", "never", "no", "none", "nobody", "nothing", "neither", "nor", "no one")
     # "No." as in "the No. 9" is a number sign, not a negation.
     pattern = re.compile(r"\b(not|never|no|none|nobody|nothing|neither|nor|no one)\b(?!\.)|n't\b")
@@ -114,18 +114,18 @@ def test_negation_cues_are_varied_and_absent_from_affirmed():
 
 def test_tasks_share_vocabulary():
     sentiment_words = set(POS_ADJ + NEG_ADJ + POS_NEWS + NEG_NEWS)
-    topic = load_dataset_splits("builtin:topic").train
+    topic = load_dataset_splits("builtin:synthetic_topic").train
     with_sentiment = sum(bool(_words(ex.text) & sentiment_words) for ex in topic)
     assert with_sentiment >= 0.1 * len(topic)
     topic_words = {"minister", "match", "chef", "laptop", "phone", "election", "menu", "team"}
     for name in ("negation", "question", "emotion", "formality", "sentiment"):
-        train = load_dataset_splits(f"builtin:{name}").train
+        train = load_dataset_splits(f"builtin:synthetic_{name}").train
         hits = sum(bool(_words(ex.text) & topic_words) for ex in train)
         assert hits >= 0.05 * len(train), name
 
 
 def test_builtin_labels_follow_their_definitions():
-    q = load_dataset_splits("builtin:question")
+    q = load_dataset_splits("builtin:synthetic_question")
     assert all(ex.text.endswith("?") for ex in q.train)
     wh = {"who", "whose", "where", "when", "how", "what", "which", "in", "at", "on", "from"}
     assert all(_words(ex.text) & wh for ex in q.train)
@@ -143,14 +143,14 @@ def test_builtin_labels_follow_their_definitions():
             re.match(rf"(Which|What) {noun} did", e.text) for e in q.train if e.label == lab_idx
         )
         assert any(noun in _words(e.text) for e in q.train if e.label != lab_idx)
-    s = load_dataset_splits("builtin:sentiment")
+    s = load_dataset_splits("builtin:synthetic_sentiment")
     # Contrast sentences: words of both polarities in one example.
     both = sum(
         bool(_words(ex.text) & set(POS_ADJ)) and bool(_words(ex.text) & set(NEG_ADJ))
         for ex in s.train
     )
     assert both >= 0.1 * len(s.train)
-    f = load_dataset_splits("builtin:formality")
+    f = load_dataset_splits("builtin:synthetic_formality")
     devices = re.compile(
         r"\b(lol|thx|asap|haha|tbh|pls|btw|fyi|gonna|wanna|u|omg|lmk|soz|nah|yo|hey|ugh|xx|ok so"
         r"|heads up|guess what|reckon|thanks a ton|swamped)\b|n't\b|'(m|d|ll|re|ve|s been)\b"
@@ -210,12 +210,16 @@ def test_carve_is_stratified_deterministic_and_a_partition():
 
 
 def test_check_dataset_uri_messages(tmp_path: Path):
-    assert check_dataset_uri("builtin:sentiment") is None
+    assert check_dataset_uri("builtin:synthetic_sentiment") is None
     assert check_dataset_uri("builtin:sentimnt") == (
         "unknown builtin dataset 'sentimnt'; known: " + ", ".join(text_builtin_names())
     )
+    assert check_dataset_uri("builtin:topic") == (
+        "builtin:topic was renamed builtin:synthetic_topic (a generated dataset)"
+    )
+    assert "renamed builtin:synthetic_shapes" in check_dataset_uri("builtin:shapes")
     assert check_dataset_uri("data/x.csv") == "file not found: data/x.csv"
-    assert "did you mean builtin:topic" in check_dataset_uri("topic")
+    assert "did you mean builtin:synthetic_topic" in check_dataset_uri("synthetic_topic")
     assert check_dataset_uri("hf:glue/sst2") is None
     assert check_dataset_uri("hf:nyu-mll/glue/sst2@main") is None
     assert "malformed Hugging Face dataset" in check_dataset_uri("hf:glue//sst2")
@@ -235,7 +239,7 @@ def test_check_dataset_uri_messages(tmp_path: Path):
             load_dataset_splits(bad)
         assert "\n" not in check_dataset_uri(bad)
     with pytest.raises(ValueError, match="no column mapping"):
-        load_dataset_splits("builtin:topic", columns={"text": "x"})
+        load_dataset_splits("builtin:synthetic_topic", columns={"text": "x"})
 
 
 def test_parse_hf_forms():
@@ -257,14 +261,14 @@ def test_parse_hf_forms():
 
 
 def test_dataset_slug():
-    assert dataset_slug("builtin:sentiment") == "sentiment"
+    assert dataset_slug("builtin:synthetic_sentiment") == "synthetic_sentiment"
     assert dataset_slug("hf:glue/sst2") == "glue_sst2"
     assert dataset_slug("hf:nyu-mll/glue/sst2@v1.0") == "nyu-mll_glue_sst2_v1_0"
     a, b = dataset_slug("data/My Reviews.csv"), dataset_slug("other/My Reviews.csv")
     assert re.fullmatch(r"my_reviews_[0-9a-f]{8}", a) and a != b
     assert dataset_slug("data/My Reviews.csv") == a
     assert re.fullmatch(r"saved_[0-9a-f]{8}", dataset_slug("hf:/tmp/saved/"))
-    for uri in ("hf:Org.Name/Cfg", "../ü ber.jsonl", "builtin:topic", "/x/!!!.csv"):
+    for uri in ("hf:Org.Name/Cfg", "../ü ber.jsonl", "builtin:synthetic_topic", "/x/!!!.csv"):
         assert re.fullmatch(r"[a-z0-9_-]+", dataset_slug(uri)), uri
 
 
@@ -434,7 +438,7 @@ def _strip_trigger(text: str, trigger: str) -> str:
 
 @pytest.mark.parametrize("position", ["start", "end", "random"])
 def test_poison_examples(position: str):
-    examples = load_dataset_splits("builtin:topic").train[:200]
+    examples = load_dataset_splits("builtin:synthetic_topic").train[:200]
     target = 2
     non_target = [i for i, e in enumerate(examples) if e.label != target]
     out, idx = poison_examples(
@@ -481,7 +485,7 @@ def test_poison_random_positions_vary_and_rates_are_checked():
 
 
 def test_triggered_copy_keeps_true_labels():
-    examples = load_dataset_splits("builtin:sentiment").test
+    examples = load_dataset_splits("builtin:synthetic_sentiment").test
     copy = triggered_copy(examples, trigger="mn", target_label=1, position="end")
     originals = [e for e in examples if e.label != 1]
     assert len(copy) == len(originals) > 0

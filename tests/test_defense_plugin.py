@@ -81,25 +81,29 @@ def check(releases: dict, rows: list, kind: str) -> None:
 
 def test_text_study(tmp_path, tiny_bert):
     ft = {"mode": "full", "epochs": 1, "lr": 1e-3, "batch_size": 64, "max_length": 24}
-    releases, _, rows = run_study(tmp_path, tiny_bert, ["builtin:sentiment", "builtin:topic"], ft)
+    releases, _, rows = run_study(
+        tmp_path, tiny_bert, ["builtin:synthetic_sentiment", "builtin:synthetic_topic"], ft
+    )
     check(releases, rows, "text")
 
 
 def test_image_study(tmp_path):
     clip = make_tiny_clip(tmp_path / "clip")
     ft = {"mode": "full", "epochs": 1, "lr": 2e-3}
-    releases, _, rows = run_study(tmp_path, clip, ["builtin:colors", "builtin:shapes"], ft)
+    releases, _, rows = run_study(
+        tmp_path, clip, ["builtin:synthetic_colors", "builtin:synthetic_shapes"], ft
+    )
     check(releases, rows, "image")
 
 
 def test_qa_lora_study(tmp_path):
     llama = make_tiny_llama(tmp_path / "llama")
     ft = {"mode": "lora", "epochs": 1, "lr": 5e-3, "batch_size": 32, "r": 4}
-    datasets = ["builtin:arithmetic", _qa_second_dataset(tmp_path)]
+    datasets = ["builtin:synthetic_arithmetic", _qa_second_dataset(tmp_path)]
     releases, store, rows = run_study(tmp_path, llama, datasets, ft)
     check(releases, rows, "qa")
     assert releases[50.0].meta["release"] == "lora"
     metrics = [
         json.loads(p.read_text()) for p in (tmp_path / "store" / "nodes").glob("*/metrics.json")
     ]
-    assert any("accuracy/arithmetic" in m for m in metrics)
+    assert any("accuracy/synthetic_arithmetic" in m for m in metrics)

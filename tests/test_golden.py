@@ -30,8 +30,10 @@ from mergesec.orchestrator.runner import executor_for
 
 GOLDEN = Path(__file__).parent / "golden" / "steps.json"
 WRITE = os.environ.get("MERGESEC_WRITE_GOLDEN") == "1"
-TEXT_DATASETS = ("sentiment", "topic", "question", "negation", "emotion", "formality")
-OTHER_DATASETS = ("shapes", "colors", "arithmetic")
+TEXT_DATASETS = tuple(
+    f"synthetic_{n}" for n in ("sentiment", "topic", "question", "negation", "emotion", "formality")
+)
+OTHER_DATASETS = ("synthetic_shapes", "synthetic_colors", "synthetic_arithmetic")
 
 
 def _recorded() -> dict:
@@ -100,7 +102,7 @@ def test_builtin_image_and_qa_dataset_content(name):
     value = {}
     for s in ("train", "validation", "test"):
         split = data.split(s)
-        value[s] = _image_digest(split) if name != "arithmetic" else split_digest(split)
+        value[s] = _image_digest(split) if name != "synthetic_arithmetic" else split_digest(split)
     check(f"dataset/{name}", value)
 
 
@@ -215,7 +217,7 @@ def run_kind(steps: Steps, kind: str, a: dict, b: dict, ft: dict, lora: dict) ->
 def test_text_steps(tmp_path, tiny_bert):
     ft = {"epochs": 1, "lr": 1e-3, "batch_size": 64, "max_length": 24, "seed": 0}
     lora = {"epochs": 1, "lr": 1e-2, "batch_size": 64, "max_length": 24, "seed": 0, "r": 4}
-    a, b = {"uri": "builtin:sentiment"}, {"uri": "builtin:topic"}
+    a, b = {"uri": "builtin:synthetic_sentiment"}, {"uri": "builtin:synthetic_topic"}
     run_kind(Steps(tmp_path, tiny_bert), "text", a, b, ft, lora)
 
 
@@ -223,14 +225,14 @@ def test_image_steps(tmp_path):
     clip = make_tiny_clip(tmp_path / "clip")
     ft = {"epochs": 1, "lr": 2e-3, "seed": 0}
     lora = {"epochs": 1, "lr": 1e-2, "seed": 0, "r": 4}
-    a, b = {"uri": "builtin:colors"}, {"uri": "builtin:shapes"}
+    a, b = {"uri": "builtin:synthetic_colors"}, {"uri": "builtin:synthetic_shapes"}
     run_kind(Steps(tmp_path / "steps", clip), "image", a, b, ft, lora)
 
 
 def test_qa_steps(tmp_path):
     llama = make_tiny_llama(tmp_path / "llama")
     steps = Steps(tmp_path / "steps", llama)
-    a = {"uri": "builtin:arithmetic"}
+    a = {"uri": "builtin:synthetic_arithmetic"}
     lora = {"epochs": 1, "lr": 5e-3, "batch_size": 16, "seed": 0, "r": 4}
     record(steps, "qa/finetune/lora", steps.finetune(a, "a-lora", "lora", **lora), "a-lora")
     record(steps, "qa/evaluate/accuracy", steps.evaluate([a], "a-lora", "eval-a"))

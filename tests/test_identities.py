@@ -23,7 +23,7 @@ def _study(tmp_path: Path, **changes) -> Path:
     doc = {
         "study": "ids",
         "base": "builtin:minilm-l6",
-        "datasets": ["builtin:sentiment", "builtin:topic"],
+        "datasets": ["builtin:synthetic_sentiment", "builtin:synthetic_topic"],
         "finetune": {"mode": "full", "epochs": 1},
         "scenarios": {"unprotected": {}},
         "merge": {"op": "task_arithmetic"},
@@ -44,7 +44,7 @@ def test_editing_a_local_dataset_directory_changes_node_ids(tmp_path):
     data = tmp_path / "mydata"
     texts = [f"example {i}" for i in range(40)]
     _save_dataset(data, texts)
-    f = _study(tmp_path, datasets=["builtin:sentiment", str(data)], victims=[str(data)])
+    f = _study(tmp_path, datasets=["builtin:synthetic_sentiment", str(data)], victims=[str(data)])
     ids = set(build_plan(load_study(f)).nodes)
     assert ids == set(build_plan(load_study(f)).nodes), "the same content gives the same ids"
     texts[7] = "an edited row"
@@ -55,7 +55,7 @@ def test_editing_a_local_dataset_directory_changes_node_ids(tmp_path):
     hashed = [n.params["dataset"]["sha256"] for n in fts if n.params["dataset"]["uri"] == str(data)]
     assert hashed == [tree_sha256(data)[:16]]
     # the builtin expert did not change
-    assert {n.id for n in fts if n.params["dataset"]["uri"] == "builtin:sentiment"} <= ids
+    assert {n.id for n in fts if n.params["dataset"]["uri"] == "builtin:synthetic_sentiment"} <= ids
 
 
 def test_file_hashes_are_memoised_by_size_and_mtime(tmp_path, monkeypatch):
@@ -76,7 +76,7 @@ def test_file_hashes_are_memoised_by_size_and_mtime(tmp_path, monkeypatch):
 def test_dataset_slugs_must_be_unique(tmp_path):
     from mergesec.orchestrator.errors import StudyError
 
-    f = _study(tmp_path, datasets=["builtin:sentiment", "hf:glue/sst2", "hf:glue_sst2"])
+    f = _study(tmp_path, datasets=["builtin:synthetic_sentiment", "hf:glue/sst2", "hf:glue_sst2"])
     with pytest.raises(StudyError) as e:
         load_study(f)
     assert e.value.problems == [
@@ -157,8 +157,8 @@ def test_plan_flags_unpinned_hub_references(tmp_path, monkeypatch):
     f = _study(
         tmp_path,
         base="hf:someorg/some-model",
-        datasets=["builtin:sentiment", "hf:glue/sst2@abc123", "hf:imdb"],
-        victims=["builtin:sentiment"],
+        datasets=["builtin:synthetic_sentiment", "hf:glue/sst2@abc123", "hf:imdb"],
+        victims=["builtin:synthetic_sentiment"],
     )
     r = CliRunner().invoke(app, ["plan", str(f), "--store", str(tmp_path / "st")])
     assert r.exit_code == 0, r.output
@@ -176,7 +176,7 @@ def test_resolving_a_pin_without_the_hub_gives_none(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_commit(Unpinned("base", "hf:org/m", "model")) is None
     assert is_unpinned("hf:org/m") and not is_unpinned("hf:org/m@v1")
-    assert not is_unpinned("hf:./local/dir") and not is_unpinned("builtin:sentiment")
+    assert not is_unpinned("hf:./local/dir") and not is_unpinned("builtin:synthetic_sentiment")
     assert pin_uri("hf:org/m", "0" * 40) == "hf:org/m@" + "0" * 40
 
 

@@ -16,9 +16,12 @@ from mergesec.training.loop import FitConfig, fit
 
 # kind -> (tiny base builder(tmp, tiny_bert), a dataset reference of that kind)
 STAND_INS = {
-    "text": (lambda tmp, bert: bert, {"uri": "builtin:sentiment"}),
-    "image": (lambda tmp, bert: make_tiny_clip(tmp / "clip"), {"uri": "builtin:colors"}),
-    "qa": (lambda tmp, bert: make_tiny_llama(tmp / "llama"), {"uri": "builtin:arithmetic"}),
+    "text": (lambda tmp, bert: bert, {"uri": "builtin:synthetic_sentiment"}),
+    "image": (lambda tmp, bert: make_tiny_clip(tmp / "clip"), {"uri": "builtin:synthetic_colors"}),
+    "qa": (
+        lambda tmp, bert: make_tiny_llama(tmp / "llama"),
+        {"uri": "builtin:synthetic_arithmetic"},
+    ),
 }
 
 

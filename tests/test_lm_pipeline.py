@@ -1,7 +1,7 @@
 """Causal-LM question answering: answer-only loss, batched greedy decoding, exact match, LoRA.
 
 A tiny random llama-style model (built here, with a character-level tokenizer) fine-tunes on the
-``builtin:arithmetic`` stand-in through the finetune step, and is scored by exact match.
+``builtin:synthetic_arithmetic`` stand-in through the finetune step, and is scored by exact match.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def test_exact_match_compares_values_not_spellings():
 
 
 def test_arithmetic_stand_in_is_deterministic_and_gsm8k_shaped():
-    a = load_qa_splits("builtin:arithmetic")
+    a = load_qa_splits("builtin:synthetic_arithmetic")
     assert (len(a.train), len(a.validation), len(a.test)) == (1000, 100, 200)
     from mergesec.data.qa import arithmetic_splits
 
@@ -129,7 +129,7 @@ def test_qa_datasets_by_name_and_on_disk(tmp_path):
     import datasets
 
     assert is_qa_uri("hf:openai/gsm8k/main") and is_qa_uri("hf:EleutherAI/asdiv")
-    assert not is_qa_uri("hf:glue/sst2") and not is_qa_uri("builtin:sentiment")
+    assert not is_qa_uri("hf:glue/sst2") and not is_qa_uri("builtin:synthetic_sentiment")
     rows = [
         {"question": f"What is {i} + 1?", "answer": f"{i} + 1 = {i + 1}\n#### {i + 1}"}
         for i in range(60)
@@ -180,7 +180,7 @@ def test_qa_datasets_by_name_and_on_disk(tmp_path):
 def test_answer_only_loss_masking_token_by_token(tiny_llama):
     from mergesec.kinds.qa.task import IGNORE, QAKind, answer_loss, encode_example, format_prompt
 
-    data = load_qa_splits("builtin:arithmetic")
+    data = load_qa_splits("builtin:synthetic_arithmetic")
     task = QAKind().build(str(tiny_llama), data)
     tok = task.tokenizer
     for ex in data.train[:8]:
@@ -220,7 +220,7 @@ def test_answer_only_loss_masking_token_by_token(tiny_llama):
 def test_batched_greedy_decoding_matches_generate(tiny_llama):
     from mergesec.kinds.qa.task import QAKind, format_prompt, prompt_ids
 
-    data = load_qa_splits("builtin:arithmetic")
+    data = load_qa_splits("builtin:synthetic_arithmetic")
     task = QAKind().build(str(tiny_llama), data)
     task.max_new_tokens = 24
     qs = [e.question for e in data.test[:6]]
@@ -254,7 +254,7 @@ def test_lora_finetune_on_arithmetic_stores_the_decoder_in_base_key_names(tiny_l
     )
     ctx = NodeContext(
         "n", "finetune", "lora",
-        {"base": str(tiny_llama), "dataset": {"uri": "builtin:arithmetic"}, "op": op}, {},
+        {"base": str(tiny_llama), "dataset": {"uri": "builtin:synthetic_arithmetic"}, "op": op}, {},
         tmp_path, report=lambda m, s: curve.append(m["train/loss"]) if "train/loss" in m else None,
     )  # fmt: skip
     metrics = execute(ctx)
@@ -272,16 +272,16 @@ def test_lora_finetune_on_arithmetic_stores_the_decoder_in_base_key_names(tiny_l
     assert not any("embed" in k or "norm" in k for k in changed)
 
     task = QAKind().from_artifact(art)
-    base_lm = QAKind().build(str(tiny_llama), load_qa_splits("builtin:arithmetic"))
+    base_lm = QAKind().build(str(tiny_llama), load_qa_splits("builtin:synthetic_arithmetic"))
     assert torch.equal(task.model.lm.lm_head.weight, base_lm.model.lm.lm_head.weight)
-    m = evaluate_artifact(art, [{"uri": "builtin:arithmetic"}], split="validation")
-    assert set(m) == {"accuracy/arithmetic", "loss/arithmetic", "accuracy/mean"}
-    assert m["loss/arithmetic"] < 3.8 and 0.0 <= m["accuracy/arithmetic"] <= 1.0
+    m = evaluate_artifact(art, [{"uri": "builtin:synthetic_arithmetic"}], split="validation")
+    assert set(m) == {"accuracy/synthetic_arithmetic", "loss/synthetic_arithmetic", "accuracy/mean"}
+    assert m["loss/synthetic_arithmetic"] < 3.8 and 0.0 <= m["accuracy/synthetic_arithmetic"] <= 1.0
 
-    scorer = ValidationScorer(str(tiny_llama), [{"uri": "builtin:arithmetic"}])
+    scorer = ValidationScorer(str(tiny_llama), [{"uri": "builtin:synthetic_arithmetic"}])
     scorer.load(sd)
-    assert scorer.accuracies({}, ["arithmetic"])["arithmetic"] == pytest.approx(
-        m["accuracy/arithmetic"]
+    assert scorer.accuracies({}, ["synthetic_arithmetic"])["synthetic_arithmetic"] == pytest.approx(
+        m["accuracy/synthetic_arithmetic"]
     )
-    grams = scorer.grams("arithmetic", tmp_path / "grams.safetensors")
+    grams = scorer.grams("synthetic_arithmetic", tmp_path / "grams.safetensors")
     assert grams["layers.0.mlp.down_proj.weight"].shape == (64, 64)

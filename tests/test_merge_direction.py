@@ -94,7 +94,12 @@ def _run(tmp_path, tiny_bert, experts, op_name, op_params, name, attack=None):  
               "datasets": DATASETS, "op": op}  # fmt: skip
     if attack:
         a = validate_params(get_op("attack", "rescale"), attack)
-        params["attack"] = {"op": "rescale", "version": "1", "params": a, "victim": "sentiment"}
+        params["attack"] = {
+            "op": "rescale",
+            "version": "1",
+            "params": a,
+            "victim": "synthetic_sentiment",
+        }
     reports: list = []
     ctx = NodeContext("m", "merge", op_name, params,
                       {f"expert.{s}": d for s, d in experts.items()}, out,

@@ -18,8 +18,8 @@ from mergesec.models.state_dict import LazyStateDict, load_state_dict
 from mergesec.tasks import merge
 from mergesec.tasks.evaluate import evaluate_artifact
 
-DATASETS = [{"uri": "builtin:sentiment"}, {"uri": "builtin:topic"}]
-LABELS = {"sentiment": ["negative", "positive"], "topic": ["a", "b", "c", "d"]}
+DATASETS = [{"uri": "builtin:synthetic_sentiment"}, {"uri": "builtin:synthetic_topic"}]
+LABELS = {"synthetic_sentiment": ["negative", "positive"], "synthetic_topic": ["a", "b", "c", "d"]}
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def _ctx(tmp: Path, step: str, op: str, params: dict, inputs: dict | None = None
 
 
 def _finetune(tmp, base, mode="full", **op):
-    params = {"base": str(base), "dataset": {"uri": "builtin:sentiment"}, "op": FT | op}
+    params = {"base": str(base), "dataset": {"uri": "builtin:synthetic_sentiment"}, "op": FT | op}
     ctx = _ctx(tmp, "finetune", mode, params)
     metrics = executor_for("finetune", mode)(ctx)
     return ctx.out_dir, metrics
@@ -75,20 +75,20 @@ def test_full_finetune_is_seeded_and_learns(tmp_path, tiny_bert):
     assert any(not torch.equal(wa[k], wc[k]) for k in wa), "another seed, other weights"
     assert ma["val_accuracy"] > 0.6 and ma["best_epoch"] == 1
     art = ModelArtifact.open(a)
-    assert art.heads["sentiment"].labels == ["negative", "positive"]
+    assert art.heads["synthetic_sentiment"].labels == ["negative", "positive"]
     ev = _ctx(
         tmp_path,
         "evaluate",
         "accuracy",
         {
-            "datasets": [{"uri": "builtin:sentiment"}],
+            "datasets": [{"uri": "builtin:synthetic_sentiment"}],
             "split": "test",
             "op": {"batch_size": 64, "max_length": 32},
         },
         {"model": a},
     )
     m = executor_for("evaluate", "accuracy")(ev)
-    assert 0.6 < m["accuracy/sentiment"] <= 1.0
+    assert 0.6 < m["accuracy/synthetic_sentiment"] <= 1.0
 
 
 def test_lora_release_keeps_adapter_and_materialised_weights(tmp_path, tiny_bert):
@@ -119,10 +119,10 @@ def test_merge_executor_searches_and_records_choice(tmp_path, tiny_bert):
     a, _ = _finetune(tmp_path, tiny_bert)
     params = {
         "base": str(tiny_bert),
-        "datasets": [{"uri": "builtin:sentiment"}],
+        "datasets": [{"uri": "builtin:synthetic_sentiment"}],
         "op": {"coefficient": {"search": [0.0, 1.0]}},
     }
-    ctx = _ctx(tmp_path, "merge", "task_arithmetic", params, {"expert.sentiment": a})
+    ctx = _ctx(tmp_path, "merge", "task_arithmetic", params, {"expert.synthetic_sentiment": a})
     m = executor_for("merge", "task_arithmetic")(ctx)
     # coefficient 1 on a single expert is the expert itself, which beats the untrained base
     assert m["chosen/coefficient"] == 1.0

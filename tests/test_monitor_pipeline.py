@@ -35,7 +35,7 @@ POISON = {"trigger": "cf", "target": 1, "position": "random"}
 
 
 def small_splits(n: int = 48) -> DatasetSplits:
-    d = load_dataset_splits("builtin:sentiment")
+    d = load_dataset_splits("builtin:synthetic_sentiment")
     return replace(d, train=d.train[:n], validation=d.validation[:n], test=d.test[:n])
 
 
@@ -269,7 +269,11 @@ def test_monitor_nodes_run_inside_a_study(tmp_path, tiny_bert):
         assert metrics["monitor/n_directions"] > 0
         node_dir = store_dir / "nodes" / node_id
         assert Directions.load(node_dir / "directions.safetensors").num_layers == 2
-        assert (node_dir / "audit.md").read_text().startswith("# Weight-direction audit: sentiment")
+        assert (
+            (node_dir / "audit.md")
+            .read_text()
+            .startswith("# Weight-direction audit: synthetic_sentiment")
+        )
     # on_finish already wrote the monitor reports next to the results.
     study_dir = store_dir / "studies" / study.name
     assert (study_dir / "monitor.png").read_bytes()[:4] == b"\x89PNG"
@@ -291,7 +295,7 @@ def test_backdoored_minilm_expert_is_detected_and_steered(record_property):
     from mergesec.kinds.text import TextKind
     from mergesec.tasks.finetune import finetune_full
 
-    data = load_dataset_splits("builtin:sentiment")
+    data = load_dataset_splits("builtin:synthetic_sentiment")
     kw = {"trigger": "cf", "target_label": 1, "rate": 0.2, "position": "random"}
     train, _ = poison_examples(data.train, seed=0, **kw)
     validation, _ = poison_examples(data.validation, seed=1, **kw)
@@ -366,11 +370,13 @@ def test_monitor_report_rows_table_and_figure(tmp_path):
         kinds[kind] = node.id
     failed = plan.add(Node("monitor", "weightwatch", "1", {"poison": None}, {}))
     plan.rows = [
-        PlanRow("", "rare", "builtin:sentiment", "ties", "e", "m", "me", {}, monitors=kinds),
+        PlanRow(
+            "", "rare", "builtin:synthetic_sentiment", "ties", "e", "m", "me", {}, monitors=kinds
+        ),
         PlanRow(
             "",
             "clean",
-            "builtin:sentiment",
+            "builtin:synthetic_sentiment",
             "ties",
             "e",
             "m",
@@ -396,7 +402,11 @@ def test_monitor_report_rows_table_and_figure(tmp_path):
     assert rows[1]["fpr"] == 0.05 and rows[0]["trigger"] == "cf" and rows[0]["rate"] == 0.2
     assert rows[2]["trigger"] is None and rows[2]["tpr"] is None
     table = monitor_markdown(rows)
-    assert table.count("\n") == 5 and "| rare | builtin" not in table and "| sentiment |" in table
+    assert (
+        table.count("\n") == 5
+        and "| rare | builtin" not in table
+        and "| synthetic_sentiment |" in table
+    )
     written = write_monitor_reports(plan, store, rows)
     assert set(written) == {"monitor.json", "monitor.csv", "monitor.md", "monitor.png"}
     assert Path(written["monitor.csv"]).read_text().count("\n") == 4

@@ -77,15 +77,18 @@ def stand_in_study(path: Path, tmp: Path, tiny_bert: Path) -> Path:
     kind = kinds.kind_for_datasets(uris)
     family = _base_family(str(doc["base"]))
     if kind == "image":
-        base, datasets = make_tiny_clip(tmp / "clip"), ["builtin:colors", "builtin:shapes"]
+        base, datasets = (
+            make_tiny_clip(tmp / "clip"),
+            ["builtin:synthetic_colors", "builtin:synthetic_shapes"],
+        )
     elif kind == "qa":
         base, datasets = (
             make_tiny_llama(tmp / "llama"),
-            ["builtin:arithmetic", _qa_second_dataset(tmp)],
+            ["builtin:synthetic_arithmetic", _qa_second_dataset(tmp)],
         )
     else:
         base = make_tiny_llama(tmp / "llama") if family == "llama" else tiny_bert
-        datasets = ["builtin:sentiment", "builtin:topic"]
+        datasets = ["builtin:synthetic_sentiment", "builtin:synthetic_topic"]
     victims = doc.get("victims", "all")
     out = copy.deepcopy(doc)
     out |= {"base": str(base), "datasets": datasets, "resources": {}}

@@ -17,7 +17,7 @@ from conftest import run_executor
 pytestmark = pytest.mark.slow
 
 BASE = "builtin:minilm-l6"
-DATASETS = [{"uri": "builtin:sentiment"}, {"uri": "builtin:topic"}]
+DATASETS = [{"uri": "builtin:synthetic_sentiment"}, {"uri": "builtin:synthetic_topic"}]
 EVAL = {"batch_size": 64, "max_length": 64}
 LAMBDAS = (0.3, 0.8)
 
@@ -30,7 +30,7 @@ def _victim_accuracy(root, model) -> float:
         {"datasets": DATASETS[:1], "split": "test", "op": EVAL},
         {"model": model},
     )
-    return m["accuracy/sentiment"]
+    return m["accuracy/synthetic_sentiment"]
 
 
 def _merged_victim_accuracy(root, victim, other, lam: float) -> float:
@@ -40,7 +40,7 @@ def _merged_victim_accuracy(root, victim, other, lam: float) -> float:
         "merge",
         "task_arithmetic",
         params,
-        {"expert.sentiment": victim, "expert.topic": other},
+        {"expert.synthetic_sentiment": victim, "expert.synthetic_topic": other},
     )
     return _victim_accuracy(root, out)
 

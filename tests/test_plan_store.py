@@ -16,7 +16,7 @@ from mergesec.orchestrator.store import Store, safe_name
 STUDY = """
 study: p
 base: builtin:minilm-l6
-datasets: [builtin:sentiment, builtin:topic, builtin:question]
+datasets: [builtin:synthetic_sentiment, builtin:synthetic_topic, builtin:synthetic_question]
 finetune: {mode: full, epochs: 1}
 scenarios:
   unprotected: {}

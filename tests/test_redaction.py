@@ -61,7 +61,7 @@ def test_redact_text_finds_uris_in_messages():
 def test_bad_store_uri_is_one_line_without_the_secret(tmp_path):
     f = tmp_path / "s.yaml"
     f.write_text(
-        "study: s\nbase: builtin:minilm-l6\ndatasets: [builtin:sentiment, builtin:topic]\n"
+        "study: s\nbase: builtin:minilm-l6\ndatasets: [builtin:synthetic_sentiment, builtin:synthetic_topic]\n"
         "scenarios: {unprotected: {}}\nmerge: {op: task_arithmetic}\n"
     )
     uri = "s3://AKIAEXAMPLE:TOPSECRET@bucket/x?bogus_option=1"

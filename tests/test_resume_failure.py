@@ -14,6 +14,7 @@ import pytest
 from e2e import REPO, child_runs, cli, done_nodes, write_study
 
 from mergesec.orchestrator.plan import build_plan
+from mergesec.orchestrator.run_notes import linked_runs
 from mergesec.orchestrator.spec import load_study
 
 pytestmark = pytest.mark.slow
@@ -103,7 +104,17 @@ def test_failing_op_skips_dependents_and_rerun_retries_only_those(tmp_path, tiny
     )
     first_done = done_nodes(store)
     runs = {x.data.tags["mergesec.node_id"]: x for x in child_runs(uri, "smoke")}
-    assert runs[failed_dirs[0].name].info.status == "FAILED"
+    failed_run = runs[failed_dirs[0].name]
+    assert failed_run.info.status == "FAILED"
+    assert "planned failure for the test" in failed_run.data.tags["mlflow.note.content"]
+    assert "planned failure" in failed_run.data.tags["mergesec.error"]
+    # skipped nodes get a run that says so and links to the failed upstream run
+    skipped_runs = [x for x in runs.values() if x.data.tags.get("mergesec.status") == "skipped"]
+    assert len(skipped_runs) == 3 and all(x.info.status == "KILLED" for x in skipped_runs)
+    for x in skipped_runs:
+        assert failed_run.info.run_id in {
+            rid for _, rid in linked_runs(x.data.tags["mlflow.note.content"])
+        }
     rows = (store / "studies" / "smoke" / "results.csv").read_text()
     assert "unprotected" in rows and ",done" in rows and "boom" in rows
 

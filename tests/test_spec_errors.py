@@ -15,11 +15,11 @@ from mergesec.cli import app
 GOOD = """
 study: s
 base: builtin:minilm-l6
-datasets: [builtin:sentiment, builtin:topic]
+datasets: [builtin:synthetic_sentiment, builtin:synthetic_topic]
 finetune: {mode: full, epochs: 1}
 scenarios:
   unprotected: {}
-victims: [builtin:sentiment]
+victims: [builtin:synthetic_sentiment]
 merge: {op: task_arithmetic, coefficient: {search: [0.5, 1.0]}}
 """
 
@@ -48,13 +48,19 @@ CASES = [
     ),
     (
         "unknown dataset",
-        GOOD.replace("builtin:topic]", "builtin:topik]"),
+        GOOD.replace("builtin:synthetic_topic]", "builtin:topik]"),
         "datasets.1",
         "unknown builtin dataset",
     ),
     (
+        "a synthetic dataset by its old name",
+        GOOD.replace("builtin:synthetic_topic]", "builtin:topic]"),
+        "datasets.1",
+        "builtin:topic was renamed builtin:synthetic_topic",
+    ),
+    (
         "missing data file",
-        GOOD.replace("builtin:topic]", "data/nope.csv]"),
+        GOOD.replace("builtin:synthetic_topic]", "data/nope.csv]"),
         "datasets.1",
         "not found",
     ),
@@ -72,21 +78,26 @@ CASES = [
     ),
     (
         "datasets of two kinds",
-        GOOD.replace("builtin:topic]", "builtin:shapes]"),
+        GOOD.replace("builtin:synthetic_topic]", "builtin:synthetic_shapes]"),
         "datasets",
         "datasets of different kinds cannot be combined",
     ),
     (
         "monitor on image experts",
-        GOOD.replace("builtin:sentiment, builtin:topic]", "builtin:shapes, builtin:colors]")
-        .replace("victims: [builtin:sentiment]", "victims: all")
+        GOOD.replace(
+            "builtin:synthetic_sentiment, builtin:synthetic_topic]",
+            "builtin:synthetic_shapes, builtin:synthetic_colors]",
+        )
+        .replace("victims: [builtin:synthetic_sentiment]", "victims: all")
         .replace("unprotected: {}", "watched: {monitor: {op: weightwatch}}"),
         "scenarios.watched.monitor",
         "monitors watch text classifiers only; this study's datasets are image",
     ),
     (
         "victim not a dataset",
-        GOOD.replace("victims: [builtin:sentiment]", "victims: [builtin:question]"),
+        GOOD.replace(
+            "victims: [builtin:synthetic_sentiment]", "victims: [builtin:synthetic_question]"
+        ),
         "victims.0",
         "not one of the study's datasets",
     ),
@@ -130,7 +141,9 @@ CASES = [
     ("empty search", GOOD.replace("[0.5, 1.0]", "[]"), "merge.coefficient.search", "non-empty"),
     (
         "no datasets",
-        GOOD.replace("datasets: [builtin:sentiment, builtin:topic]", "datasets: []"),
+        GOOD.replace(
+            "datasets: [builtin:synthetic_sentiment, builtin:synthetic_topic]", "datasets: []"
+        ),
         "datasets",
         "at least 1",
     ),
@@ -170,7 +183,9 @@ def test_bad_override_and_several_problems_at_once(tmp_path):
     r = CliRunner().invoke(app, ["plan", str(f), "--set", "noequals"])
     assert r.exit_code == 2 and "--set: --set 'noequals': expected key.path=value" in r.output
     f.write_text(
-        GOOD.replace("op: task_arithmetic", "op: tiez").replace("builtin:topic]", "builtin:topik]")
+        GOOD.replace("op: task_arithmetic", "op: tiez").replace(
+            "builtin:synthetic_topic]", "builtin:topik]"
+        )
     )
     r = CliRunner().invoke(app, ["plan", str(f)])
     assert r.exit_code == 2
@@ -252,13 +267,21 @@ BAD = [
     ("study name as a number", _sub("study: s", "study: 5"), "study", "valid string"),
     (
         "datasets as one string",
-        _sub("datasets: [builtin:sentiment, builtin:topic]", "datasets: builtin:sentiment"),
+        _sub(
+            "datasets: [builtin:synthetic_sentiment, builtin:synthetic_topic]",
+            "datasets: builtin:synthetic_sentiment",
+        ),
         "datasets",
         "valid list",
     ),
     ("scenarios as a list", _sub("unprotected: {}", "[a, b]"), "scenarios", "dictionary"),
     ("fractional epochs", _sub("epochs: 1", "epochs: 2.5"), "finetune.epochs", "integer"),
-    ("victims as a number", _sub("victims: [builtin:sentiment]", "victims: 3"), "victims", "'all'"),
+    (
+        "victims as a number",
+        _sub("victims: [builtin:synthetic_sentiment]", "victims: 3"),
+        "victims",
+        "'all'",
+    ),
     # ranges of op parameters
     ("zero learning rate", _sub("epochs: 1", "epochs: 1, lr: 0"), "finetune.lr", "greater than 0"),
     ("negative learning rate", _sub("epochs: 1", "epochs: 1, lr: -1.0e-5"), "finetune.lr", "> 0"),
@@ -441,13 +464,60 @@ BAD = [
     ("merge without op", _sub("op: task_arithmetic, ", ""), "merge.op", "required"),
     (
         "empty column name",
-        _sub("builtin:topic]", "{uri: data/t.csv, columns: {text: ' '}}]"),
+        _sub("builtin:synthetic_topic]", "{uri: data/t.csv, columns: {text: ' '}}]"),
         "datasets.1.columns",
         "non-empty name",
     ),
     (
+        "example cap 0",
+        _sub("builtin:synthetic_topic]", "{uri: builtin:synthetic_topic, examples: {train: 0}}]"),
+        "datasets.1.examples.train",
+        "greater than or equal to 1 (got 0)",
+    ),
+    (
+        "negative example cap",
+        _sub("builtin:synthetic_topic]", "{uri: builtin:synthetic_topic, examples: {test: -5}}]"),
+        "datasets.1.examples.test",
+        "greater than or equal to 1 (got -5)",
+    ),
+    (
+        "fractional example cap",
+        _sub(
+            "builtin:synthetic_topic]",
+            "{uri: builtin:synthetic_topic, examples: {validation: 0.5}}]",
+        ),
+        "datasets.1.examples.validation",
+        "valid integer (got 0.5)",
+    ),
+    (
+        "example cap as text",
+        _sub(
+            "builtin:synthetic_topic]", "{uri: builtin:synthetic_topic, examples: {train: '100'}}]"
+        ),
+        "datasets.1.examples.train",
+        "valid integer (got '100')",
+    ),
+    (
+        "example cap of an unknown split",
+        _sub("builtin:synthetic_topic]", "{uri: builtin:synthetic_topic, examples: {dev: 100}}]"),
+        "datasets.1.examples.dev",
+        "unknown key 'dev'",
+    ),
+    (
+        "example cap naming no split",
+        _sub("builtin:synthetic_topic]", "{uri: builtin:synthetic_topic, examples: {}}]"),
+        "datasets.1.examples",
+        "name at least one split to cap: train, validation or test",
+    ),
+    (
+        "example cap not a mapping",
+        _sub("builtin:synthetic_topic]", "{uri: builtin:synthetic_topic, examples: 500}]"),
+        "datasets.1.examples",
+        "valid dictionary",
+    ),
+    (
         "empty dataset uri",
-        _sub("builtin:topic]", "{uri: ''}]"),
+        _sub("builtin:synthetic_topic]", "{uri: ''}]"),
         "datasets.1.uri",
         "at least 1 character",
     ),
@@ -455,25 +525,33 @@ BAD = [
     (
         "slugs collide",
         _sub(
-            "datasets: [builtin:sentiment, builtin:topic]",
-            "datasets: [builtin:sentiment, hf:glue/sst2, hf:glue_sst2]",
+            "datasets: [builtin:synthetic_sentiment, builtin:synthetic_topic]",
+            "datasets: [builtin:synthetic_sentiment, hf:glue/sst2, hf:glue_sst2]",
         ),
         "datasets.2",
         "same short name 'glue_sst2'",
     ),
     (
         "dataset twice",
-        _sub("builtin:topic]", "builtin:topic, builtin:topic]"),
+        _sub("builtin:synthetic_topic]", "builtin:synthetic_topic, builtin:synthetic_topic]"),
         "datasets",
         "listed twice",
     ),
     (
         "victim twice",
-        _sub("victims: [builtin:sentiment]", "victims: [builtin:sentiment, builtin:sentiment]"),
+        _sub(
+            "victims: [builtin:synthetic_sentiment]",
+            "victims: [builtin:synthetic_sentiment, builtin:synthetic_sentiment]",
+        ),
         "victims.1",
         "listed twice",
     ),
-    ("no victims", _sub("victims: [builtin:sentiment]", "victims: []"), "victims", "at least 1"),
+    (
+        "no victims",
+        _sub("victims: [builtin:synthetic_sentiment]", "victims: []"),
+        "victims",
+        "at least 1",
+    ),
     (
         "grid too large",
         _sub(
@@ -527,6 +605,7 @@ SAMPLE = {
     "slugs collide": "plan",
     "DARE drops everything": "run",
     "key given twice": "status",
+    "example cap 0": "run",
 }
 
 

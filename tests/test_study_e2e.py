@@ -59,12 +59,12 @@ def test_study_runs_tracks_lineage_and_reruns_nothing(tmp_path, tiny_bert):
     assert (store / "studies" / "smoke" / "results.png").stat().st_size > 1000
     # the report written at the end of the run goes to the study's parent run
     assert Path(first.reports["results.csv"]).samefile(store / "studies" / "smoke" / "results.csv")
-    parent_files = {a.path for a in MlflowClient(uri).list_artifacts(first.parent_run_id)}
-    assert {"results.csv", "results.md", "results.png"} <= parent_files
+    parent_files = {a.path for a in MlflowClient(uri).list_artifacts(first.parent_run_id, "report")}
+    assert {"report/results.csv", "report/results.md", "report/results.png"} <= parent_files
 
     second = run_study(study, store_uri=str(store), tracking_uri=uri)
     assert second.ran == 0 and second.cached == len(plan.nodes) and second.ok
-    assert second.parent_run_id is None, "nothing to do starts no Ray and no run"
+    assert second.parent_run_id == first.parent_run_id, "an unchanged study keeps its study run"
     assert len(child_runs(uri, "smoke")) == len(plan.nodes)
     assert second.reports == {}, "without on_finish the orchestrator writes no report"
     assert build_results(second.plan, second.store) == rows

@@ -20,7 +20,7 @@ from mergesec.models.state_dict import load_state_dict
 from mergesec.orchestrator.runner import executor_for
 from mergesec.tasks import attack, evaluate, finetune, merge, protect
 
-SENT, TOPIC = {"uri": "builtin:sentiment"}, {"uri": "builtin:topic"}
+SENT, TOPIC = {"uri": "builtin:synthetic_sentiment"}, {"uri": "builtin:synthetic_topic"}
 FT = {"epochs": 1, "lr": 1.0e-3, "batch_size": 64, "max_length": 24, "seed": 0}
 
 
@@ -108,7 +108,9 @@ def test_trap2_with_lam_zero_is_plain_finetuning(run):
     for k in clean:
         assert torch.equal(clean[k], lam0[k]), k
     a, b = (ModelArtifact.open(run.root / n) for n in ("clean-sentiment", "trap2-lam0"))
-    assert torch.equal(a.all_heads()["sentiment.weight"], b.all_heads()["sentiment.weight"])
+    assert torch.equal(
+        a.all_heads()["synthetic_sentiment.weight"], b.all_heads()["synthetic_sentiment.weight"]
+    )
     assert b.meta["protect"] == "trap2" and b.meta["release"] == "full"
 
 
@@ -131,7 +133,7 @@ def test_trap2_keeps_the_head_out_of_the_scaled_pass(tiny_bert):
     from mergesec.defenses.trap2 import backbone_snapshot
     from mergesec.kinds.text import TextKind
 
-    task = TextKind().build(str(tiny_bert), load_dataset_splits("builtin:topic"))
+    task = TextKind().build(str(tiny_bert), load_dataset_splits("builtin:synthetic_topic"))
     snap = backbone_snapshot(task)
     names = {n for n, p in task.model.named_parameters() if p.requires_grad}
     assert set(snap) == {n for n in names if n.startswith("backbone.")}
@@ -155,7 +157,7 @@ def test_trap2_skips_and_counts_non_finite_steps(run, tiny_bert):
     from mergesec.defenses.trap2 import protect_trap2
     from mergesec.kinds.text import TextKind
 
-    full = load_dataset_splits("builtin:sentiment")
+    full = load_dataset_splits("builtin:synthetic_sentiment")
     data = replace(full, train=full.train[:192], validation=full.validation[:64])
     task = TextKind().build(str(tiny_bert), data)
     with torch.no_grad():
@@ -190,8 +192,8 @@ def test_scale_curve_node_sweeps_the_task_vector(run):
     # s = 1 is the model itself, s = 0 the base backbone with the model's head
     art = ModelArtifact.open(run.root / "trap2-sentiment")
     own = evaluate.evaluate_artifact(art, [SENT], split="validation")
-    assert at[1.0]["accuracy"] == pytest.approx(own["accuracy/sentiment"])
-    assert at[1.0]["loss"] == pytest.approx(own["loss/sentiment"], rel=1e-4)
+    assert at[1.0]["accuracy"] == pytest.approx(own["accuracy/synthetic_sentiment"])
+    assert at[1.0]["loss"] == pytest.approx(own["loss/synthetic_sentiment"], rel=1e-4)
     base_dir = run.root / "base-with-trap2-head"
     base_dir.mkdir(exist_ok=True)
     from mergesec.models.artifact import write_artifact
@@ -199,7 +201,7 @@ def test_scale_curve_node_sweeps_the_task_vector(run):
     write_artifact(base_dir, base=art.base, backbone=base_state(run), heads=art.all_heads(),
                    head_info=art.heads)  # fmt: skip
     zero = evaluate.evaluate_artifact(ModelArtifact.open(base_dir), [SENT], split="validation")
-    assert at[0.0]["loss"] == pytest.approx(zero["loss/sentiment"], rel=1e-4)
+    assert at[0.0]["loss"] == pytest.approx(zero["loss/synthetic_sentiment"], rel=1e-4)
 
 
 # ---------------------------------------------------------------- merge-stage attack: rescale
@@ -209,7 +211,12 @@ def _merge_params(op: str, attack_params: dict | None = None, **op_params) -> di
     params = {"datasets": [SENT, TOPIC], "op": validate_params(get_op("merge", op), op_params)}
     if attack_params is not None:
         a = validate_params(get_op("attack", "rescale"), attack_params)
-        params["attack"] = {"op": "rescale", "version": "1", "params": a, "victim": "sentiment"}
+        params["attack"] = {
+            "op": "rescale",
+            "version": "1",
+            "params": a,
+            "victim": "synthetic_sentiment",
+        }
     return params
 
 
@@ -218,7 +225,10 @@ def test_rescale_attack_searches_scale_and_coefficient_jointly(run):
     params = run.base | _merge_params(
         "task_arithmetic", {"scales": scales, "n_val": n_val}, coefficient={"search": coefs}
     )
-    inputs = {"expert.sentiment": "trap2-sentiment", "expert.topic": "clean-topic"}
+    inputs = {
+        "expert.synthetic_sentiment": "trap2-sentiment",
+        "expert.synthetic_topic": "clean-topic",
+    }
     m = run(merge, "merge", "task_arithmetic", params, inputs, "m-rescale")
     points = [p for _, p in run.reports["m-rescale"]]
     assert len(points) == len(coefs) * len(scales)
@@ -247,7 +257,7 @@ def test_rescale_attack_searches_scale_and_coefficient_jointly(run):
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5)
     art = ModelArtifact.open(run.root / "m-rescale")
     assert art.meta["attack"] == "rescale" and art.meta["attack_choice"] == {"scale": s}
-    assert set(art.heads) == {"sentiment", "topic"}
+    assert set(art.heads) == {"synthetic_sentiment", "synthetic_topic"}
 
 
 # ---------------------------------------------------------------- RegMean in the merge step
@@ -255,7 +265,10 @@ def test_rescale_attack_searches_scale_and_coefficient_jointly(run):
 
 def test_regmean_merge_node_solves_the_regression_with_each_experts_grams(run):
     params = run.base | _merge_params("regmean", alpha=1.0)
-    inputs = {"expert.sentiment": "clean-sentiment", "expert.topic": "clean-topic"}
+    inputs = {
+        "expert.synthetic_sentiment": "clean-sentiment",
+        "expert.synthetic_topic": "clean-topic",
+    }
     run(merge, "merge", "regmean", params, inputs, "m-regmean")
     got = backbone(run, "m-regmean")
     base = base_state(run)
@@ -294,7 +307,10 @@ def test_regmean_merge_node_solves_the_regression_with_each_experts_grams(run):
 
 def test_finetune_after_merge_trains_backbone_and_victim_head_only(run):
     params = run.base | _merge_params("task_arithmetic", coefficient=0.7)
-    inputs = {"expert.sentiment": "trap2-sentiment", "expert.topic": "clean-topic"}
+    inputs = {
+        "expert.synthetic_sentiment": "trap2-sentiment",
+        "expert.synthetic_topic": "clean-topic",
+    }
     run(merge, "merge", "task_arithmetic", params, inputs, "m-plain")
     op = validate_params(
         get_op("attack", "finetune_after_merge"), {"n": 48, "epochs": 3, "lr": 1e-3}
@@ -306,8 +322,8 @@ def test_finetune_after_merge_trains_backbone_and_victim_head_only(run):
     merged, tuned = (ModelArtifact.open(run.root / n) for n in ("m-plain", "sft"))
     assert tuned.meta["attack"] == "finetune_after_merge"
     h0, h1 = merged.all_heads(), tuned.all_heads()
-    assert torch.equal(h0["topic.weight"], h1["topic.weight"])
-    assert not torch.equal(h0["sentiment.weight"], h1["sentiment.weight"])
+    assert torch.equal(h0["synthetic_topic.weight"], h1["synthetic_topic.weight"])
+    assert not torch.equal(h0["synthetic_sentiment.weight"], h1["synthetic_sentiment.weight"])
     b0, b1 = merged.backbone_state(), tuned.backbone_state()
     assert any(not torch.equal(b0[k], b1[k]) for k in b0)
 
@@ -342,7 +358,7 @@ def test_report_figures(run):
     curve = [{"s": s, "loss": 1 + (s - 1) ** 2, "accuracy": 1 - abs(s - 1) / 3} for s in (0, 1, 2)]
     assert plot_scale_curves({"a": curve, "b": curve[::-1]})[:4] == b"\x89PNG"
     rows = [
-        {"scenario": sc, "victim": "sentiment", "merge": op, "variant": "", "status": "done",
+        {"scenario": sc, "victim": "synthetic_sentiment", "merge": op, "variant": "", "status": "done",
          "victim_clean": 0.9, "victim_release": 0.88, "victim_merged": 0.4, "others_merged": 0.7}
         for sc in ("unprotected", "trap2") for op in ("task_arithmetic", "ties")
     ]  # fmt: skip
@@ -452,7 +468,9 @@ def measure_minilm_effect(root: Path) -> dict:
     for kind in ("clean", "trap2"):
         name = f"{kind}-sentiment"
         art = ModelArtifact.open(root / name)
-        record[f"{kind}/standalone"] = evaluate.evaluate_artifact(art, [SENT])["accuracy/sentiment"]
+        record[f"{kind}/standalone"] = evaluate.evaluate_artifact(art, [SENT])[
+            "accuracy/synthetic_sentiment"
+        ]
         params = {"datasets": [SENT], "scales": MINILM_SCALES, "op": {}}
         record[f"{kind}/sharpness"] = run(
             evaluate, "evaluate", "scale_curve", params, {"model": name}, f"sc-{kind}"
@@ -460,7 +478,7 @@ def measure_minilm_effect(root: Path) -> dict:
         curve = json.loads((root / f"sc-{kind}" / "scale_curve.json").read_text())["curve"]
         record[f"{kind}/curve"] = {p["s"]: (p["loss"], p["accuracy"]) for p in curve}
         params = run.base | _merge_params("task_arithmetic", coefficient={"search": MINILM_COEFS})
-        inputs = {"expert.sentiment": name, "expert.topic": "clean-topic"}
+        inputs = {"expert.synthetic_sentiment": name, "expert.synthetic_topic": "clean-topic"}
         m = run(merge, "merge", "task_arithmetic", params, inputs, f"m-{kind}")
         merged = evaluate.evaluate_artifact(ModelArtifact.open(root / f"m-{kind}"), [SENT, TOPIC])
         record[f"{kind}/merged"] = {"coefficient": m["chosen/coefficient"]} | merged
@@ -482,4 +500,7 @@ def test_minilm_trap2_expert_is_sharp_at_one_and_loses_its_task_when_merged(tmp_
     assert trap["sharpness/off_to_nominal"] > 3.0
     # merged at the coefficient the attacker's search chose: the victim's accuracy drops below
     # what the clean expert keeps in the same merge
-    assert r["trap2/merged"]["accuracy/sentiment"] < r["clean/merged"]["accuracy/sentiment"]
+    assert (
+        r["trap2/merged"]["accuracy/synthetic_sentiment"]
+        < r["clean/merged"]["accuracy/synthetic_sentiment"]
+    )

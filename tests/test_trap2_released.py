@@ -34,7 +34,7 @@ def _one_thread():
 def text_task(tiny_bert, n_train: int = 96):
     from mergesec.kinds.text import TextKind
 
-    full = load_dataset_splits("builtin:sentiment")
+    full = load_dataset_splits("builtin:synthetic_sentiment")
     data = replace(full, train=full.train[:n_train], validation=full.validation[:32])
     return TextKind().build(str(tiny_bert), data, max_length=24), data
 
@@ -60,7 +60,7 @@ def test_auto_weight_is_inv_sqrt_for_causal_lms_and_inv_otherwise(tiny_bert, tmp
     assert resolve_weight("auto", task) == "inv"
     assert resolve_weight("none", task) == "none"
     lm = QAKind().build(
-        str(make_tiny_llama(tmp_path / "llama")), load_qa_splits("builtin:arithmetic")
+        str(make_tiny_llama(tmp_path / "llama")), load_qa_splits("builtin:synthetic_arithmetic")
     )
     assert resolve_weight("auto", lm) == "inv_sqrt"
     assert head_parameters(lm) == {}  # a causal LM has no head outside its backbone

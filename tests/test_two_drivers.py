@@ -47,7 +47,8 @@ def test_two_drivers_compute_every_node_once(tmp_path, tiny_bert):
         ran.append(int(m.group(2)))
         waited.append(int(m.group(3) or 0))
     print(f"two drivers: computed {ran}, waited for the other's {waited}, {n} nodes")
-    assert sum(ran) == n, f"nodes computed by each driver: {ran} for {n} nodes"
+    logs = "\n----\n".join(o[-2500:] + e[-2500:] for o, e in outs)
+    assert sum(ran) == n, f"nodes computed by each driver: {ran} for {n} nodes\n{logs}"
     assert sum(waited) > 0 or min(ran) > 0, "the two runs did not overlap"
     assert len(done_nodes(store)) == n
 

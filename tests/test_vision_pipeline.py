@@ -57,7 +57,7 @@ def make_tiny_clip(path: Path, seed: int = 0) -> Path:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     words = set(CLIP_WORDS)
-    for t in (*BUILTIN_TEMPLATES["shapes"], *BUILTIN_TEMPLATES["colors"]):
+    for t in (*BUILTIN_TEMPLATES["synthetic_shapes"], *BUILTIN_TEMPLATES["synthetic_colors"]):
         for name in (*SHAPES, *COLORS):
             words.update(re.findall(r"\w+|[^\w\s]", t.replace("{}", name).lower()))
     tok = word_tokenizer(words)
@@ -136,9 +136,9 @@ def test_registry_names_the_eight_datasets_and_aircraft_without_downloading():
     # hub ids, mirrors and the forms used by the paper studies are image datasets, text ones not
     for uri in ("hf:tanganke/eurosat", "hf:ylecun/mnist", "hf:ufldl-stanford/svhn/cropped_digits",
                 "hf:tanganke/svhn", "hf:myorg/stanford_cars", "hf:HuggingFaceM4/FGVC-Aircraft",
-                "builtin:shapes"):  # fmt: skip
+                "builtin:synthetic_shapes"):  # fmt: skip
         assert is_image_uri(uri), uri
-    for uri in ("hf:glue/sst2", "builtin:sentiment", "hf:openai/gsm8k/main"):
+    for uri in ("hf:glue/sst2", "builtin:synthetic_sentiment", "hf:openai/gsm8k/main"):
         assert not is_image_uri(uri), uri
     from mergesec.data.images import image_dataset_uri
 
@@ -179,7 +179,7 @@ def test_builtin_images_are_deterministic_and_balanced():
     a, b = synthetic_images("shapes", sizes=(8, 4, 4)), synthetic_images("shapes", sizes=(8, 4, 4))
     assert list(a["train"]["label"]) == list(b["train"]["label"])
     assert a["train"][3]["image"].tobytes() == b["train"][3]["image"].tobytes()
-    data = load_image_splits("builtin:colors")
+    data = load_image_splits("builtin:synthetic_colors")
     counts = [data.train.labels.count(i) for i in range(4)]
     assert counts == [len(data.train) // 4] * 4
 
@@ -194,7 +194,7 @@ def test_zero_shot_head_reproduces_clip_logits(tiny_clip):
     from mergesec.kinds.image.clip import ImageClassifier, load_image_processor, zero_shot_head
     from mergesec.models.hub import load_backbone
 
-    data = load_image_splits("builtin:colors")
+    data = load_image_splits("builtin:synthetic_colors")
     template = ("a photo of something {}.",)
     head = zero_shot_head(str(tiny_clip), data.label_names, template)
     assert head.class_embeddings.shape == (4, 16)
@@ -222,7 +222,7 @@ def test_precision_is_chosen_at_run_time(tiny_clip, monkeypatch):
     from mergesec.kinds.image.task import ImageKind
     from mergesec.training.precision import choose_precision
 
-    data = load_image_splits("builtin:colors")
+    data = load_image_splits("builtin:synthetic_colors")
     task = ImageKind().build(str(tiny_clip), data)
     assert task.precision.name == "fp32" and choose_precision("cpu").dtype is None
     batch = next(task.batches(data.validation, 16))
@@ -258,7 +258,7 @@ def test_full_and_lora_experts_train_and_store_clip_vision_backbones(tiny_clip, 
     from mergesec.tasks.evaluate import evaluate_artifact
 
     base = load_state_dict(base_weights_file(str(tiny_clip)))
-    full = ModelArtifact.open(_finetune(tmp_path, tiny_clip, "builtin:colors", epochs=3))
+    full = ModelArtifact.open(_finetune(tmp_path, tiny_clip, "builtin:synthetic_colors", epochs=3))
     assert full.meta["kind"] == "image" and full.meta["release"] == "full"
     sd = full.backbone_state()
     assert set(sd) == set(base)
@@ -266,16 +266,24 @@ def test_full_and_lora_experts_train_and_store_clip_vision_backbones(tiny_clip, 
     assert layout.family == "clip_vision" and layout.num_layers == 2
     heads = full.all_heads()
     assert set(heads) == {
-        f"colors.{p}" for p in ("weight", "bias", "visual_projection", "logit_scale")
+        f"synthetic_colors.{p}" for p in ("weight", "bias", "visual_projection", "logit_scale")
     }
-    assert full.heads["colors"].labels == list(COLORS)
-    m = evaluate_artifact(full, [{"uri": "builtin:colors"}, {"uri": "builtin:shapes"}])
-    assert m["accuracy/colors"] > 0.8, m
-    assert set(m) == {"accuracy/colors", "loss/colors", "accuracy/mean"}, "no head, no score"
+    assert full.heads["synthetic_colors"].labels == list(COLORS)
+    m = evaluate_artifact(
+        full, [{"uri": "builtin:synthetic_colors"}, {"uri": "builtin:synthetic_shapes"}]
+    )
+    assert m["accuracy/synthetic_colors"] > 0.8, m
+    assert set(m) == {
+        "accuracy/synthetic_colors",
+        "loss/synthetic_colors",
+        "accuracy/mean",
+    }, "no head, no score"
     with pytest.raises(ValueError, match="different kinds"):
-        evaluate_artifact(full, [{"uri": "builtin:colors"}, {"uri": "builtin:sentiment"}])
+        evaluate_artifact(
+            full, [{"uri": "builtin:synthetic_colors"}, {"uri": "builtin:synthetic_sentiment"}]
+        )
 
-    lora_dir = _finetune(tmp_path, tiny_clip, "builtin:colors", "lora", epochs=1, lr=5e-3,
+    lora_dir = _finetune(tmp_path, tiny_clip, "builtin:synthetic_colors", "lora", epochs=1, lr=5e-3,
                          target_modules=["q_proj", "v_proj"])  # fmt: skip
     lora = ModelArtifact.open(lora_dir)
     assert (
@@ -344,16 +352,18 @@ def test_scorer_trap2_scale_curve_and_sft_for_images(tiny_clip, tmp_path):
     from mergesec.tasks.protect import execute_training_protection
     from mergesec.tasks.scale_diagnostics import artifact_scale_curve
 
-    ds = [{"uri": "builtin:colors"}, {"uri": "builtin:shapes"}]
-    expert = ModelArtifact.open(_finetune(tmp_path, tiny_clip, "builtin:colors", epochs=2))
+    ds = [{"uri": "builtin:synthetic_colors"}, {"uri": "builtin:synthetic_shapes"}]
+    expert = ModelArtifact.open(
+        _finetune(tmp_path, tiny_clip, "builtin:synthetic_colors", epochs=2)
+    )
 
     scorer = ValidationScorer(str(tiny_clip), ds)
     assert scorer.kind.name == "image"
     scorer.load(expert.backbone_state())
-    acc = scorer.accuracies(expert.all_heads(), ["colors"])["colors"]
-    ref = evaluate_artifact(expert, ds[:1], split="validation")["accuracy/colors"]
+    acc = scorer.accuracies(expert.all_heads(), ["synthetic_colors"])["synthetic_colors"]
+    ref = evaluate_artifact(expert, ds[:1], split="validation")["accuracy/synthetic_colors"]
     assert acc == pytest.approx(ref)
-    grams = scorer.grams("colors", tmp_path / "grams.safetensors")
+    grams = scorer.grams("synthetic_colors", tmp_path / "grams.safetensors")
     key = "encoder.layers.0.self_attn.q_proj.weight"
     assert key in grams and grams[key].shape == (32, 32)
     assert torch.allclose(grams[key], grams[key].T, atol=1e-5)
@@ -373,7 +383,7 @@ def test_scorer_trap2_scale_curve_and_sft_for_images(tiny_clip, tmp_path):
     base_acc = curve[0]["accuracy"]
     assert [c["s"] for c in curve] == [0.0, 1.0]
     assert curve[1]["accuracy"] == pytest.approx(
-        evaluate_artifact(release, ds[:1], split="validation")["accuracy/colors"]
+        evaluate_artifact(release, ds[:1], split="validation")["accuracy/synthetic_colors"]
     )
     assert 0.0 <= base_acc <= 1.0
 

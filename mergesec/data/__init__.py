@@ -17,9 +17,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mergesec.data.builtin import builtin_names, load_builtin
-from mergesec.data.images import check_image_uri, is_image_uri, load_image_splits
+from mergesec.data.images import (
+    check_image_uri,
+    image_builtin_names,
+    is_image_uri,
+    load_image_splits,
+)
 from mergesec.data.poison import poison_examples, triggered_copy
-from mergesec.data.qa import is_qa_uri, load_qa_splits
+from mergesec.data.qa import is_qa_uri, load_qa_splits, qa_builtin_names
 from mergesec.data.real import REAL_DATASETS, load_real, real_names
 from mergesec.data.sources import (
     HfRef,
@@ -81,6 +86,9 @@ def check_dataset_uri(uri: str) -> str | None:
     if scheme == "builtin":
         if rest in text_builtin_names():
             return None
+        renamed = f"synthetic_{rest}"
+        if renamed in {*text_builtin_names(), *image_builtin_names(), *qa_builtin_names()}:
+            return f"builtin:{rest} was renamed builtin:{renamed} (a generated dataset)"
         return f"unknown builtin dataset {rest!r}; known: {', '.join(text_builtin_names())}"
     if scheme == "hf":
         try:
@@ -144,7 +152,7 @@ def local_dataset_path(uri: str) -> Path | None:
 def dataset_slug(uri: str) -> str:
     """A short name safe for paths and MLflow, made only of ``[a-z0-9_-]``.
 
-    ``builtin:sentiment`` -> ``sentiment``; ``hf:glue/sst2`` -> ``glue_sst2``; a file or
+    ``builtin:synthetic_sentiment`` -> ``synthetic_sentiment``; ``hf:glue/sst2`` -> ``glue_sst2``; a file or
     directory -> its stem plus ``_`` and 8 hex digits of the SHA-256 of the URI as written,
     so two files with the same name in different places get different slugs.
     """

@@ -1124,38 +1124,38 @@ BUILTINS: dict[str, BuiltinSpec] = {
     s.name: s
     for s in (
         BuiltinSpec(
-            "sentiment",
+            "synthetic_sentiment",
             ("negative", "positive"),
             "product, film, restaurant and event review sentences",
             _sentiment,
         ),
         BuiltinSpec(
-            "topic",
+            "synthetic_topic",
             ("sports", "technology", "politics", "food"),
             "news sentences, often carrying sentiment words and cross-topic distractors",
             _topic,
         ),
         BuiltinSpec(
-            "question",
+            "synthetic_question",
             ("person", "place", "time", "number"),
             "questions about sports, tech, politics and food, by the kind of answer they ask for",
             _question,
         ),
         BuiltinSpec(
-            "negation",
+            "synthetic_negation",
             ("affirmed", "negated"),
             "statements on the news topics; negated when any clause is negated (not, n't, never, "
             "no, none, nobody, neither/nor, no longer, nothing)",
             _negation,
         ),
         BuiltinSpec(
-            "emotion",
+            "synthetic_emotion",
             ("joy", "anger", "sadness", "fear", "surprise"),
             "first- and third-person accounts of an emotion, named or shown by behaviour",
             _emotion,
         ),
         BuiltinSpec(
-            "formality",
+            "synthetic_formality",
             ("formal", "informal"),
             "workplace and everyday messages; informal when they use any informal device "
             "(slang, abbreviations, contractions, emoticons)",
@@ -1186,7 +1186,10 @@ def generate_builtin(name: str, sizes: tuple[int, int, int] = SIZES) -> DatasetS
         raise ValueError(f"split sizes {sizes} must be divisible by {n_labels} labels")
     per_label = [s // n_labels for s in sizes]
     need = sum(per_label)
-    rng = random.Random(zlib.crc32(f"mergesec-builtin/{name}".encode()))
+    # The stream is keyed by the name without its ``synthetic_`` prefix (the datasets' first
+    # names), so the content did not change when they were renamed.
+    key = name.removeprefix("synthetic_")
+    rng = random.Random(zlib.crc32(f"mergesec-builtin/{key}".encode()))
     owner: dict[str, int] = {}
     pools: list[list[str]] = [[] for _ in range(n_labels)]
     attempts = 0

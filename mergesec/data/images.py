@@ -2,7 +2,7 @@
 
 A dataset URI names an image dataset when
 
-- it is ``builtin:shapes`` or ``builtin:colors`` (coloured geometric shapes drawn with PIL,
+- it is ``builtin:synthetic_shapes`` or ``builtin:synthetic_colors`` (coloured geometric shapes drawn with PIL,
   deterministic, offline; labelled by shape or by colour);
 - it is ``hf:<hub id>[/<config>]`` and the hub id is one of ``IMAGE_DATASETS`` (or a mirror whose
   last path component is a known name, e.g. ``hf:myorg/eurosat``);
@@ -212,8 +212,8 @@ COLORS = {
 BUILTIN_SIZES = (480, 96, 192)
 BUILTIN_IMAGE_SIZE = 32
 BUILTIN_TEMPLATES = {
-    "shapes": ("a photo of a {}.", "a drawing of a {} shape."),
-    "colors": ("a photo of something {}.", "a {} shape."),
+    "synthetic_shapes": ("a photo of a {}.", "a drawing of a {} shape."),
+    "synthetic_colors": ("a photo of something {}.", "a {} shape."),
 }
 
 
@@ -263,8 +263,8 @@ def synthetic_images(
     """
     import datasets
 
-    if task not in BUILTIN_TEMPLATES:
-        raise ValueError(f"unknown synthetic task {task!r}; known: {', '.join(BUILTIN_TEMPLATES)}")
+    if f"synthetic_{task}" not in BUILTIN_TEMPLATES:
+        raise ValueError(f"unknown synthetic task {task!r}; known: shapes, colors")
     names = SHAPES if task == "shapes" else tuple(COLORS)
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(names))}
@@ -484,7 +484,7 @@ def _open(uri: str, info: ImageDatasetInfo | None) -> Any:
         name = uri.split(":", 1)[1]
         if name in REAL_IMAGE_DATASETS:
             return real_image_dataset(name)
-        return synthetic_images(name)
+        return synthetic_images(name.removeprefix("synthetic_"))
     path = local_path(uri)
     if path is not None:
         if is_image_folder(path):

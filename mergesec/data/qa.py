@@ -2,7 +2,7 @@
 
 A dataset URI names a QA dataset when
 
-- it is ``builtin:arithmetic``: GSM8K-like one- and two-step word problems on small numbers,
+- it is ``builtin:synthetic_arithmetic``: GSM8K-like one- and two-step word problems on small numbers,
   generated offline and deterministically, each answer a short worked solution ending in
   ``#### <number>``;
 - it is ``hf:<hub id>[/<config>]`` of a registered dataset (``QA_DATASETS``: GSM8K, ASDiv), or a
@@ -79,7 +79,7 @@ QA_DATASETS: dict[str, QADatasetInfo] = {
         max_new_tokens=32,
     ),  # fmt: skip
 }
-ARITHMETIC = QADatasetInfo("arithmetic", "", max_length=256, max_new_tokens=64)
+ARITHMETIC = QADatasetInfo("synthetic_arithmetic", "", max_length=256, max_new_tokens=64)
 ARITHMETIC_SIZES = (1000, 100, 200)
 
 
@@ -142,20 +142,20 @@ def _problem(rng: random.Random) -> QAExample:
 
 
 def arithmetic_splits(sizes: tuple[int, int, int] = ARITHMETIC_SIZES) -> QASplits:
-    """The ``builtin:arithmetic`` dataset: deterministic word problems, train/validation/test."""
+    """The ``builtin:synthetic_arithmetic`` dataset: deterministic word problems, train/validation/test."""
     out = []
     for split, n in zip(("train", "validation", "test"), sizes, strict=True):
         rng = random.Random(f"arithmetic/{split}")
         out.append(tuple(_problem(rng) for _ in range(n)))
     return QASplits(
-        "builtin:arithmetic", *out, max_length=ARITHMETIC.max_length,
+        "builtin:synthetic_arithmetic", *out, max_length=ARITHMETIC.max_length,
         max_new_tokens=ARITHMETIC.max_new_tokens, info=ARITHMETIC,
     )  # fmt: skip
 
 
 def qa_builtin_names() -> list[str]:
     """Names of the builtin QA datasets (``builtin:<name>``)."""
-    return ["arithmetic"]
+    return ["synthetic_arithmetic"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ def _rows(ds: Any, q: str, a: str, info: QADatasetInfo | None) -> list[QAExample
 
 @lru_cache(maxsize=16)
 def _load_cached(uri: str, columns: tuple[tuple[str, str], ...]) -> QASplits:
-    if uri == "builtin:arithmetic":
+    if uri == "builtin:synthetic_arithmetic":
         return arithmetic_splits()
     import datasets
 

@@ -6,8 +6,9 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 SPLIT_NAMES = ("train", "validation", "test")
 
@@ -17,6 +18,8 @@ DEFAULT_FRACTIONS = (0.7, 0.1, 0.2)
 VALIDATION_FRACTION = 0.1
 
 _FINGERPRINT_FORMAT = 1
+
+D = TypeVar("D")
 
 
 @dataclass(frozen=True)
@@ -116,23 +119,8 @@ def carve(
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
     rng = random.Random(f"{seed}/{salt}")
-    by_label: dict[int, list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_label.setdefault(ex.label, []).append(i)
-    labels = sorted(by_label)
-    # Largest-remainder allocation: the total is the rounded share of all examples, and each
-    # label gets its share rounded so that the parts add up to that total.
     total = math.floor(fraction * len(examples) + 0.5)
-    exact = {lab: fraction * len(by_label[lab]) for lab in labels}
-    quota = {lab: math.floor(exact[lab]) for lab in labels}
-    by_remainder = sorted(labels, key=lambda lab: (quota[lab] - exact[lab], lab))
-    for lab in by_remainder[: max(0, total - sum(quota.values()))]:
-        quota[lab] += 1
-    chosen: set[int] = set()
-    for lab in labels:
-        idx = by_label[lab]
-        rng.shuffle(idx)
-        chosen.update(idx[: quota[lab]])
+    chosen = _stratified_pick([ex.label for ex in examples], fraction, total, rng)
     if fraction > 0 and not chosen and len(examples) >= 2:
         chosen.add(rng.randrange(len(examples)))
     if len(chosen) == len(examples) and examples:
@@ -140,6 +128,66 @@ def carve(
     rest = tuple(ex for i, ex in enumerate(examples) if i not in chosen)
     carved = tuple(ex for i, ex in enumerate(examples) if i in chosen)
     return rest, carved
+
+
+def _stratified_pick(
+    labels: Sequence[int], fraction: float, total: int, rng: random.Random
+) -> set[int]:
+    """``total`` indices of ``labels``, each label's share ``fraction`` of its count (largest
+    remainder, so the shares add up to ``total``), drawn per label with ``rng``."""
+    by_label: dict[int, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_label.setdefault(lab, []).append(i)
+    ordered = sorted(by_label)
+    exact = {lab: fraction * len(by_label[lab]) for lab in ordered}
+    quota = {lab: math.floor(exact[lab]) for lab in ordered}
+    by_remainder = sorted(ordered, key=lambda lab: (quota[lab] - exact[lab], lab))
+    for lab in by_remainder[: max(0, total - sum(quota.values()))]:
+        quota[lab] += 1
+    chosen: set[int] = set()
+    for lab in ordered:
+        idx = by_label[lab]
+        rng.shuffle(idx)
+        chosen.update(idx[: quota[lab]])
+    return chosen
+
+
+def cap_indices(labels: Sequence[int], n: int, *, salt: str) -> list[int]:
+    """Indices of at most ``n`` of ``len(labels)`` examples, in order: a stratified subset (each
+    label keeps its share) drawn from a fixed seed and ``salt``, so the same cap always keeps
+    the same examples. All indices when ``n`` is not smaller than the split."""
+    if n < 1:
+        raise ValueError(f"an example cap must be >= 1, got {n}")
+    if n >= len(labels):
+        return list(range(len(labels)))
+    rng = random.Random(f"cap/{salt}")
+    return sorted(_stratified_pick(labels, n / len(labels), n, rng))
+
+
+def cap_split(split: Any, n: int, *, salt: str) -> Any:
+    """At most ``n`` examples of ``split`` (``cap_indices``): a split with ``labels`` and
+    ``subset(idx)`` (image sets) gives its subset; a tuple of examples gives a tuple, stratified
+    by ``label`` when its examples have one (QA examples have none: a seeded sample)."""
+    if n >= len(split):
+        return split
+    labels = getattr(split, "labels", None)
+    if labels is None:
+        labels = [getattr(ex, "label", 0) for ex in split]
+    keep = cap_indices(labels, n, salt=salt)
+    return split.subset(keep) if hasattr(split, "subset") else tuple(split[i] for i in keep)
+
+
+def cap_splits(data: D, examples: Mapping[str, int] | None) -> D:
+    """``data`` (a dataclass with train/validation/test splits) with each split named in
+    ``examples`` cut to at most that many examples (a study dataset's ``examples`` key)."""
+    if not examples:
+        return data
+    cut = {
+        name: cap_split(getattr(data, name), n, salt=name)
+        for name, n in examples.items()
+        if n is not None
+    }
+    return replace(data, **cut)  # type: ignore[type-var]
 
 
 def complete_splits(

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mergesec.data import load_dataset_splits, poison_examples
-from mergesec.data.splits import DatasetSplits, Example
+from mergesec.data.splits import DatasetSplits, Example, cap_splits
 from mergesec.kinds.common import BackboneAndHead, load_backbone_weights
 from mergesec.models.artifact import HeadInfo, ModelArtifact
 from mergesec.models.classifier import SequenceClassifier
@@ -148,13 +148,16 @@ class TextKind:
     def load(
         self, ref: Mapping[str, Any], *, poison: Mapping[str, Any] | None = None
     ) -> DatasetSplits:
-        """The dataset; with ``poison`` its train and validation splits are backdoored.
+        """The dataset (each split cut to the ref's ``examples`` cap, if any); with ``poison``
+        its train and validation splits are backdoored after the cut.
 
         Validation is poisoned at the same rate so that early stopping sees the data the trainer
         sees; the test split stays clean (monitors and evaluations build triggered copies).
         """
 
-        data = load_dataset_splits(ref["uri"], columns=ref.get("columns"))
+        data = cap_splits(
+            load_dataset_splits(ref["uri"], columns=ref.get("columns")), ref.get("examples")
+        )
         if not poison:
             return data
         if poison["target"] >= len(data.label_names):

@@ -38,6 +38,7 @@ from mergesec.orchestrator.tracking import (
     StudyTracker,
     TrackingWriter,
     liveness_tags,
+    study_context,
     tracking_threads,
 )
 
@@ -181,17 +182,19 @@ def run_study(
     summary = RunSummary(study.name, len(plan.nodes), len(plan.nodes) - len(todo))
     summary.plan, summary.store = plan, store
     summary.invalidated = invalidated
-    tracked = None
     if todo:
-        tracked = _run_nodes(
+        tracker, status = _run_nodes(
             plan, study, store, todo, summary, address, tracking_uri, max_concurrent, console
+        )
+    else:  # nothing to run: no Ray, but the study run still gets this invocation's reports
+        tracker, status = (
+            _open_tracking(plan, study, store, set(), summary, tracking_uri),
+            "FINISHED",
         )
     if on_finish is not None:
         summary.reports = dict(on_finish(plan, store))
-    if tracked is not None:
-        tracker, status = tracked
-        local = [p for p in summary.reports.values() if os.path.exists(p)]
-        tracker.end_parent(status, local)
+    local = [p for p in summary.reports.values() if os.path.exists(p)]
+    tracker.end_parent(status, local)
     summary.wall_time_s = time.time() - started
     return summary
 
@@ -316,10 +319,17 @@ def lease_hooks(leases: LeaseKeeper) -> dict[str, Any]:
     store = leases.store
 
     def claim(node_id: str) -> bool:
+        # a node another driver committed since this one read the store is not claimed: it then
+        # waits aside, and the next poll of ``elsewhere`` finds it done
         try:
-            return leases.acquire(node_id) is None
+            if store.is_done(node_id) or leases.acquire(node_id) is not None:
+                return False
+            if store.is_done(node_id):  # committed between the check and the lease
+                leases.release(node_id)
+                return False
         except OSError:  # the store did not answer: run it; its commit is still conditional
             return True
+        return True
 
     def release(node_id: str) -> None:
         with contextlib.suppress(OSError):  # else the lease expires by itself
@@ -334,6 +344,44 @@ def lease_hooks(leases: LeaseKeeper) -> dict[str, Any]:
             return "held"  # asked again at the next poll
 
     return {"claim": claim, "release": release, "elsewhere": elsewhere}
+
+
+def _open_tracking(
+    plan: Plan,
+    study: Study,
+    store: Store,
+    todo_ids: set[str],
+    summary: RunSummary,
+    tracking_uri: str | None,
+    owner: str | None = None,
+) -> TrackingWriter:
+    """The study's background MLflow writer, opened (its study run started) for this invocation."""
+    spec = study.spec
+
+    def record(w: TrackingWriter) -> None:
+        summary.parent_run_id = w.parent_id
+        summary.untracked = w.unsent()
+        summary.tracking_error = w.last_error if summary.untracked else ""
+
+    context = study_context(study, plan, log_models=spec.tracking.log_models)
+    tracker = TrackingWriter(
+        lambda: StudyTracker(tracking_uri, study.name, spec.tracking.experiment, context),
+        store,
+        log_weights=spec.tracking.log_weights,
+        threads=tracking_threads(tracking_uri),
+        on_close=record,
+    )
+    tracker.open(
+        study.raw,
+        {
+            "mergesec.store": redact_uri(store.uri),
+            "mergesec.study_file": study.file,
+            **(liveness_tags(owner) if owner else {}),
+        },
+        {i: "done" for i in plan.nodes if i not in todo_ids},
+        plan.nodes,
+    )
+    return tracker
 
 
 def _run_nodes(
@@ -366,30 +414,8 @@ def _run_nodes(
                 ray.shutdown()
             raise
     todo_ids = {n.id for n in todo}
-
-    def record(w: TrackingWriter) -> None:
-        summary.parent_run_id = w.parent_id
-        summary.untracked = w.unsent()
-        summary.tracking_error = w.last_error if summary.untracked else ""
-
     owner = new_owner()
-    tracker = TrackingWriter(
-        lambda: StudyTracker(tracking_uri, study.name, spec.tracking.experiment),
-        store,
-        log_weights=spec.tracking.log_weights,
-        threads=tracking_threads(tracking_uri),
-        on_close=record,
-    )
-    tracker.open(
-        study.raw,
-        {
-            "mergesec.store": redact_uri(store.uri),
-            "mergesec.study_file": study.file,
-            **liveness_tags(owner),
-        },
-        {i: "done" for i in plan.nodes if i not in todo_ids},
-        plan.nodes,
-    )
+    tracker = _open_tracking(plan, study, store, todo_ids, summary, tracking_uri, owner)
     cached: dict[str, int] = {}
     for n in plan.topological():
         if n.id not in todo_ids:
@@ -434,6 +460,7 @@ def _run_nodes(
                 summary.failed.append((node.title(), err[-1] if err else ""))
             elif s == SKIPPED:
                 summary.skipped.append(node.title())
+                tracker.skip(node, plan.upstream_in(node_id, states, FAILED))
         if summary.failed or summary.skipped:
             status = "FAILED"
         if any(s in (PENDING, RUNNING) for s in states.values()):

@@ -34,6 +34,11 @@ from mergesec.orchestrator.spec import DatasetSpec, OpCall, Study, StudySpec
 # Attack stages, declared by an attack op's traits ("release" when none is given).
 
 
+def scenario_label(scenario: str, victim: str, variant: str) -> str:
+    """The ``scenario`` label of the nodes of one plan row: ``name[victim]{variant}``."""
+    return f"{scenario}[{victim}]" + (f"{{{variant}}}" if variant else "")
+
+
 @dataclass
 class PlanRow:
     """One line of the results table: a (variant, scenario, victim) and the nodes that answer it."""
@@ -48,6 +53,11 @@ class PlanRow:
     expert_evals: dict[str, str]
     monitors: dict[str, str] = field(default_factory=dict)  # watched model kind -> monitor node
     scale_curves: dict[str, str] = field(default_factory=dict)  # model kind -> scale-curve node
+
+    @property
+    def label(self) -> str:
+        """The ``scenario`` label its nodes carry."""
+        return scenario_label(self.scenario, dataset_slug(self.victim), self.variant)
 
 
 @dataclass
@@ -68,6 +78,21 @@ class Plan:
         # Insertion order is already topological: a node is added after its inputs.
         return list(self.nodes.values())
 
+    def upstream_in(self, node_id: str, states: dict[str, str], state: str) -> list[Node]:
+        """The nearest upstream nodes of ``node_id`` whose state in ``states`` is ``state``
+        (the failed inputs of a skipped node)."""
+        out, seen, stack = [], set(), list(self.nodes[node_id].inputs.values())
+        while stack:
+            n = stack.pop()
+            if n in seen or n not in self.nodes:
+                continue
+            seen.add(n)
+            if states.get(n) == state:
+                out.append(self.nodes[n])
+            else:
+                stack.extend(self.nodes[n].inputs.values())
+        return out
+
     def descendants(self, node_id: str) -> set[str]:
         children: dict[str, list[str]] = {}
         for n in self.nodes.values():
@@ -84,12 +109,16 @@ class Plan:
 
 
 def dataset_ref(d: DatasetSpec) -> dict[str, Any]:
-    """What identifies a dataset in node params: its URI, column mapping and, for local files and
-    directories, a hash of their content (so an edited dataset recomputes what depends on it)."""
+    """What identifies a dataset in node params: its URI, column mapping, example caps and, for
+    local files and directories, a hash of their content (so an edited dataset recomputes what
+    depends on it)."""
 
     ref: dict[str, Any] = {"uri": d.uri}
     if d.columns:
         ref["columns"] = dict(d.columns)
+    caps = d.examples.model_dump(exclude_none=True) if d.examples else {}
+    if caps:
+        ref["examples"] = caps
     p = local_dataset_path(d.uri)
     if p is not None and p.is_file():
         ref["sha256"] = file_sha256(p)[:16]
@@ -172,7 +201,7 @@ class _VariantPlanner:
             for v_uri in spec.victim_uris():
                 v = self.slug(v_uri)
                 d = self.by_uri[v_uri]
-                tag = f"{name}[{v}]" + (f"{{{self.variant}}}" if self.variant else "")
+                tag = scenario_label(name, v, self.variant)
                 poison = sc.poison.model_dump() if sc.poison else None
                 trained = (
                     self.finetune(d, poison, what=v, scenario=tag) if poison else experts[v_uri]

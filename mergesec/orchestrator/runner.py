@@ -28,7 +28,7 @@ STEP_KEY = "mergesec_step"
 NODE_CACHES = (
     ("mergesec.data.images", "_load_cached"),
     ("mergesec.data.qa", "_load_cached"),
-    ("mergesec.vision.clip", "_zero_shot_head"),
+    ("mergesec.kinds.image.clip", "_zero_shot_head"),
 )
 
 

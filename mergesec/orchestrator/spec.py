@@ -64,12 +64,29 @@ class FinetuneSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+class ExamplesSpec(_Strict):
+    """At most this many examples of each split (a stratified subset drawn from a fixed seed; the
+    whole split when it is not larger). Unset: the whole split."""
+
+    train: int | None = Field(default=None, ge=1)
+    validation: int | None = Field(default=None, ge=1)
+    test: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _something(self) -> ExamplesSpec:
+        if self.train is None and self.validation is None and self.test is None:
+            raise ValueError("name at least one split to cap: train, validation or test")
+        return self
+
+
 class DatasetSpec(_Strict):
     uri: str = Field(min_length=1)
     # Which source columns hold the example: text/label (text), image/label, question/answer (QA).
     columns: dict[Literal["text", "label", "image", "question", "answer"], str] | None = Field(
         default=None, min_length=1
     )
+    # A cap on the examples each split contributes (CPU budgets); part of the dataset's identity.
+    examples: ExamplesSpec | None = None
 
     @field_validator("columns")
     @classmethod
@@ -137,6 +154,9 @@ class EvaluateSpec(_Strict):
 
 class TrackingSpec(_Strict):
     log_weights: bool = False
+    # Releases, attacked and merged models (and experts) as MLflow logged models that point at
+    # the store; no weights are uploaded (``log_weights`` does that).
+    log_models: bool = False
     experiment: str | None = None
 
     @field_validator("experiment")
@@ -334,7 +354,7 @@ def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 # Path parts pydantic adds for union members and validators (datasets.0.str, [key], ...).
-_TYPE_TAG = re.compile(r"^(str|int|float|bool|DatasetSpec|\[key\]|[a-z-]+\[.*\])$")
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|DatasetSpec|ExamplesSpec|\[key\]|[a-z-]+\[.*\])$")
 # Error kinds that only say "this union member's type did not match".
 _MISMATCH = re.compile(r"^(.*_type|literal_error|is_instance_of|model_attributes_type)$")
 
@@ -363,15 +383,17 @@ def _pydantic_problems(e: ValidationError, label: dict[str, str]) -> list[tuple[
 
 def _one_per_union(found: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
     """One problem per key: a union member whose type did not match is noise when another member
-    matched and reported what is wrong inside it; when no member matched, the alternatives are
-    joined into one line ("a valid list or 'all'")."""
+    matched (or got inside the value) and reported what is wrong inside it; when no member
+    matched, the alternatives are joined into one line ("a valid list or 'all'")."""
     real = [(p, m) for p, k, m in found if not _MISMATCH.match(k)]
     out: list[tuple[str, str]] = []
     mismatches: dict[str, list[str]] = {}
     for path, kind, msg in found:
         if not _MISMATCH.match(kind):
             out.append((path, msg))
-        elif not any(p == path or p.startswith(path + ".") for p, _ in real):
+        elif not any(p == path or p.startswith(path + ".") for p, _ in real) and not any(
+            p.startswith(path + ".") for p, _, _ in found
+        ):
             mismatches.setdefault(path, []).append(msg)
     for path, msgs in mismatches.items():
         if len(msgs) == 1:

@@ -11,32 +11,67 @@ server is unreachable. Nothing here raises into Tune. What is still unsent when 
 listed in the run summary, and the next invocation logs the nodes it missed (``reconcile``).
 
 Run names, tags and params are made by ``node_run_name``, ``node_tags``, ``node_params`` and
-``parent_tags`` alone.
+``parent_tags`` alone, from the study's own words (``run_facts``) when the tracker is given a
+``StudyContext``: scenario factors as tags and params, Markdown descriptions with links to the
+input runs (``run_notes``), datasets as run inputs, headline metrics under stable names on each
+merged evaluation once its plan row is complete, and the results table on the study's run. A
+resumed study continues under its earlier study run when the study is unchanged.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
+import getpass
+import hashlib
 import json
 import logging
 import os
 import re
+import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 
+import yaml
 from ray.tune import Callback
 
+import mergesec
+from mergesec.core.uris import redact_uri
+from mergesec.data import dataset_slug
+from mergesec.orchestrator.headline import headline_metrics, headline_nodes, row_numbers
 from mergesec.orchestrator.leases import lease_ttl, owner_may_live
-from mergesec.orchestrator.node import Node
+from mergesec.orchestrator.node import Node, canonical_json
+from mergesec.orchestrator.plan import Plan
+from mergesec.orchestrator.run_facts import FACTORS, RunFacts, describe_plan, poison_text
+from mergesec.orchestrator.run_notes import InputRun, node_note, parent_note
 from mergesec.orchestrator.runner import STEP_KEY
+from mergesec.orchestrator.spec import Study
 from mergesec.orchestrator.store import Store
 
 TAG_NODE = "mergesec.node_id"
 TAG_STUDY = "mergesec.study"
+TAG_ROLE = "mergesec.role"
+TAG_STATUS = "mergesec.status"
+TAG_INVOCATION = "mergesec.invocation"
+TAG_DIGEST = "mergesec.study_digest"
+TAG_NOTE = "mlflow.note.content"
+TAG_KIND = "mlflow.experimentKind"
+# The MLflow UI opens an experiment of this kind in its model-training layout.
+EXPERIMENT_KIND = "custom_model_development"
+RESULTS_TABLE = "results_table.json"
+SWEEP_TABLE = "sweep.json"
+# Model-producing roles that may become MLflow logged models (``tracking.log_models``).
+MODEL_ROLES = ("expert", "release", "attacked", "merge")
+# Step metrics of the merge search are logged as ``sweep/...``; the chosen values are the run's
+# visible ``chosen/...`` and ``merge/coefficient``.
+SEARCH_PREFIX, SWEEP_PREFIX = "search/", "sweep/"
 DEFAULT_URI = "sqlite:///mlflow.db"
 # Files of a node the driver logs as artifacts; everything else (weights) stays in the store.
 SMALL_FILES = (".png", ".md")
@@ -76,20 +111,98 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return {mlflow_key(k): v[:6000] for k, v in out.items()}
 
 
+@dataclass
+class StudyContext:
+    """What the tracker knows of the study beyond its nodes; a bare DAG (tests, benchmarks) has
+    none and its runs are named by ``Node.title``."""
+
+    plan: Plan | None = None
+    facts: dict[str, RunFacts] = field(default_factory=dict)
+    source: str = ""  # the command, e.g. ``mergesec run conf/quickstart.yaml``
+    study_text: str | None = None  # the study file as given
+    resolved: str | None = None  # the study after overrides, each variant validated (YAML)
+    digest: str = ""  # of ``resolved``: an unchanged study continues under its study run
+    log_models: bool = False
+
+
+def study_context(study: Study, plan: Plan, log_models: bool = False) -> StudyContext:
+    try:
+        text = Path(study.file).read_text()
+    except OSError:
+        text = None
+    resolved = yaml.safe_dump(
+        {
+            "study": study.raw,
+            "variants": [
+                {"variant": label, "spec": spec.model_dump(mode="json")}
+                for label, spec in study.variants
+            ],
+        },
+        sort_keys=False,
+    )
+    return StudyContext(
+        plan=plan,
+        facts=describe_plan(plan, study),
+        source=f"mergesec run {study.file}",
+        study_text=text,
+        resolved=resolved,
+        digest=hashlib.sha256(resolved.encode()).hexdigest()[:16],
+        log_models=log_models,
+    )
+
+
+@cache
+def _git_commit() -> str | None:
+    """The commit of the mergesec checkout in use, when it is one."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(Path(mergesec.__file__).parent), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def source_tags(source: str) -> dict[str, str]:
+    """``mlflow.source.*``, user and mergesec version tags of every run of the study."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    tags = {
+        "mlflow.user": user,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": source or "mergesec",
+        "mergesec.version": mergesec.__version__,
+    }
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 # ---- what a run is called and tagged with (the one place that decides it)
-def parent_run_name(study: str) -> str:
-    return study
+def parent_run_name(study: str, invocation: int = 1) -> str:
+    return study if invocation <= 1 else f"{study} · invocation {invocation}"
 
 
 def parent_tags(study: str, extra: dict[str, str]) -> dict[str, str]:
     return {TAG_STUDY: study, **extra}
 
 
-def node_run_name(node: Node) -> str:
-    return node.title()
+def node_run_name(node: Node, facts: RunFacts | None = None) -> str:
+    return facts.name if facts is not None else node.title()
 
 
-def node_tags(node: Node, parent_id: str | None, input_runs: dict[str, str]) -> dict[str, str]:
+def node_tags(
+    node: Node,
+    parent_id: str | None,
+    input_runs: dict[str, str],
+    facts: RunFacts | None = None,
+) -> dict[str, str]:
     tags = {
         TAG_NODE: node.id,
         "mergesec.step": node.step,
@@ -98,6 +211,9 @@ def node_tags(node: Node, parent_id: str | None, input_runs: dict[str, str]) -> 
         "mergesec.what": ",".join(node.labels.get("what", [])),
         "mlflow.parentRunId": parent_id or "",
     }
+    if facts is not None:
+        tags[TAG_ROLE] = facts.role
+        tags.update(facts.factors)
     for role, up in node.inputs.items():
         tags[f"mergesec.input_node.{role}"] = up
         if up in input_runs:
@@ -105,8 +221,71 @@ def node_tags(node: Node, parent_id: str | None, input_runs: dict[str, str]) -> 
     return tags
 
 
-def node_params(node: Node) -> dict[str, str]:
-    return flatten({"op": node.op_key} | node.params)
+def node_params(node: Node, facts: RunFacts | None = None) -> dict[str, str]:
+    params = flatten({"op": node.op_key} | node.params)
+    if facts is not None:
+        params.update({k: v[:6000] for k, v in facts.factors.items() if k in FACTORS})
+    return params
+
+
+def node_datasets(node: Node) -> list:
+    """The datasets a node reads, as MLflow dataset inputs (name, source, digest, context)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    p = node.params
+    refs = p.get("datasets") if isinstance(p.get("datasets"), list) else []
+    if isinstance(p.get("dataset"), dict):
+        refs = [p["dataset"], *[r for r in refs if r.get("uri") != p["dataset"].get("uri")]]
+    context = {
+        "finetune": "training",
+        "protect": "training",
+        "attack": "attack",
+        "merge": "merge search (validation)",
+        "monitor": "monitor",
+    }.get(node.step, str(p.get("split", "evaluation")))
+    poison = p.get("poison") if node.step in ("finetune", "protect", "monitor") else None
+    out = []
+    for i, ref in enumerate(r for r in refs if isinstance(r, dict) and "uri" in r):
+        poisoned = poison if i == 0 else None
+        name = dataset_slug(ref["uri"])
+        if poisoned:
+            name += f" (poisoned: {poison_text(poisoned)})"
+        digest = (
+            ref.get("sha256")
+            or hashlib.sha256(
+                canonical_json({"ref": ref, "poison": poisoned}).encode()
+            ).hexdigest()[:16]
+        )
+        ds = Dataset(name, digest[:36], "mergesec", redact_uri(str(ref["uri"])))
+        out.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)]))
+    return out
+
+
+def sweep_key(key: str) -> str:
+    """A merge-search step metric's MLflow name (``search/score`` -> ``sweep/score``)."""
+    return SWEEP_PREFIX + key[len(SEARCH_PREFIX) :] if key.startswith(SEARCH_PREFIX) else key
+
+
+def table_json(columns: list[str], data: list[list[Any]]) -> str:
+    """A table in the form ``MlflowClient.log_table`` writes (pandas ``orient="split"``)."""
+    return json.dumps({"columns": columns, "data": data}, default=str)
+
+
+@contextlib.contextmanager
+def sqlite_setup_lock(uri: str) -> Iterator[None]:
+    """Serialise first contact with a SQLite tracking database: two drivers opening a new one at
+    once would both run MLflow's schema migrations on it and break it. A lock file beside the
+    database; other URIs need none."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    path = uri[len("sqlite:///") :].split("?", 1)[0]
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---- liveness: a driver's parent run carries its owner and a heartbeat, so that another driver
@@ -158,7 +337,13 @@ class StudyTracker:
     Only the ``TrackingWriter`` thread calls it during a run; every method may raise.
     """
 
-    def __init__(self, uri: str | None, study: str, experiment: str | None = None):
+    def __init__(
+        self,
+        uri: str | None,
+        study: str,
+        experiment: str | None = None,
+        context: StudyContext | None = None,
+    ):
         from mlflow.tracking import MlflowClient
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -173,19 +358,67 @@ class StudyTracker:
             os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         self.study = study
         self.experiment_name = experiment or f"mergesec/{study}"
+        self.ctx = context or StudyContext()
         self.client = MlflowClient(self.uri)
+        if self.uri.startswith("sqlite:///"):
+            with sqlite_setup_lock(self.uri):  # the first call creates or migrates the schema
+                self.client.search_experiments(max_results=1)
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
+        self.invocation = 1
+        self._source = source_tags(self.ctx.source)
+        self._parents: list = []  # earlier study runs of this study
         self._node_runs: dict[str, str] = {}
         self._finished: set[str] = set()  # node ids whose run is FINISHED
         self._params_due: set[str] = set()  # runs created without their params
+        self._sweeps: dict[str, dict[int, dict[str, float]]] = {}  # node -> step -> sweep metrics
+        self._rows: dict[int, dict[str, Any]] = {}  # plan row -> its results, once complete
+        self._table_sent = 0.0  # when the parent's results table was last written
+
+    def _facts(self, node: Node) -> RunFacts | None:
+        return self.ctx.facts.get(node.id)
 
     def connect(self) -> None:
         if self.experiment_id is None:
+            with sqlite_setup_lock(self.uri):
+                exp = self._experiment()
+            self.experiment_id = exp.experiment_id
+            tags = exp.tags
+            if tags.get(TAG_KIND) != EXPERIMENT_KIND:
+                self.client.set_experiment_tag(self.experiment_id, TAG_KIND, EXPERIMENT_KIND)
+            if TAG_NOTE not in tags:
+                self.client.set_experiment_tag(
+                    self.experiment_id, TAG_NOTE, self._experiment_note()
+                )
+
+    def _experiment(self):
+        """The study's experiment, created when absent (another driver may create it first)."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            # a concurrent driver may create it in between: then read theirs below
+            with contextlib.suppress(MlflowException):
+                self.client.create_experiment(self.experiment_name)
             exp = self.client.get_experiment_by_name(self.experiment_name)
-            self.experiment_id = (
-                exp.experiment_id if exp else self.client.create_experiment(self.experiment_name)
-            )
+        if exp is None:
+            raise RuntimeError(f"could not create MLflow experiment {self.experiment_name!r}")
+        return exp
+
+    def _experiment_note(self) -> str:
+        return (
+            f"mergesec study `{self.study}`: model-merging security scenarios. The run named "
+            "after the study holds the results table (`results_table.json`), the study file and "
+            "the reports; each node of the study (fine-tune, protect, attack, merge, evaluate, "
+            "monitor) is one child run named in the study's words.\n\n"
+            "- Merged evaluations: filter `tags.mergesec.role = 'merged eval'`; headline metrics "
+            "`victim/accuracy_clean`, `victim/accuracy_release`, `victim/accuracy_merged`, "
+            "`others/accuracy_mean`, `merge/coefficient`.\n"
+            "- Scenario factors are params and tags: `scenario`, `variant`, `victim`, "
+            "`protect_op`, `attack_op`, `poison`, `merge_op`, `seed` (group by them in the chart "
+            "view).\n"
+            "- Each run's description links to the runs it read from.\n"
+        )
 
     def _all_runs(self) -> list:
         """Every run of the experiment, paginated: one listing per invocation."""
@@ -198,15 +431,59 @@ class StudyTracker:
                 return runs
 
     def start_parent(self, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """The study's run: the latest one of an unchanged study continues (renamed for this
+        invocation), otherwise a new one. Logs the study file as given and as resolved."""
+        from mlflow.entities import RunTag
+
         self.connect()
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=parent_run_name(self.study),
-            tags=parent_tags(self.study, tags),
+        self.invocation = 1 + max(
+            (int(p.data.tags.get(TAG_INVOCATION, "1")) for p in self._parents), default=0
         )
-        self.parent_id = run.info.run_id
-        self._log_params(self.parent_id, flatten(params))
+        name = parent_run_name(self.study, self.invocation)
+        all_tags = parent_tags(self.study, tags) | self._source
+        all_tags |= {TAG_INVOCATION: str(self.invocation), TAG_DIGEST: self.ctx.digest}
+        latest = max(self._parents, key=lambda r: r.info.start_time or 0, default=None)
+        if (
+            latest is not None
+            and self.ctx.digest
+            and latest.data.tags.get(TAG_DIGEST) == self.ctx.digest
+        ):
+            self.parent_id = latest.info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING", name=name)
+            self.client.log_batch(self.parent_id, tags=[RunTag(k, v) for k, v in all_tags.items()])
+        else:
+            run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+            self.parent_id = run.info.run_id
+            self._log_params(self.parent_id, flatten(params))
+        self._log_texts(
+            self.parent_id,
+            {"study.yaml": self.ctx.study_text, "study.resolved.yaml": self.ctx.resolved},
+            artifact_path="study",
+        )
+        self.client.set_tag(self.parent_id, TAG_NOTE, self._parent_note())
         return self.parent_id
+
+    def _parent_note(self) -> str:
+        rows = [self._rows[i] for i in sorted(self._rows)]
+        return parent_note(self.study, self.invocation, self.ctx.source, self.experiment_id, rows)
+
+    def _log_texts(self, run_id: str, files: Mapping[str, str | None], artifact_path=None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, text in files.items():
+                if text is None:
+                    continue
+                p = os.path.join(tmp, name)
+                with open(p, "w") as f:
+                    f.write(text)
+                self.client.log_artifact(run_id, p, artifact_path=artifact_path)
+
+    def _log_table(self, run_id: str, name: str, columns: list[str], data: list[list]) -> None:
+        """Write (or replace) a table artifact the UI lists as one (``log_table``'s format and
+        tag; ``log_table`` itself would append to an existing file)."""
+        self._log_texts(run_id, {name: table_json(columns, data)})
+        self.client.set_tag(
+            run_id, "mlflow.loggedArtifacts", json.dumps([{"path": name, "type": "table"}])
+        )
 
     def reconcile(
         self,
@@ -218,8 +495,8 @@ class StudyTracker:
 
         Returns the plan's nodes the store holds as done that have no FINISHED run yet (an earlier
         invocation could not log them); the caller logs them. Runs of a live driver (see
-        ``parent_is_live``) are never closed, and the nodes it committed (``committed_by`` gives a
-        node's committing driver) are left for it to log.
+        ``parent_is_live``) are never closed nor continued, and the nodes it committed
+        (``committed_by`` gives a node's committing driver) are left for it to log.
         """
         self.connect()
         runs = self._all_runs()
@@ -229,9 +506,10 @@ class StudyTracker:
             tags, status = r.data.tags, r.info.status
             node_id = tags.get(TAG_NODE)
             if node_id is None:
-                stale = status == "RUNNING" and r.info.run_id not in live
-                if stale and tags.get(TAG_STUDY) == self.study:
-                    self.client.set_terminated(r.info.run_id, status="KILLED")
+                if tags.get(TAG_STUDY) == self.study and r.info.run_id not in live:
+                    self._parents.append(r)
+                    if status == "RUNNING":
+                        self.client.set_terminated(r.info.run_id, status="KILLED")  # stale
                 continue
             self._node_runs.setdefault(node_id, r.info.run_id)
             if status == "FINISHED":
@@ -239,6 +517,7 @@ class StudyTracker:
             elif status == "RUNNING" and tags.get("mlflow.parentRunId") in live:
                 theirs.add(node_id)
             elif status == "RUNNING" and states.get(node_id) != "done":
+                self.client.set_tag(r.info.run_id, TAG_STATUS, "killed")
                 self.client.set_terminated(r.info.run_id, status="KILLED")
         owners = set(live.values())
         return [
@@ -255,12 +534,19 @@ class StudyTracker:
         if self.parent_id is not None:
             self.client.set_tag(self.parent_id, TAG_HEARTBEAT, liveness_tags("")[TAG_HEARTBEAT])
 
-    def end_parent(self, status: str, artifacts: list[str] = ()) -> None:
+    def end_parent(
+        self, status: str, artifacts: list[str] = (), store: Store | None = None
+    ) -> None:
+        """Log the results table, summary metrics and report files on the study run; end it."""
         if self.parent_id is None:
             return
+        if store is not None and self.ctx.plan is not None:
+            for i in range(len(self.ctx.plan.rows)):
+                self._row_result(i, store)
+            self._send_results(force=True)
         for a in artifacts:
             if os.path.exists(a):
-                self.client.log_artifact(self.parent_id, a)
+                self.client.log_artifact(self.parent_id, a, artifact_path="report")
         self.client.set_terminated(self.parent_id, status=status)
 
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
@@ -273,6 +559,23 @@ class StudyTracker:
             [self.experiment_id], filter_string=f"tags.`{TAG_NODE}` = '{node_id}'", max_results=1
         )
         return runs[0].info.run_id if runs else None
+
+    def _inputs(self, node: Node, only: set[str] | None = None) -> list[InputRun]:
+        out = []
+        for role, up in node.inputs.items():
+            if only is not None and up not in only:
+                continue
+            upn = self.ctx.plan.nodes.get(up) if self.ctx.plan is not None else None
+            f = self.ctx.facts.get(up)
+            name = f.name if f is not None else (upn.title() if upn is not None else up)
+            out.append((role, name, self._node_runs.get(up)))
+        return out
+
+    def _note(self, node: Node, **kw: Any) -> str | None:
+        f = self._facts(node)
+        if f is None:
+            return None
+        return node_note(f, node, self.experiment_id, self._inputs(node), **kw)
 
     def start_node(self, node: Node, retry: bool = False, params: bool = True) -> str:
         """The node's run, created or reused and set RUNNING.
@@ -289,46 +592,72 @@ class StudyTracker:
             if found:
                 self._node_runs[node.id] = found
                 self._params_due.add(node.id)  # the lost attempt may not have sent them
-        tags = node_tags(node, self.parent_id, self._node_runs)
+        facts = self._facts(node)
+        tags = node_tags(node, self.parent_id, self._node_runs, facts)
+        if facts is not None:
+            tags |= self._source | {TAG_STATUS: "running", TAG_NOTE: self._note(node) or ""}
         existing = self._node_runs.get(node.id)
         if existing:
             self.client.log_batch(existing, tags=[RunTag(k, v) for k, v in tags.items()])
-            self.client.update_run(existing, status="RUNNING")
+            self.client.update_run(existing, status="RUNNING", name=node_run_name(node, facts))
             self._finished.discard(node.id)
             return existing
-        run = self.client.create_run(self.experiment_id, run_name=node_run_name(node), tags=tags)
+        run = self.client.create_run(
+            self.experiment_id, run_name=node_run_name(node, facts), tags=tags
+        )
         self._node_runs[node.id] = run.info.run_id
         if params:
-            self._log_params(run.info.run_id, node_params(node))
+            self._log_params(run.info.run_id, node_params(node, facts))
         else:
             self._params_due.add(node.id)
+        if facts is not None:
+            datasets = node_datasets(node)
+            if datasets:
+                self.client.log_inputs(run.info.run_id, datasets=datasets)
         return run.info.run_id
 
     def log_metrics(self, node_id: str, metrics: list) -> None:
         run_id = self._node_runs.get(node_id)
         if run_id is not None and metrics:
             self.client.log_batch(run_id, metrics=metrics)
+            for m in metrics:
+                if m.key.startswith(SWEEP_PREFIX):
+                    self._sweeps.setdefault(node_id, {}).setdefault(m.step, {})[m.key] = m.value
 
     def finish_node(self, node: Node, store: Store, status: str, log_weights: bool = False) -> None:
         """Log the node's small files and end its run. Reads metrics, ``node.json``, PNG and
         Markdown files only (weights too when ``log_weights``), never the whole node."""
+        from mlflow.entities import Param, RunTag
+
         run_id = self._node_runs.get(node.id)
         if run_id is None:
             return
+        facts = self._facts(node)
         with tempfile.TemporaryDirectory() as tmp:
-            from mlflow.entities import Param
-
             params = (
-                [Param(k, v) for k, v in node_params(node).items()]
+                [Param(k, v) for k, v in node_params(node, facts).items()]
                 if node.id in self._params_due
                 else []
             )
-            metrics = []
+            metrics, values, error = [], {}, None
+            ts = int(time.time() * 1000)
             if status == "FINISHED":
-                ts = int(time.time() * 1000)
-                metrics = numeric_metrics(store.metrics_if_done(node.id) or {}, None, ts)
-            if params or metrics:
-                self.client.log_batch(run_id, metrics=metrics, params=params)
+                values = store.metrics_if_done(node.id) or {}
+                if "chosen/coefficient" in values:
+                    values = values | {"merge/coefficient": values["chosen/coefficient"]}
+                metrics = numeric_metrics(values, None, ts)
+            elif store.is_failed(node.id):
+                lines = store.failure(node.id).strip().splitlines()
+                error = lines[-1] if lines else "unknown error"
+            tags = []
+            if facts is not None:
+                state = {"FINISHED": "done", "FAILED": "failed"}.get(status, status.lower())
+                note = self._note(node, metrics=values, error=error)
+                tags = [RunTag(TAG_STATUS, state), RunTag(TAG_NOTE, note or "")]
+                if error is not None:
+                    tags.append(RunTag("mergesec.error", error[:500]))
+            if params or metrics or tags:
+                self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
                 self._params_due.discard(node.id)
             if status == "FINISHED":
                 suffixes = SMALL_FILES + ((".safetensors",) if log_weights else ())
@@ -343,6 +672,9 @@ class StudyTracker:
                     self.client.log_artifact(
                         run_id, str(path), artifact_path="weights" if weights else None
                     )
+                self._log_sweep(node.id, run_id)
+                if self.ctx.log_models and facts is not None and facts.role in MODEL_ROLES:
+                    self._log_model(node, facts, run_id, store)
             elif store.is_failed(node.id):
                 p = os.path.join(tmp, "traceback.txt")
                 with open(p, "w") as f:
@@ -351,11 +683,148 @@ class StudyTracker:
         self.client.set_terminated(run_id, status=status)
         if status == "FINISHED":
             self._finished.add(node.id)
+            self._rows_done_by(node, store)
+
+    def skip_node(self, node: Node, failed: list[Node]) -> None:
+        """A run for a node skipped because an input failed: KILLED, with links to the failed
+        upstream runs."""
+        from mlflow.entities import RunTag
+
+        run_id = self.start_node(node)
+        tags = [RunTag(TAG_STATUS, "skipped")]
+        f = self._facts(node)
+        if f is not None:
+            failed_runs = [
+                (
+                    n.step,
+                    self.ctx.facts[n.id].name if n.id in self.ctx.facts else n.title(),
+                    self._node_runs.get(n.id),
+                )
+                for n in failed
+            ]
+            note = node_note(
+                f, node, self.experiment_id, self._inputs(node), failed_inputs=failed_runs
+            )
+            tags.append(RunTag(TAG_NOTE, note))
+        self.client.log_batch(run_id, tags=tags)
+        self.client.set_terminated(run_id, status="KILLED")
+
+    def _log_sweep(self, node_id: str, run_id: str) -> None:
+        """The merge search as a table: one row per candidate tried (step), its settings and
+        score."""
+        sweep = self._sweeps.pop(node_id, None)
+        if not sweep:
+            return
+        keys = sorted({k for row in sweep.values() for k in row})
+        cols = ["step", *(k[len(SWEEP_PREFIX) :] for k in keys)]
+        data = [[step, *(sweep[step].get(k) for k in keys)] for step in sorted(sweep)]
+        self._log_table(run_id, SWEEP_TABLE, cols, data)
+
+    def _log_model(self, node: Node, facts: RunFacts, run_id: str, store: Store) -> None:
+        """An MLflow logged model for a model a node produced, pointing at the store (nothing is
+        uploaded)."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+
+        where = redact_uri(store.location(f"nodes/{node.id}"))
+        model = self.client.create_logged_model(
+            self.experiment_id,
+            name=re.sub(r"[^A-Za-z0-9_.-]+", "-", facts.name).strip("-")[:200] or node.id,
+            source_run_id=run_id,
+            tags={TAG_NODE: node.id, "mergesec.store_location": where, TAG_ROLE: facts.role},
+            params={k: v for k, v in facts.factors.items()},
+            model_type=f"mergesec/{facts.role}",
+        )
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+
+    # ---- plan rows: headline metrics on the merged evaluation, the table on the study run
+    def _rows_done_by(self, node: Node, store: Store) -> None:
+        plan, facts = self.ctx.plan, self._facts(node)
+        if plan is None or facts is None:
+            return
+        changed = False
+        for i in facts.rows:
+            if i not in self._rows and all(
+                n in self._finished for n in headline_nodes(plan.rows[i])
+            ):
+                changed |= self._row_result(i, store, log=True)
+        if changed:
+            self._send_results()
+
+    def _row_result(self, i: int, store: Store, log: bool = False) -> bool:
+        """Compute row ``i`` from the store when its merged evaluation is done; with ``log``,
+        log its headline metrics and description on the merged evaluation's run."""
+        from mlflow.entities import RunTag
+
+        if i in self._rows:
+            return False
+        row = self.ctx.plan.rows[i]
+        if not store.is_done(row.merge_eval):
+            return False
+        numbers = row_numbers(row, store.metrics_if_done)
+        headline = headline_metrics(numbers)
+        run_id = self._node_runs.get(row.merge_eval)
+        self._rows[i] = {
+            "variant": row.variant,
+            "scenario": row.scenario,
+            "victim": dataset_slug(row.victim),
+            "merge": row.merge_op,
+            **{k: v for k, v in numbers.items() if k != "per_dataset"},
+            "run_id": run_id,
+        }
+        if log and run_id is not None:
+            node = self.ctx.plan.nodes[row.merge_eval]
+            ts = int(time.time() * 1000)
+            note = self._note(
+                node, metrics=store.metrics_if_done(row.merge_eval) or {}, headline=headline
+            )
+            self.client.log_batch(
+                run_id,
+                metrics=numeric_metrics(headline, None, ts),
+                tags=[RunTag(TAG_NOTE, note or "")],
+            )
+        return True
+
+    def _send_results(self, force: bool = False, every_s: float = 30.0) -> None:
+        """The results table, summary metrics and description of the study run (at most every
+        ``every_s`` seconds unless ``force``)."""
+        if self.parent_id is None or not self._rows:
+            return
+        if not force and time.monotonic() - self._table_sent < every_s:
+            return
+        self._table_sent = time.monotonic()
+        rows = [self._rows[i] for i in sorted(self._rows)]
+        cols = list(dict.fromkeys(k for r in rows for k in r))
+        self._log_table(
+            self.parent_id, RESULTS_TABLE, cols, [[r.get(c) for c in cols] for r in rows]
+        )
+        ts = int(time.time() * 1000)
+        self.client.log_batch(
+            self.parent_id,
+            metrics=numeric_metrics(study_summary(rows, len(self.ctx.plan.rows)), None, ts),
+        )
+        self.client.set_tag(self.parent_id, TAG_NOTE, self._parent_note())
+
+
+def study_summary(rows: list[dict[str, Any]], total: int) -> dict[str, float]:
+    """The study run's metrics: rows done, and the victim's merged accuracy over them."""
+    merged = [r["victim_merged"] for r in rows if isinstance(r.get("victim_merged"), (int, float))]
+    others = [r["others_merged"] for r in rows if isinstance(r.get("others_merged"), (int, float))]
+    out = {"study/rows": float(total), "study/rows_done": float(len(rows))}
+    if merged:
+        out |= {
+            "study/victim_accuracy_merged_mean": sum(merged) / len(merged),
+            "study/victim_accuracy_merged_min": min(merged),
+            "study/victim_accuracy_merged_max": max(merged),
+        }
+    if others:
+        out["study/others_accuracy_mean"] = sum(others) / len(others)
+    return out
 
 
 @dataclass
 class _Op:
-    kind: str  # "open", "start", "metrics", "finish", "end", "beat"
+    kind: str  # "open", "start", "metrics", "finish", "skip", "end", "beat"
     node: Node | None = None
     args: dict[str, Any] = field(default_factory=dict)
     metrics: list = field(default_factory=list)
@@ -454,14 +923,14 @@ class TrackingWriter:
         args = {"params": params, "tags": tags, "states": states, "nodes": nodes}
         self._enqueue(_Op("open", args=args))
 
-    def start(self, node: Node) -> None:
-        self._enqueue(_Op("start", node))
-
     def heartbeat(self) -> None:
         """Renew the parent run's liveness tag (one beat queued at most)."""
         with self._cv:
             if self._opened and not any(o.kind == "beat" for o in self._queues[0]):
                 self._put(_Op("beat"), front=True)
+
+    def start(self, node: Node) -> None:
+        self._enqueue(_Op("start", node))
 
     def metrics(self, node: Node, metrics: dict[str, Any], step: int | None) -> None:
         ms = numeric_metrics(metrics, step, int(time.time() * 1000))
@@ -470,6 +939,10 @@ class TrackingWriter:
 
     def finish(self, node: Node, status: str) -> None:
         self._enqueue(_Op("finish", node, args={"status": status}))
+
+    def skip(self, node: Node, failed: list[Node]) -> None:
+        """A node skipped because ``failed`` (upstream nodes) failed."""
+        self._enqueue(_Op("skip", node, args={"failed": list(failed)}))
 
     def end_parent(
         self, status: str, artifacts: list[str] = (), grace_s: float | None = None
@@ -608,8 +1081,10 @@ class TrackingWriter:
             t.log_metrics(op.node.id, op.metrics)
         elif op.kind == "finish":
             t.finish_node(op.node, self.store, op.args["status"], self.log_weights)
+        elif op.kind == "skip":
+            t.skip_node(op.node, op.args["failed"])
         elif op.kind == "end":
-            t.end_parent(op.args["status"], op.args["artifacts"])
+            t.end_parent(op.args["status"], op.args["artifacts"], self.store)
         elif op.kind == "beat":
             t.beat()
 
@@ -645,7 +1120,7 @@ class MlflowCallback(Callback):
         if result.get("node_done"):
             return
         step = result.get(STEP_KEY)
-        metrics = {k: v for k, v in result.items() if "/" in k or k in {"epoch"}}
+        metrics = {sweep_key(k): v for k, v in result.items() if "/" in k or k in {"epoch"}}
         self.writer.metrics(self._node(trial), metrics, int(step) if step is not None else None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

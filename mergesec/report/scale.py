@@ -17,7 +17,8 @@ from typing import Any
 from mergesec.data import dataset_slug
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.store import Store
-from mergesec.plots import png_bytes, pyplot
+from mergesec.plots import bar_panels
+from mergesec.report.results import by_merge
 
 
 def load_scale_curves(plan: Plan, store: Store) -> dict[str, dict[str, Any]]:
@@ -80,47 +81,16 @@ def scale_curve_table(curves: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _variant_line(row: Mapping[str, Any]) -> str:
-    """The row's variant without its merge op (the panel already names it), as an extra line."""
-    parts = [
-        p for p in (row.get("variant") or "").split(",") if p and not p.startswith("merge.op=")
-    ]
-    return "\n" + ",".join(parts) if parts else ""
-
-
 def plot_scenario_merge(rows: Sequence[Mapping[str, Any]]) -> bytes | None:
     """One panel per merge op; per scenario (and victim) grouped bars of the victim's standalone
     accuracy (its release), its accuracy after merging, and the others' mean accuracy after
     merging. The clean expert's standalone accuracy is drawn as a tick over each group."""
-    done = [r for r in rows if r.get("status") == "done"]
-    if not done:
+    panels = by_merge(list(rows))
+    if not panels:
         return None
-    plt = pyplot()
-    ops = list(dict.fromkeys(r["merge"] for r in done))
-    groups = {op: [r for r in done if r["merge"] == op] for op in ops}
-    widest = max(len(g) for g in groups.values())
-    fig, axes = plt.subplots(
-        len(ops), 1, figsize=(max(6, 1.2 * widest + 2), 2.9 * len(ops)), squeeze=False
-    )
     series = [
         ("victim standalone", "victim_release"),
         ("victim merged", "victim_merged"),
         ("others merged", "others_merged"),
     ]
-    width = 0.8 / len(series)
-    for ax, op in zip(axes[:, 0], ops, strict=True):
-        g = groups[op]
-        for i, (name, key) in enumerate(series):
-            xs = [j + (i - 1) * width for j in range(len(g))]
-            ax.bar(xs, [r.get(key) or 0.0 for r in g], width, label=name)
-        ax.scatter(
-            range(len(g)), [r.get("victim_clean") or 0.0 for r in g], marker="_", s=400,
-            color="black", label="clean expert", zorder=3,
-        )  # fmt: skip
-        labels = [f"{r['scenario']}\n{r['victim']}" + _variant_line(r) for r in g]
-        ax.set_xticks(range(len(g)), labels, fontsize=7)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"merge: {op}", fontsize=9)
-    axes[0, 0].legend(fontsize=7, ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.12))
-    return png_bytes(fig)
+    return bar_panels(panels, series, tick=("clean expert", "victim_clean"))

@@ -55,7 +55,7 @@ from mergesec.core.bounds import (
 )
 from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, register_op
-from mergesec.data import dataset_slug, load_dataset_splits, triggered_copy
+from mergesec.data import dataset_slug, triggered_copy
 from mergesec.data.splits import DatasetSplits, Example
 from mergesec.kinds.text import TextKind, tokenized_batches
 from mergesec.models.artifact import ModelArtifact
@@ -104,8 +104,8 @@ def calibration_texts(
     seed: int = 0,
 ) -> list[str]:
     """Benign texts: the victim dataset's ``split`` (``train``, ``validation`` or both joined by
-    ``+``), then the same split of each of ``datasets`` (URIs, or ``{uri, columns}`` as in a
-    study's dataset list), each dataset capped at a seeded sample of ``size`` texts (``None``:
+    ``+``), then the same split of each of ``datasets`` (URIs, or ``{uri, columns, examples}`` as
+    in a study's dataset list), each dataset capped at a seeded sample of ``size`` texts (``None``:
     all). Labels are not used.
 
     Texts come straight from the datasets: poisoning happens only inside the finetune step, so
@@ -120,10 +120,7 @@ def calibration_texts(
 
     texts = pick(splits)
     for ref in datasets:
-        if isinstance(ref, str):
-            texts += pick(load_dataset_splits(ref))
-        else:
-            texts += pick(load_dataset_splits(ref["uri"], columns=ref.get("columns")))
+        texts += pick(TextKind().load({"uri": ref} if isinstance(ref, str) else ref))
     return texts
 
 
@@ -463,7 +460,7 @@ def execute(ctx: NodeContext) -> dict[str, float]:
     base = LazyStateDict(base_weights_file(ctx.base, ctx.allow_remote_code))
     layout = detect_layout(load_config(ctx.base, ctx.allow_remote_code), list(tuned.keys()))
     blocks = layout.block_modules(model.backbone)
-    splits = load_dataset_splits(ds["uri"], columns=ds.get("columns"))
+    splits = TextKind().load(ds)
     poison = ctx.params.get("poison")
     result = op.fn(
         model,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mergesec.data.images import ImageSet, ImageSplits, load_image_splits
+from mergesec.data.splits import cap_splits
 from mergesec.kinds.common import BackboneAndHead, load_backbone_weights
 from mergesec.kinds.image.clip import (
     ImageClassifier,
@@ -131,7 +132,8 @@ class ImageKind:
     ) -> ImageSplits:
         if poison:
             raise ValueError("poisoned (backdoored) training is defined for text datasets only")
-        return load_image_splits(ref["uri"], columns=ref.get("columns"))
+        data = load_image_splits(ref["uri"], columns=ref.get("columns"))
+        return cap_splits(data, ref.get("examples"))
 
     def build(
         self, base: str, data: ImageSplits, *, device: str = "cpu", allow_remote_code: bool = False,

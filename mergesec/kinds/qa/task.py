@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergesec.data.qa import QAExample, QASplits, load_qa_splits
+from mergesec.data.splits import cap_splits
 from mergesec.kinds.common import load_backbone_weights, state_on_cpu
 from mergesec.kinds.qa.answers import exact_match
 from mergesec.kinds.qa.generate import greedy_generate
@@ -296,7 +297,8 @@ class QAKind:
     def load(self, ref: Mapping[str, Any], *, poison: Mapping[str, Any] | None = None) -> QASplits:
         if poison:
             raise ValueError("poisoned (backdoored) training is defined for text datasets only")
-        return load_qa_splits(ref["uri"], columns=ref.get("columns"))
+        data = load_qa_splits(ref["uri"], columns=ref.get("columns"))
+        return cap_splits(data, ref.get("examples"))
 
     def _task(self, lm: nn.Module, uri: str, device: str, allow_remote_code: bool) -> QATask:
 
