@@ -50,4 +50,9 @@ def done_nodes(store: Path) -> dict[str, float]:
     nodes = store / "nodes"
     if not nodes.exists():
         return {}
-    return {p.parent.name: p.stat().st_mtime for p in nodes.glob("*/_SUCCESS")}
+    # names starting with "." are attempt directories not committed yet
+    return {
+        p.parent.name: p.stat().st_mtime
+        for p in nodes.glob("*/_SUCCESS")
+        if not p.parent.name.startswith(".")
+    }

@@ -200,3 +200,16 @@ def test_leases_exclude_a_second_owner_until_expiry(tmp_path, kind):
     other = "e" * 16
     assert try_acquire(store, other, dead, ttl=300) is None
     assert try_acquire(store, other, "hostC:3:w", ttl=30) is None
+
+
+def test_gc_removes_leases_of_dead_owners(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    dead = f"{os.uname().nodename}:{2**22 + 12345}:z"
+    assert try_acquire(store, NID, dead, ttl=300) is None
+    keeper = LeaseKeeper(store, ttl=30)
+    assert keeper.acquire("e" * 16) is None
+    got = collect_garbage(store)
+    assert got.removed == [str(tmp_path / "s" / "leases" / NID)]
+    assert read_lease(store, "e" * 16).owner == keeper.owner
+    keeper.close()
+    assert read_lease(store, "e" * 16) is None

@@ -321,23 +321,29 @@ def lease_hooks(leases: LeaseKeeper) -> dict[str, Any]:
     def claim(node_id: str) -> bool:
         # a node another driver committed since this one read the store is not claimed: it then
         # waits aside, and the next poll of ``elsewhere`` finds it done
-        if store.is_done(node_id) or leases.acquire(node_id) is not None:
-            return False
-        if store.is_done(node_id):  # committed between the check and the lease
-            leases.release(node_id)
-            return False
+        try:
+            if store.is_done(node_id) or leases.acquire(node_id) is not None:
+                return False
+            if store.is_done(node_id):  # committed between the check and the lease
+                leases.release(node_id)
+                return False
+        except OSError:  # the store did not answer: run it; its commit is still conditional
+            return True
         return True
 
-    def elsewhere(node_id: str) -> str:
-        if store.is_done(node_id):
-            return "done"
-        return "held" if lease_alive(store, node_id) else "free"
+    def release(node_id: str) -> None:
+        with contextlib.suppress(OSError):  # else the lease expires by itself
+            leases.release(node_id)
 
-    return {
-        "claim": claim,
-        "release": leases.release,
-        "elsewhere": elsewhere,
-    }
+    def elsewhere(node_id: str) -> str:
+        try:
+            if store.is_done(node_id):
+                return "done"
+            return "held" if lease_alive(store, node_id) else "free"
+        except OSError:
+            return "held"  # asked again at the next poll
+
+    return {"claim": claim, "release": release, "elsewhere": elsewhere}
 
 
 def _open_tracking(

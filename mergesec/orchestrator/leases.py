@@ -35,6 +35,21 @@ def new_owner() -> str:
     return f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+def owner_may_live(owner: str) -> bool:
+    """False when ``owner`` (``host:pid:…``) is a process of this host that no longer exists: no
+    need to wait for its lease or heartbeat to expire. True otherwise (another host: unknown)."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host == os.uname().nodename and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+    return True
+
+
 @dataclass(frozen=True)
 class Lease:
     owner: str
@@ -46,16 +61,7 @@ class Lease:
     def alive(self, now: float | None = None) -> bool:
         if (time.time() if now is None else now) >= self.expires_at:
             return False
-        host, _, rest = self.owner.partition(":")
-        pid = rest.partition(":")[0]
-        if host == os.uname().nodename and pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                return False  # its owner died on this host: no need to wait for the expiry
-            except PermissionError:
-                pass
-        return True
+        return owner_may_live(self.owner)
 
 
 def _rel(node_id: str) -> str:

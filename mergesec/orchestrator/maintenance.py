@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergesec.core.uris import redact_uri
-from mergesec.orchestrator.leases import lease_alive
+from mergesec.orchestrator.leases import LEASES, lease_alive
 from mergesec.orchestrator.manifest import CorruptNode
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.store import (
@@ -170,6 +170,7 @@ def collect_garbage(store: Store, *, min_age_s: float = 6 * 3600) -> Collected:
                 _remove_local(p, out)
     else:
         _collect_attempts(store, now, min_age_s, out)
+    _collect_leases(store, out)
     cache = store.cache_dir()
     for p in sorted(cache.iterdir()) if cache.is_dir() else []:
         if p.name.startswith(TRASH_PREFIX) or (
@@ -180,6 +181,23 @@ def collect_garbage(store: Store, *, min_age_s: float = 6 * 3600) -> Collected:
         if _age(p, now) >= min_age_s and not _process_alive(p.name[len(TUNE_TMP_PREFIX) :]):
             _remove_local(p, out)
     return out
+
+
+def _collect_leases(store: Store, out: Collected) -> None:
+    """Leases whose owner is gone (a killed driver): the next driver would take them over."""
+    if store.local is not None:
+        d = store.local / LEASES
+        names = [p.name for p in d.iterdir() if p.is_file()] if d.is_dir() else []
+    else:
+        import pyarrow.fs
+
+        sel = pyarrow.fs.FileSelector(f"{store.root}/{LEASES}", allow_not_found=True)
+        names = [i.base_name for i in store.fs.get_file_info(sel)]
+    for name in sorted(names):
+        if name.startswith(".") or lease_alive(store, name):
+            continue
+        store.delete(f"{LEASES}/{name}")
+        out.removed.append(redact_uri(store.location(f"{LEASES}/{name}")))
 
 
 def _collect_attempts(store: Store, now: float, min_age_s: float, out: Collected) -> None:

@@ -46,7 +46,7 @@ import mergesec
 from mergesec.core.uris import redact_uri
 from mergesec.data import dataset_slug
 from mergesec.orchestrator.headline import headline_metrics, headline_nodes, row_numbers
-from mergesec.orchestrator.leases import lease_ttl
+from mergesec.orchestrator.leases import lease_ttl, owner_may_live
 from mergesec.orchestrator.node import Node, canonical_json
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.run_facts import FACTORS, RunFacts, describe_plan, poison_text
@@ -304,12 +304,14 @@ def liveness_tags(owner: str, now: float | None = None) -> dict[str, str]:
 
 
 def parent_is_live(tags: dict[str, str], now: float | None = None) -> bool:
-    """Whether a RUNNING parent run's driver beat within the lease time (``lease_ttl``)."""
+    """Whether a RUNNING parent run's driver beat within the lease time (``lease_ttl``) and, on
+    this host, its process still exists."""
     try:
         beat = float(tags.get(TAG_HEARTBEAT, ""))
     except ValueError:
         return False
-    return (time.time() if now is None else now) - beat < lease_ttl()
+    fresh = (time.time() if now is None else now) - beat < lease_ttl()
+    return fresh and owner_may_live(tags.get(TAG_OWNER, ""))
 
 
 def live_parents(runs: list, study: str) -> dict[str, str]:
