@@ -94,7 +94,15 @@ def test_run_names_are_unique_and_in_the_study_words(study_in_mlflow):
     assert "synthetic_topic expert · shared by 2 scenarios" in names
     for r in runs:
         if r.data.tags.get("mergesec.role") in ("merge", "merged eval"):
-            for factor in ("scenario", "victim", "protect_op", "attack_op", "merge_op", "seed"):
+            for factor in (
+                "scenario",
+                "victim",
+                "protect_op",
+                "attack_op",
+                "merge_op",
+                "merge_space",
+                "seed",
+            ):
                 assert r.data.tags[factor] == r.data.params[factor]
             assert r.data.tags["protect_op"] == (
                 "params" if r.data.tags["scenario"] == "params" else "none"

@@ -56,6 +56,7 @@ def test_quickstart_runs_are_named_in_the_study_words():
         "attack_op": "aga",
         "poison": "none",
         "merge_op": "ties",
+        "merge_space": "full",
         "seed": "0",
     }
     poisoned = next(

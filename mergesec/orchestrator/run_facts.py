@@ -27,6 +27,7 @@ FACTORS = (
     "attack_op",
     "poison",
     "merge_op",
+    "merge_space",
     "seed",
 )
 ROLES = (
@@ -88,8 +89,10 @@ def row_factors(row: PlanRow, spec: StudySpec) -> dict[str, str]:
         "victim": dataset_slug(row.victim),
         "protect_op": sc.protect.op if sc.protect else "none",
         "attack_op": sc.attack.op if sc.attack else "none",
-        "poison": poison_text(sc.poison.model_dump() if sc.poison else None) or "none",
+        "poison": poison_text(sc.poison.model_dump(exclude_none=True) if sc.poison else None)
+        or "none",
         "merge_op": row.merge_op,
+        "merge_space": spec.merge.space,
         "seed": "-" if seed is None else str(seed),
     }
 
