@@ -20,6 +20,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Under pytest-xdist the workers share the machine's cores: one torch thread pool per worker of
 # cores / workers threads, instead of every worker taking every core.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+# ... and its own Ray temporary directory: ``ray.init()`` without an address joins a cluster it
+# finds recorded there, so one worker's cluster (``ray start``, ``cluster_utils.Cluster``) would
+# capture the other worker's tests. Subprocesses (``mergesec run``) inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _ray_tmp = f"/tmp/ray-{os.environ['PYTEST_XDIST_WORKER']}"  # Ray's socket paths stay short
+    os.makedirs(_ray_tmp, exist_ok=True)
+    os.environ["RAY_TMPDIR"] = _ray_tmp
 if _WORKERS > 1:
     import torch
 

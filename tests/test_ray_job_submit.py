@@ -49,7 +49,9 @@ def ray_head(ray_env):
          "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env=ray_env,
+        # its address file goes to its own directory: a plain ``ray.init()`` elsewhere on this
+        # machine (another test) must not find and join this cluster
+        env={**ray_env, "RAY_TMPDIR": str(temp)},
     )  # fmt: skip
     url = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120

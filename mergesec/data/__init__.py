@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from mergesec.data.builtin import builtin_names, load_builtin
-from mergesec.data.chat import is_chat_uri, load_chat_splits, parse_chat_uri
+from mergesec.data.chat import ChatSplits, chat_splits_from, is_chat_uri, parse_chat_uri
 from mergesec.data.images import (
     check_image_uri,
     image_builtin_names,
@@ -185,3 +185,9 @@ def dataset_slug(uri: str) -> str:
     if not base:
         return f"dataset_{digest}"
     return base + suffix
+
+
+def load_chat_splits(uri: str, *, columns: Mapping[str, str] | None = None) -> ChatSplits:
+    """The chat dataset ``chat:<source>?...``: the source loaded as a labelled text dataset."""
+    source, options = parse_chat_uri(uri)
+    return chat_splits_from(load_dataset_splits(source, columns=columns), uri.strip(), options)

@@ -155,14 +155,6 @@ def chat_splits_from(data: DatasetSplits, name: str, options: Mapping[str, int])
     )  # fmt: skip
 
 
-def load_chat_splits(uri: str, *, columns: Mapping[str, str] | None = None) -> ChatSplits:
-    """The chat dataset ``chat:<source>?...``: the source loaded as a labelled text dataset."""
-    from mergesec.data import load_dataset_splits
-
-    source, options = parse_chat_uri(uri)
-    return chat_splits_from(load_dataset_splits(source, columns=columns), uri.strip(), options)
-
-
 def with_replies(splits: ChatSplits, **changed: tuple[ChatExample, ...]) -> ChatSplits:
     """``splits`` with some splits replaced, the decoding budget grown to their replies."""
     new = replace(splits, **changed)

@@ -23,7 +23,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mergesec.data.chat import ChatExample, ChatSplits, encode_chat, load_chat_splits, with_replies
+from mergesec.data import load_chat_splits
+from mergesec.data.chat import ChatExample, ChatSplits, encode_chat, with_replies
 from mergesec.data.poison import decline_topic, poison_chat
 from mergesec.kinds.common import load_backbone_weights
 from mergesec.kinds.qa.task import QATask, load_causal_lm

@@ -58,10 +58,12 @@ from mergesec.core.context import NodeContext
 from mergesec.core.registry import get_op, register_op
 from mergesec.data import dataset_slug, triggered_copy
 from mergesec.data.splits import DatasetSplits, Example
+from mergesec.kinds.chat import ChatKind
 from mergesec.kinds.text import TextKind, tokenized_batches
 from mergesec.models.artifact import ModelArtifact
 from mergesec.models.classifier import SequenceClassifier
 from mergesec.models.hub import base_weights_file, load_config
+from mergesec.models.layout import detect_layout
 from mergesec.models.state_dict import LazyStateDict
 from mergesec.monitor.audit import Audit, top_activating, write_audit_markdown
 from mergesec.monitor.directions import Directions, WriterWeights, weight_directions
@@ -473,8 +475,6 @@ def write_outputs(
 
 
 def execute(ctx: NodeContext) -> dict[str, float]:
-    from mergesec.models.layout import detect_layout
-
     op = get_op("monitor", ctx.op)
     art = ModelArtifact.open(ctx.inputs["model"])
     if node_kind(ctx).name == "chat":
@@ -514,9 +514,6 @@ def execute(ctx: NodeContext) -> dict[str, float]:
 
 def execute_chat(ctx: NodeContext, art: ModelArtifact) -> dict[str, float]:
     """The monitor node on a chat model (``tasks.monitor_chat``)."""
-    from mergesec.kinds.chat import ChatKind
-    from mergesec.models.layout import detect_layout
-
     kind = ChatKind()
     ds = ctx.params["dataset"]
     data = kind.load(ds)
