@@ -33,10 +33,28 @@ if _WORKERS > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
+# The tests that take minutes on 2 cores (measured), longest first.
+LONGEST = (
+    "test_minilm_trap2_expert_is_sharp_at_one_and_loses_its_task_when_merged",
+    "test_kill_loop_then_resume",
+    "test_protection_breaks_merging_and_aga_restores_it",
+    "test_corrupt_nodes_are_detected_invalidated_and_recomputed",
+    "test_study_runs_resumes_and_verifies_on_s3",
+    "test_backdoored_minilm_expert_is_detected_and_steered",
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first (stable within each group): with several workers the longest tests start
-    at once instead of finishing the run late."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest tests first, then the other slow ones, then the rest (stable within each
+    group): with several workers the long tests start at once instead of finishing the run late."""
+
+    def rank(item) -> tuple[int, int]:
+        name = item.originalname or item.name
+        if name in LONGEST:
+            return (0, LONGEST.index(name))
+        return (1 if item.get_closest_marker("slow") else 2, 0)
+
+    items.sort(key=rank)
 
 
 TOKENIZER_FILES = (
