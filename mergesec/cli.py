@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -18,7 +19,7 @@ from mergesec.core.registry import all_ops
 from mergesec.core.uris import STORE_URI_ENV, has_credentials, redact_text, redact_uri
 from mergesec.orchestrator.engine import DEFAULT_STORE, _ray_init, node_states, run_study
 from mergesec.orchestrator.errors import StudyError
-from mergesec.orchestrator.interrupts import Interrupts
+from mergesec.orchestrator.interrupts import EXIT_INTERRUPTED, Interrupts
 from mergesec.orchestrator.maintenance import collect_garbage, verify_nodes
 from mergesec.orchestrator.pins import unpinned_lines
 from mergesec.orchestrator.plan import build_plan
@@ -394,7 +395,16 @@ def datasets(
                 raise typer.Exit(2) from None
 
 
+def _exit_interrupted(signum: int, frame: object) -> None:
+    raise SystemExit(EXIT_INTERRUPTED[signal.Signals(signum)])
+
+
 def main() -> None:
+    # Outside a run's own handlers (start-up, planning, reports, shutdown) SIGINT and SIGTERM
+    # still end the command with 130 / 143, never a traceback or a bare signal death.
+    for s in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(s, _exit_interrupted)
     app()
 
 

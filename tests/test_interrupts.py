@@ -77,6 +77,14 @@ def test_interrupted_run_exit_code_then_resume(tmp_path, tiny_bert, sig, code):
     assert f"interrupted by {signal.Signals(sig).name}" in stderr
     assert "Traceback" not in stderr
     assert not list(store.glob("studies/*/results.*")), "an interrupted run wrote reports"
+    # the study run says it was stopped, and no node run was left RUNNING
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    runs = c.search_runs([c.get_experiment_by_name("mergesec/smoke").experiment_id])
+    parents = [x for x in runs if "mergesec.node_id" not in x.data.tags]
+    assert [x.info.status for x in parents] == ["KILLED"]
+    assert not [x.info.run_name for x in runs if x.info.status == "RUNNING"]
 
     r = cli(args, tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -464,8 +464,12 @@ def _run_nodes(
         if summary.failed or summary.skipped:
             status = "FAILED"
         if any(s in (PENDING, RUNNING) for s in states.values()):
-            # Stopped before every node ended (SIGINT/SIGTERM): the parent run says so.
+            # Stopped before every node ended (SIGINT/SIGTERM): the parent run says so, and the
+            # runs of the nodes that were running end KILLED instead of staying RUNNING.
             status = "KILLED"
+            for node_id, s in states.items():
+                if s == RUNNING:
+                    tracker.finish(plan.nodes[node_id], "KILLED")
         if started_ray:
             ray.shutdown()
     return tracker, status
