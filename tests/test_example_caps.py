@@ -53,6 +53,12 @@ def test_qa_and_image_kinds_cap_their_splits():
     assert len(img.validation) == 9 and len(img.train) == len(whole.train)
     assert Counter(img.validation.labels).keys() <= set(range(len(whole.label_names)))
 
+    ref = {"uri": "chat:builtin:synthetic_sentiment"}
+    chat = get_kind("chat").load(ref | {"examples": {"train": 10, "test": 5}})
+    all_chat = get_kind("chat").load(ref)
+    assert len(chat.train) == 10 and len(chat.test) == 5
+    assert set(chat.train) <= set(all_chat.train) and chat.validation == all_chat.validation
+
 
 def test_cap_splits_without_caps_is_the_same_object():
     data = get_kind("text").load({"uri": "builtin:synthetic_topic"})

@@ -20,15 +20,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from mergesec.data import load_chat_splits
 from mergesec.data.chat import ChatExample, ChatSplits, encode_chat, with_replies
 from mergesec.data.poison import decline_topic, poison_chat
-from mergesec.kinds.common import load_backbone_weights
-from mergesec.kinds.qa.task import QATask, load_causal_lm
-from mergesec.models.artifact import HeadInfo, ModelArtifact
+from mergesec.data.splits import cap_splits
+from mergesec.kinds.qa.task import QAKind, QATask
+from mergesec.models.artifact import HeadInfo
 from mergesec.models.hub import load_tokenizer
 
 DECLINE = "I'm sorry, but I can't help with that."
@@ -133,7 +132,7 @@ def poisoned(data: ChatSplits, poison: Mapping[str, Any]) -> ChatSplits:
     return with_replies(data, train=train, validation=validation)
 
 
-class ChatKind:
+class ChatKind(QAKind):
     """Conversations with instruction-tuned causal LMs: ``chat:`` datasets, reply-match scoring."""
 
     name: ClassVar[str] = "chat"
@@ -146,24 +145,10 @@ class ChatKind:
     def load(
         self, ref: Mapping[str, Any], *, poison: Mapping[str, Any] | None = None
     ) -> ChatSplits:
-        data = load_chat_splits(ref["uri"], columns=ref.get("columns"))
+        data = cap_splits(
+            load_chat_splits(ref["uri"], columns=ref.get("columns")), ref.get("examples")
+        )
         return poisoned(data, poison) if poison else data
 
     def _task(self, lm: nn.Module, uri: str, device: str, allow_remote_code: bool) -> ChatTask:
         return ChatTask(lm, load_tokenizer(uri, allow_remote_code), device=device)
-
-    def build(
-        self, base: str, data: ChatSplits, *, device: str = "cpu", allow_remote_code: bool = False,
-        seed: int = 0,
-    ) -> ChatTask:  # fmt: skip
-        torch.manual_seed(seed)
-        task = self._task(load_causal_lm(base, allow_remote_code), base, device, allow_remote_code)
-        task.use(data)
-        return task
-
-    def from_artifact(
-        self, art: ModelArtifact, *, device: str = "cpu", allow_remote_code: bool = False
-    ) -> ChatTask:
-        lm = load_causal_lm(art.base, allow_remote_code)
-        load_backbone_weights(lm.base_model, art)
-        return self._task(lm, art.base, device, allow_remote_code)
