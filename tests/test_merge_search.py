@@ -93,3 +93,72 @@ def test_coefficient_search_up_to_ten_keeps_the_best_and_its_score(tmp_path, tin
     assert score == pytest.approx(m["search/best_score"], abs=0.011)
     meta = json.loads((out / "model.json").read_text())
     assert meta["merge"] == "task_arithmetic" and set(meta["heads"]) == set(LABELS)
+
+
+def test_reference_accuracies_are_measured_once_per_artifact_and_setup(
+    tmp_path, tiny_bert, experts, monkeypatch
+):
+    """A worker that runs many merge nodes over the same experts scores each expert's reference
+    once; rewriting an expert, or scoring on another validation subset, measures it again."""
+    from mergesec.tasks.merge_search import ValidationScorer
+
+    monkeypatch.setattr(merge, "_REFERENCE_MEMO", {})
+    calls: list[tuple[str, ...]] = []
+    real = ValidationScorer.accuracies
+
+    def counting(self, heads, slugs):
+        calls.append(tuple(slugs))
+        return real(self, heads, slugs)
+
+    monkeypatch.setattr(ValidationScorer, "accuracies", counting)
+    op = validate_params(
+        get_op("merge", "task_arithmetic"), {"coefficient": {"search": [0.5, 1.0]}}
+    )
+
+    def run(name: str, search_examples: int | None = None) -> dict[str, float]:
+        out = tmp_path / name
+        out.mkdir()
+        params = {"base": str(tiny_bert), "base_id": model_identity(str(tiny_bert)),
+                  "datasets": DATASETS, "op": op}  # fmt: skip
+        if search_examples:
+            params["search_examples"] = search_examples
+        ctx = NodeContext(name, "merge", "task_arithmetic", params,
+                          {f"expert.{s}": d for s, d in experts.items()}, out)  # fmt: skip
+        calls.clear()
+        return merge.execute(ctx)
+
+    first = run("a")
+    assert len(calls) == 2 + 2  # two references (one per expert), two candidates
+    second = run("b")
+    assert len(calls) == 2  # the candidates only
+    assert {k: v for k, v in second.items() if k.startswith("reference/")} == {
+        k: v for k, v in first.items() if k.startswith("reference/")
+    }
+    run("c", search_examples=5)
+    assert len(calls) == 2 + 2  # another validation subset: measured again
+
+    # an expert written anew (another node output at the same path) is measured again
+    sentiment = experts["synthetic_sentiment"]
+    art = ModelArtifact.open(sentiment)
+    sd = {k: v * 1.5 for k, v in load_state_dict(sentiment / "model.safetensors").items()}
+    write_artifact(sentiment, base=str(tiny_bert), backbone=sd, heads=art.all_heads(),
+                   head_info=art.heads)  # fmt: skip
+    run("d")
+    assert len(calls) == 1 + 2
+
+
+def test_scoring_batches_are_tokenised_once_per_worker(tiny_bert):
+    """Two scorers of the same datasets on the same base (two merge nodes in one worker) share
+    the tokenised batches; another subset size is tokenised anew."""
+    from mergesec.tasks.merge_search import ValidationScorer
+
+    a = ValidationScorer(str(tiny_bert), DATASETS, subsets={"synthetic_sentiment": 12})
+    b = ValidationScorer(str(tiny_bert), DATASETS, subsets={"synthetic_sentiment": 12})
+    c = ValidationScorer(str(tiny_bert), DATASETS, subsets={"synthetic_sentiment": 13})
+    assert a.prepared["synthetic_sentiment"] is b.prepared["synthetic_sentiment"]
+    assert a.prepared["synthetic_topic"] is b.prepared["synthetic_topic"]
+    assert a.prepared["synthetic_sentiment"] is not c.prepared["synthetic_sentiment"]
+    assert sum(len(x["labels"]) for x in c.prepared["synthetic_sentiment"]) == 13
+    # batches grouped by token count: each batch is padded only to its own longest text
+    lengths = [int(x["attention_mask"].sum(1).max()) for x in a.prepared["synthetic_topic"]]
+    assert lengths == sorted(lengths)

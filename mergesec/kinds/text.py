@@ -40,14 +40,20 @@ def tokenized_batches(
 ) -> Iterator[Batch]:
     """Tokenised batches (dynamic padding); shuffled with ``shuffle_seed`` when given.
 
-    ``by_length`` groups texts of similar length so that batches carry little padding (for
+    ``by_length`` groups texts of similar token count so that batches carry little padding (for
     scoring, where order does not matter).
     """
     order = list(range(len(examples)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
-    elif by_length:
-        order.sort(key=lambda j: len(examples[j].text))
+    elif by_length and examples:
+        lengths = [
+            len(ids)
+            for ids in tokenizer(
+                [e.text for e in examples], truncation=True, max_length=max_length
+            )["input_ids"]
+        ]
+        order.sort(key=lambda j: lengths[j])
     for i in range(0, len(order), batch_size):
         chunk = [examples[j] for j in order[i : i + batch_size]]
         enc = tokenizer(

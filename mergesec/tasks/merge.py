@@ -90,6 +90,20 @@ def _own_dataset(role: str, art: ModelArtifact, slugs: Sequence[str]) -> str:
     return own[0]
 
 
+# Reference accuracies already measured in this worker process. Merge nodes of one study score
+# the same experts again and again; an artifact directory is written once (node outputs are
+# content-addressed and immutable), so its files' sizes and times with the scorer's set-up
+# identify the value.
+_REFERENCE_MEMO: dict[tuple[Any, ...], float] = {}
+
+
+def _artifact_stamp(art: ModelArtifact) -> tuple[Any, ...]:
+    files = sorted(f for f in art.path.iterdir() if f.is_file())
+    return (str(art.path.resolve()),) + tuple(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files
+    )
+
+
 def _reference_accuracies(
     scorer: ValidationScorer,
     experts: Sequence[ModelArtifact],
@@ -99,14 +113,21 @@ def _reference_accuracies(
 ) -> dict[str, float]:
     """Each dataset's validation accuracy of its expert alone, or of its unprotected expert
     (input ``reference.<slug>``) where the merge node was given one."""
-    out: dict[str, float] = {}
-    for e, w in zip(experts, lazies, strict=True):
-        scorer.load(w)
-        out.update(scorer.accuracies(e.all_heads(), [s for s in e.heads if s in slugs]))
+    jobs = [
+        (e, w, [s for s in e.heads if s in slugs]) for e, w in zip(experts, lazies, strict=True)
+    ]
     for slug, path in references.items():
         ref = ModelArtifact.open(path)
-        scorer.load(ref.backbone_lazy())
-        out.update(scorer.accuracies(ref.all_heads(), [slug]))
+        jobs.append((ref, ref.backbone_lazy(), [slug]))
+    out: dict[str, float] = {}
+    for art, weights, own in jobs:
+        keys = {s: (_artifact_stamp(art), scorer.setup_key(s)) for s in own}
+        missing = [s for s in own if keys[s] not in _REFERENCE_MEMO]
+        if missing:
+            scorer.load(weights)
+            for s, acc in scorer.accuracies(art.all_heads(), missing).items():
+                _REFERENCE_MEMO[keys[s]] = acc
+        out.update({s: _REFERENCE_MEMO[keys[s]] for s in own})
     return out
 
 
