@@ -98,12 +98,17 @@ def test_study_submitted_as_a_ray_job_runs_on_that_cluster(tmp_path, tiny_bert, 
     store = tmp_path / "store"
     entry = [sys.executable, "-m", "mergesec.cli", "run", str(study), "--store", str(store),
              "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
-    res = subprocess.run(
-        [*_ray_cli(), "job", "submit", "--address", url, "--submission-id", "mergesec-smoke",
-         "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}), "--", *entry],
-        capture_output=True, text=True, timeout=600, env=ray_env,
-    )  # fmt: skip
-    out = res.stdout + res.stderr
+    cmd = [*_ray_cli(), "job", "submit", "--address", url, "--submission-id", "mergesec-smoke",
+           "--runtime-env-json", json.dumps({"env_vars": {"HF_HUB_OFFLINE": "1"}}), "--", *entry]  # fmt: skip
+    # The job server answers before the head's job agent has registered; until then a submission
+    # is refused with "No available agent to submit job, please try again later" and not created.
+    deadline = time.time() + 120
+    while True:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ray_env)
+        out = res.stdout + res.stderr
+        if res.returncode == 0 or "No available agent" not in out or time.time() > deadline:
+            break
+        time.sleep(2)
     assert res.returncode == 0, out[-4000:]
     assert "Job 'mergesec-smoke' succeeded" in out, out[-2000:]
     assert len(done_nodes(store)) == 6, "finetune x2, evaluate x3 and the merge of the smoke study"
