@@ -13,7 +13,10 @@ no normalisation) and TIES (density ``--density``, weights 1, disjoint mean), ea
 in a fresh process with the inputs evicted from the page cache first; the table gives wall time
 (interpreter start-up included) and peak RSS (``wait4``), and compares the outputs tensor by
 tensor. The I/O limit is the bytes read (base + experts) and written (the merge) at the read and
-write bandwidth of the same disk, measured in the same run on a file of one model's size.
+write bandwidth of the same disk, measured in the same run on a file of one model's size; for
+TIES the limit is the larger of that and its compute limit (``ties_compute_limit``). mergesec's
+child also prints its merge time without interpreter start-up and imports, the figure the limit
+bounds.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -110,8 +114,34 @@ def disk_bandwidth(root: Path, nbytes: int) -> tuple[float, float]:
     return read, write
 
 
-def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (bytes) of a child process."""
+def ties_compute_limit(n_params: int, n_experts: int, density: float) -> float:
+    """Seconds TIES needs for its own work at the per-element cost measured here: a top-k
+    selection of each expert's task vector and the sign election with the disjoint mean over the
+    experts, timed on one thread (best of 3) and spread over every core."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    n = 1 << 22
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, generator=g)
+    xs = torch.randn(n_experts, n, generator=g)
+    trim = elect = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        torch.topk(x.abs(), max(1, int(density * n)), sorted=False)
+        trim = min(trim, (time.perf_counter() - start) / n)
+        start = time.perf_counter()
+        sign = xs.sum(0).sign()
+        agree = xs.sign() == sign
+        (xs * agree).sum(0) / agree.sum(0).clamp(min=1)
+        elect = min(elect, (time.perf_counter() - start) / xs.numel())
+    torch.set_num_threads(threads)
+    return n_experts * n_params * (trim + elect) / (os.cpu_count() or 1)
+
+
+def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (bytes) and output of a child process."""
     start = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert p.stdout is not None
@@ -121,7 +151,7 @@ def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float,
     wall = time.perf_counter() - start
     if p.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed ({p.returncode}):\n{out.decode()[-2000:]}")
-    return wall, usage.ru_maxrss * 1024
+    return wall, usage.ru_maxrss * 1024, out.decode(errors="replace")
 
 
 def child_mergesec(method: str, base: str, experts: list[str], out: str, density: float) -> None:
@@ -132,9 +162,12 @@ def child_mergesec(method: str, base: str, experts: list[str], out: str, density
     op = get_op("merge", method)
     params = {"coefficient": 1.0} | ({"k": density} if method == "ties" else {})
     Path(out).mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     stream_merge(op.fn, LazyStateDict(Path(base) / "model.safetensors"),
                  [LazyStateDict(Path(e) / "model.safetensors") for e in experts], params,
                  Path(out) / "model.safetensors")  # fmt: skip
+    # the merge alone, after the interpreter and its imports started (what the I/O limit bounds)
+    print(f"merge_s={time.perf_counter() - start:.3f}")
 
 
 def mergekit_config(method: str, base: Path, experts: list[Path], density: float) -> dict:
@@ -222,9 +255,14 @@ def main() -> None:
         venv = args.mergekit_venv or install_mergekit(root)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         rows = []
+        compute = ties_compute_limit(n_params, args.experts, args.density)
+        print(f"TIES compute limit (top-k + sign election, per-element cost measured here, over "
+              f"{os.cpu_count()} cores): {compute:.1f} s")  # fmt: skip
         for method in args.methods.split(","):
             bytes_read = sum(p.stat().st_size for p in inputs)
             io_limit = bytes_read / read_bw + model_bytes / write_bw
+            if method == "ties":
+                io_limit = max(io_limit, compute)
             for run in range(args.runs):
                 tools = [("mergesec", None)] + ([("mergekit", venv)] if venv else [])
                 for tool, vdir in tools:
@@ -242,13 +280,17 @@ def main() -> None:
                         cmd = [str(vdir / "bin" / "mergekit-yaml"), str(cfg), str(out),
                                "--no-copy-tokenizer"]  # fmt: skip
                     try:
-                        wall, rss = run_timed(cmd, env)
+                        wall, rss, output = run_timed(cmd, env)
                     except RuntimeError as e:
                         print(f"{method} {tool}: failed, skipped: {str(e).splitlines()[-1]}")
                         continue
                     rows.append((method, tool, run, wall, rss, io_limit))
+                    inner = re.search(r"merge_s=([0-9.]+)", output)
+                    merge_only = (f", merge alone {float(inner[1]):.1f} s = "
+                                  f"{float(inner[1]) / io_limit:.2f}x the limit") if inner else ""  # fmt: skip
                     print(f"{method:16s} {tool:9s} run {run}: {wall:7.1f} s  peak RSS "
-                          f"{rss / GB:5.2f} GB  (I/O limit {io_limit:.1f} s)", flush=True)  # fmt: skip
+                          f"{rss / GB:5.2f} GB  (limit {io_limit:.1f} s{merge_only})",
+                          flush=True)  # fmt: skip
             if venv and (root / f"mergekit-{method}").exists():
                 diff = compare(root / f"mergesec-{method}", root / f"mergekit-{method}")
                 print(f"{method}: outputs compared: {json.dumps(diff)}", flush=True)

@@ -332,3 +332,24 @@ def test_collect_linear_grams_ignores_padding_tokens():
     model.train()
     collect_linear_grams(model, [short])
     assert model.training
+
+
+def test_ties_trims_large_tensors_on_several_threads_with_the_same_result():
+    """Rows of ≥ PARALLEL_ROW_ELEMENTS are trimmed side by side when torch has several threads;
+    the merge is bit for bit the one-thread merge."""
+    from mergesec.merging.per_key import PARALLEL_ROW_ELEMENTS
+
+    g = torch.Generator().manual_seed(0)
+    shape = (PARALLEL_ROW_ELEMENTS // 256, 256)
+    base = {"w": torch.randn(shape, generator=g)}
+    experts = [{"w": base["w"] + 0.01 * torch.randn(shape, generator=g)} for _ in range(3)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = ties(base, experts, k=0.2)["w"]
+        torch.set_num_threads(2)
+        parallel = ties(base, experts, k=0.2)["w"]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel)
+    assert (parallel != base["w"]).float().mean() > 0.2  # the merge changed the entries it kept

@@ -17,6 +17,7 @@ the merged weights (not a task vector) for every key of ``base``. Task vectors a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
@@ -87,11 +88,37 @@ def mean(ts: Sequence[Tensor]) -> Tensor:
     return accumulate(ts).div_(len(ts))
 
 
-def stacked(ts: Sequence[Tensor], make: Callable[[int, Tensor], Tensor]) -> Tensor:
-    """``torch.stack([make(i, t) for ...])`` filled one row at a time."""
+# Rows of at least this many elements are made on several threads (``stacked(parallel=True)``).
+PARALLEL_ROW_ELEMENTS = 1 << 20
+_row_pool: ThreadPoolExecutor | None = None
+
+
+def _rows_pool() -> ThreadPoolExecutor:
+    global _row_pool
+    if _row_pool is None or _row_pool._max_workers != torch.get_num_threads():
+        _row_pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="merge-rows")
+    return _row_pool
+
+
+def stacked(
+    ts: Sequence[Tensor], make: Callable[[int, Tensor], Tensor], *, parallel: bool = False
+) -> Tensor:
+    """``torch.stack([make(i, t) for ...])`` filled one row at a time.
+
+    ``parallel``: make large CPU rows on up to ``torch.get_num_threads()`` threads at once, for
+    ``make``s that run on one core however many torch has (a top-k over a flattened tensor); each
+    row is written by one thread, so the result is the same."""
     out = torch.empty((len(ts), *ts[0].shape), dtype=ts[0].dtype, device=ts[0].device)
-    for i, t in enumerate(ts):
-        out[i] = make(i, t)
+
+    def fill(i: int) -> None:
+        out[i] = make(i, ts[i])
+
+    threads = torch.get_num_threads()
+    if parallel and threads > 1 and len(ts) > 1 and ts[0].numel() >= PARALLEL_ROW_ELEMENTS:
+        list(_rows_pool().map(fill, range(len(ts))))
+    else:
+        for i in range(len(ts)):
+            fill(i)
     return out
 
 

@@ -72,7 +72,8 @@ def ties(
     check_fraction("k", k)
 
     def combine(_key: str, b: Tensor, ts: list[Tensor]) -> Tensor:
-        tvs = stacked(ts, lambda _i, t: trim_top_k(t - b, k))
+        # each expert's top-k runs on one core: trim the experts side by side
+        tvs = stacked(ts, lambda _i, t: trim_top_k(t - b, k), parallel=b.device.type == "cpu")
         return elect_sign_disjoint_mean(tvs, inplace=True).mul_(coefficient).add_(b)
 
     return merge_per_key(base, experts, combine)
