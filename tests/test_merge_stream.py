@@ -224,3 +224,40 @@ def test_each_tensor_is_read_once(model_files, tmp_path):
     stream_merge(ties, lazy_base, lazy_experts, {}, tmp_path / "m.safetensors")
     for m in [lazy_base, *lazy_experts]:
         assert sorted(m.reads) == sorted(base)
+
+
+def test_lazy_state_dict_reads_each_tensor_as_safetensors_does(tmp_path):
+    """Tensors read by positioned reads of their byte ranges equal safe_open's, for every dtype
+    the reader maps (and an empty tensor), keys in the same order; a truncated file is refused."""
+    from safetensors import safe_open
+
+    from mergesec.models.state_dict import LazyStateDict, save_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "z.f32": torch.randn(7, 5, generator=g),
+        "a.f16": torch.randn(3, generator=g).half(),
+        "m.bf16": torch.randn(4, 2, generator=g).bfloat16(),
+        "b.f64": torch.randn(2, generator=g).double(),
+        "i.i64": torch.arange(-3, 3),
+        "i.i8": torch.tensor([-1, 2], dtype=torch.int8),
+        "u.u8": torch.tensor([0, 255], dtype=torch.uint8),
+        "t.bool": torch.tensor([True, False, True]),
+        "e.empty": torch.empty(0, 4),
+    }
+    path = tmp_path / "m.safetensors"
+    save_state_dict(sd, path, metadata={"format": "pt"})
+    lazy = LazyStateDict(path)
+    with safe_open(str(path), framework="pt") as f:
+        assert list(lazy) == list(f.keys())  # noqa: SIM118
+        for k in f.keys():  # noqa: SIM118
+            want = f.get_tensor(k)
+            got = lazy[k]
+            assert got.dtype == want.dtype and got.shape == want.shape, k
+            assert torch.equal(got, want), k
+            assert lazy.shape(k) == tuple(want.shape)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="truncated"):
+        for k in LazyStateDict(cut):
+            LazyStateDict(cut)[k]
