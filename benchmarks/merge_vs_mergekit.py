@@ -229,6 +229,7 @@ def main() -> None:
         type=Path,
         help="keep the models here and reuse them (default: a temporary directory)",
     )
+    ap.add_argument("--no-mergekit", action="store_true", help="time mergesec alone")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -252,7 +253,7 @@ def main() -> None:
         read_bw, write_bw = disk_bandwidth(models, model_bytes)
         print(f"disk: uncached read {read_bw / GB:.2f} GB/s, buffered write + fsync "
               f"{write_bw / GB:.2f} GB/s")  # fmt: skip
-        venv = args.mergekit_venv or install_mergekit(root)
+        venv = None if args.no_mergekit else (args.mergekit_venv or install_mergekit(root))
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         rows = []
         compute = ties_compute_limit(n_params, args.experts, args.density)

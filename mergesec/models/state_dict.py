@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import struct
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -41,81 +38,37 @@ def load_state_dict(path: str | Path, device: str = "cpu") -> StateDict:
         return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
 
 
-# safetensors dtype names -> torch dtypes read directly from the file (anything else goes through
-# ``safe_open``).
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
-
-
-class _Entry(NamedTuple):
-    path: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    stop: int
-
-
-def _safetensors_entries(path: Path) -> dict[str, _Entry]:
-    """Every tensor's dtype, shape and byte range, from the file's JSON header."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    # in name order, as ``safe_open(...).keys()`` lists them
-    header = dict(sorted(header.items()))
-    return {
-        k: _Entry(path, v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0],
-                  8 + n + v["data_offsets"][1])
-        for k, v in header.items()
-    }  # fmt: skip
-
-
 class LazyStateDict(Mapping[str, torch.Tensor]):
     """A read-only mapping over one or more safetensors files that loads a tensor only when indexed.
 
     Nothing is kept after a lookup returns, so iterating over keys and reading one tensor at a time
-    holds at most one tensor of this model in memory. A tensor is read with one positioned read of
-    its byte range (at the disk's sequential speed, and without holding the GIL, so reader threads
-    overlap) rather than through a memory map, whose first touches fault in one page at a time.
+    holds at most one tensor of this model in memory.
     """
 
     def __init__(self, paths: str | Path | list[str | Path]):
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-        self._entries: dict[str, _Entry] = {}
+        self._where: dict[str, Path] = {}
         for p in self.paths:
-            self._entries.update(_safetensors_entries(p))
+            with safe_open(str(p), framework="pt") as f:
+                for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    self._where[k] = p
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        e = self._entries[key]
-        dtype = _DTYPES.get(e.dtype)
-        if dtype is None or sys.byteorder != "little":
-            with safe_open(str(e.path), framework="pt") as f:
-                return f.get_tensor(key)
-        size = e.stop - e.start
-        if size == 0:
-            return torch.empty(e.shape, dtype=dtype)
-        buf = bytearray(size)
-        with open(e.path, "rb", buffering=0) as f:
-            f.seek(e.start)
-            got = f.readinto(buf)
-        if got != size:
-            raise ValueError(f"{e.path}: tensor {key!r} is truncated ({got} of {size} bytes)")
-        return torch.frombuffer(buf, dtype=dtype).reshape(e.shape)
+        with safe_open(str(self._where[key]), framework="pt") as f:
+            return f.get_tensor(key)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return key in self._where
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        return iter(self._where)
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._where)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key].shape
+        with safe_open(str(self._where[key]), framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.paths)
