@@ -43,11 +43,18 @@ def ray_head(ray_env):
     Yields the dashboard URL and Ray's temporary directory (session logs)."""
     pytest.importorskip("aiohttp_cors", reason="ray job submit needs ray[default]")
     gcs, dash = free_port(), free_port()
+    # The head's agents get ports of their own: Ray's defaults (agent 52365, ...) are taken by any
+    # other Ray instance on this machine (another test worker's), and a head whose job agent could
+    # not bind refuses every submission with "No available agent to submit job".
+    agent_ports = [f"--dashboard-agent-listen-port={free_port()}",
+                   f"--dashboard-agent-grpc-port={free_port()}",
+                   f"--metrics-export-port={free_port()}",
+                   f"--runtime-env-agent-port={free_port()}"]  # fmt: skip
     temp = Path(tempfile.mkdtemp(prefix="rayjob", dir="/tmp"))  # socket paths must stay short
     proc = subprocess.Popen(
         [*_ray_cli(), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats"],
+         f"--dashboard-port={dash}", f"--temp-dir={temp}", "--disable-usage-stats", *agent_ports],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         # its address file goes to its own directory: a plain ``ray.init()`` elsewhere on this
         # machine (another test) must not find and join this cluster
