@@ -3,6 +3,7 @@ processes fetch the same nodes at once, and fetched again when the node's commit
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -29,29 +30,68 @@ def other_filesystem_than_tmp() -> Path | None:
     return None
 
 
+def refuse_renames_across(monkeypatch, root: Path) -> None:
+    """Make ``os.rename``/``os.replace`` between ``root`` and anywhere outside it fail with EXDEV,
+    as the kernel does between two filesystems (for machines that have only one)."""
+    for name in ("rename", "replace"):
+        real = getattr(os, name)
+
+        def guarded(src, dst, *a, _real=real, **kw):
+            inside = [Path(x).resolve().is_relative_to(root) for x in (src, dst)]
+            if inside[0] != inside[1]:
+                raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src), None, str(dst))
+            return _real(src, dst, *a, **kw)
+
+        monkeypatch.setattr(os, name, guarded)
+
+
 @pytest.fixture
 def split_cache(monkeypatch, tmp_path):
     """``MERGESEC_CACHE`` on another filesystem than the temporary directory (the Dockerfile's
-    layout: the cache on a shared mount)."""
+    layout: the cache on a shared mount). Where this machine has a single filesystem, the cache
+    gets a directory of its own and renames across its border fail with EXDEV in this process
+    (subprocesses see one filesystem)."""
     other = other_filesystem_than_tmp()
-    if other is None:
-        pytest.skip("no second filesystem here")
-    cache = Path(tempfile.mkdtemp(prefix="mergesec-cache-", dir=other))
-    monkeypatch.setenv("MERGESEC_CACHE", str(cache / "fresh" / "cache"))  # parents do not exist
-    yield cache / "fresh" / "cache"
+    if other is not None:
+        parent = Path(tempfile.mkdtemp(prefix="mergesec-cache-", dir=other))
+    else:
+        parent = Path(tempfile.mkdtemp(prefix="mergesec-cache-", dir=tmp_path)).resolve()
+        refuse_renames_across(monkeypatch, parent)
+    monkeypatch.setenv("MERGESEC_CACHE", str(parent / "fresh" / "cache"))  # parents do not exist
+    yield parent / "fresh" / "cache"
     import shutil
 
-    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(parent, ignore_errors=True)
 
 
 def test_first_download_across_filesystems(tmp_path, split_cache):
     store = remote_store(tmp_path / "s")
     commit(store, IDS[0], value=3.0)
-    assert os.stat(tempfile.gettempdir()).st_dev != os.stat(split_cache.parents[1]).st_dev
+    # the layout: a rename from the temporary directory into the cache crosses filesystems
+    fd, probe = tempfile.mkstemp()
+    os.close(fd)
+    with pytest.raises(OSError) as crossed:
+        os.rename(probe, split_cache.parents[1] / "probe")
+    os.unlink(probe)
+    assert crossed.value.errno == errno.EXDEV
     got = store.local_dir(IDS[0])
     assert got.is_relative_to(split_cache)
     assert load_file(str(got / "model.safetensors"))["w"][0, 0] == 3.0
     assert not [p for p in got.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_renames_across_the_cache_border_fail_like_across_filesystems(tmp_path, monkeypatch):
+    """The stand-in for a second filesystem refuses exactly the renames the kernel would."""
+    border = (tmp_path / "cache").resolve()
+    border.mkdir()
+    refuse_renames_across(monkeypatch, border)
+    (tmp_path / "a").write_text("x")
+    with pytest.raises(OSError) as e:
+        os.rename(tmp_path / "a", border / "a")
+    assert e.value.errno == errno.EXDEV
+    (border / "b").write_text("y")
+    os.replace(border / "b", border / "c")  # within the cache: allowed
+    assert (border / "c").read_text() == "y"
 
 
 def test_a_changed_commit_is_fetched_again(tmp_path):
