@@ -90,14 +90,15 @@ def mean(ts: Sequence[Tensor]) -> Tensor:
 
 # Rows of at least this many elements are made on several threads (``stacked(parallel=True)``).
 PARALLEL_ROW_ELEMENTS = 1 << 20
-_row_pool: ThreadPoolExecutor | None = None
+_row_pools: dict[int, ThreadPoolExecutor] = {}
 
 
 def _rows_pool() -> ThreadPoolExecutor:
-    global _row_pool
-    if _row_pool is None or _row_pool._max_workers != torch.get_num_threads():
-        _row_pool = ThreadPoolExecutor(torch.get_num_threads(), thread_name_prefix="merge-rows")
-    return _row_pool
+    """One pool per torch thread count (a worker process keeps its count)."""
+    n = torch.get_num_threads()
+    if n not in _row_pools:
+        _row_pools[n] = ThreadPoolExecutor(n, thread_name_prefix="merge-rows")
+    return _row_pools[n]
 
 
 def stacked(
