@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PATHS = ("grid", "store", "sqlite", "server")
+PATHS = ("grid", "store", "sqlite", "server", "grid_server")
 
 
 def sweep_dicts(n: int, datasets: int = 8, merges: int = 6) -> list[dict]:
@@ -101,8 +101,8 @@ def sweep_nodes(n: int):
 
 
 class MlflowServer:
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, cores: set[int] | None = None):
+        self.root, self.cores = root, cores
         with __import__("socket").socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -117,6 +117,10 @@ class MlflowServer:
             + ["--artifacts-destination", str(self.root / "artifacts")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # the job runner (five consumer processes for GenAI jobs mergesec never submits)
+            # would spend ~10 s of CPU starting up on the cores the study runs on
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            preexec_fn=(lambda: os.sched_setaffinity(0, self.cores)) if self.cores else None,
         )
         for _ in range(400):
             try:
@@ -129,6 +133,26 @@ class MlflowServer:
     def __exit__(self, *exc) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the server's process tree so far (Linux ``/proc``; 0 elsewhere)."""
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        parents: dict[int, int] = {}
+        times: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid = int(stat.parent.name)
+            parents[pid] = int(fields[1])
+            times[pid] = sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+        tree, grew = {self.proc.pid}, True
+        while grew:
+            more = {p for p, pp in parents.items() if pp in tree} - tree
+            tree |= more
+            grew = bool(more)
+        return sum(times.get(p, 0) for p in tree) / tick
 
 
 def run_mergesec(nodes, root: Path, tracking_uri: str | None) -> float:
@@ -171,17 +195,23 @@ def run_mergesec(nodes, root: Path, tracking_uri: str | None) -> float:
     return elapsed
 
 
-def run_grid(n: int, root: Path) -> float:
+def run_grid(n: int, root: Path, tracking_uri: str | None = None) -> float:
+    """A plain Ray Tune grid of ``n`` trials; with ``tracking_uri``, tracked by Ray's own
+    ``MLflowLoggerCallback`` (one MLflow run per trial, logged in Tune's callbacks)."""
     from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     from benchmarks.orchestration_overhead import _tune_trainable
 
+    callbacks = [MLflowLoggerCallback(tracking_uri, experiment_name="grid")] if tracking_uri else []
     t = time.perf_counter()
     tune.Tuner(
         tune.with_resources(_tune_trainable, {"cpu": 1}),
         param_space={"seed": tune.grid_search(list(range(n)))},
         tune_config=tune.TuneConfig(reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=str(root / "tune-grid"), verbose=0),
+        run_config=tune.RunConfig(
+            storage_path=str(root / "tune-grid"), verbose=0, callbacks=callbacks
+        ),
     ).fit()
     return time.perf_counter() - t
 
@@ -192,6 +222,20 @@ def main() -> None:
     ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     ap.add_argument("--driver-n", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument(
+        "--server-cores",
+        type=int,
+        nargs="*",
+        default=[],
+        help="pin the mlflow servers to these cores and everything else (driver, Ray, the grid) "
+        "to the others: the tracking server on a host of its own, as on a cluster",
+    )
+    ap.add_argument(
+        "--grid-server-max-n",
+        type=int,
+        default=1000,
+        help="run the grid_server path up to this N (about 0.15 s per trial on 2 cores)",
+    )
     args = ap.parse_args()
 
     for n in args.driver_n:
@@ -211,6 +255,13 @@ def main() -> None:
     from benchmarks.orchestration_overhead import _register  # noqa: F401 - registers bench_noop
 
     env = {k: os.environ[k] for k in ("PYTHONPATH", "MERGESEC_PLUGINS", "MERGESEC_BENCH_WORK")}
+    server_cores = set(args.server_cores) or None
+    if server_cores:
+        rest = os.sched_getaffinity(0) - server_cores
+        if not rest:
+            sys.exit(f"--server-cores {sorted(server_cores)} leaves no core for Ray")
+        os.sched_setaffinity(0, rest)  # Ray's processes inherit it
+        print(f"mlflow servers on cores {sorted(server_cores)}; driver and Ray on {sorted(rest)}")
     ray.init(
         num_cpus=args.cpus,
         include_dashboard=False,
@@ -223,6 +274,11 @@ def main() -> None:
             nodes = sweep_nodes(n)
             row = {"n": n}
             for path in args.paths:
+                if path == "grid_server" and n > args.grid_server_max_n:
+                    print(
+                        f"N={n} grid_server: skipped (--grid-server-max-n {args.grid_server_max_n})"
+                    )
+                    continue
                 root = Path(tmp) / f"{n}-{path}"
                 root.mkdir(parents=True)
                 if path == "grid":
@@ -232,11 +288,23 @@ def main() -> None:
                 elif path == "sqlite":
                     row[path] = run_mergesec(nodes, root, f"sqlite:///{root / 'mlflow.db'}")
                 else:
-                    with MlflowServer(root) as server:
-                        row[path] = run_mergesec(nodes, root, server.url)
+                    with MlflowServer(root, server_cores) as server:
+                        started = server.cpu_seconds()  # start-up and schema creation excluded
+                        if path == "server":
+                            row[path] = run_mergesec(nodes, root, server.url)
+                        else:
+                            row[path] = run_grid(n, root, server.url)
+                        row[f"{path}_cpu"] = server.cpu_seconds() - started
                 print(
                     f"N={n} {path}: {row[path]:.1f} s ({row[path] / n:.4f} s per node)", flush=True
                 )
+                if f"{path}_cpu" in row:
+                    cpu = row[f"{path}_cpu"]
+                    print(
+                        f"N={n} {path}: the mlflow server's own CPU time {cpu:.1f} s "
+                        f"({cpu / n:.4f} s per node)",
+                        flush=True,
+                    )
             rows.append(row)
     ray.shutdown()
     names = {
@@ -244,6 +312,7 @@ def main() -> None:
         "store": "mergesec, store",
         "sqlite": "store + MLflow SQLite",
         "server": "store + mlflow server",
+        "grid_server": "Tune grid + MLflowLoggerCallback, mlflow server",
     }
     print(f"\n{args.cpus} CPUs; seconds per node (wall time / N); ratio to the Tune grid")
     print("| N | " + " | ".join(names[p] for p in args.paths) + " |")
@@ -251,10 +320,20 @@ def main() -> None:
     for row in rows:
         cells = []
         for p in args.paths:
+            if p not in row:
+                cells.append("—")
+                continue
             per = row[p] / row["n"]
             ratio = f" ({row[p] / row['grid']:.2f}x)" if "grid" in row and p != "grid" else ""
             cells.append(f"{per:.4f}{ratio}")
         print(f"| {row['n']} | " + " | ".join(cells) + " |")
+    for row in rows:
+        if "server" in row and "grid_server" in row:
+            print(
+                f"N={row['n']}: mergesec with an mlflow server / the Tune grid tracked by "
+                f"MLflowLoggerCallback to the same kind of server: "
+                f"{row['server'] / row['grid_server']:.2f}x"
+            )
     print(json.dumps(rows))
 
 

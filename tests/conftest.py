@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -147,9 +148,14 @@ def minilm_experts(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def start_mlflow_server(root: Path):
-    """An ``mlflow server`` on 127.0.0.1 over a SQLite database in ``root``: (process, URL)."""
-    port = free_port()
+def start_mlflow_server(root: Path, port: int | None = None):
+    """An ``mlflow server`` on 127.0.0.1 over a SQLite database in ``root``: (process, URL).
+
+    Its access log goes to ``root / "server.log"``. It runs in a session of its own (kill it and
+    its worker with ``os.killpg``). MLflow's job runner (five idle consumer processes for GenAI
+    jobs that mergesec never submits) is off.
+    """
+    port = port or free_port()
     exe = shutil.which("mlflow")
     cmd = [exe] if exe else [sys.executable, "-m", "mlflow"]
     proc = subprocess.Popen(
@@ -167,8 +173,10 @@ def start_mlflow_server(root: Path):
             "--artifacts-destination",
             str(root / "artifacts"),
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=(root / "server.log").open("ab"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -178,9 +186,10 @@ def start_mlflow_server(root: Path):
                 if r.status == 200:
                     break
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.3)
     else:
-        proc.kill()
+        os.killpg(proc.pid, 9)
+        proc.wait()
         pytest.fail("mlflow server did not come up on 127.0.0.1")
     return proc, url
 
@@ -189,5 +198,5 @@ def start_mlflow_server(root: Path):
 def mlflow_server(tmp_path):
     proc, url = start_mlflow_server(tmp_path)
     yield url
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)

@@ -41,3 +41,8 @@ def test_two_node_cluster_with_mlflow_server(tmp_path, tiny_bert, mlflow_server)
 
     arts = [a.path for a in MlflowClient(mlflow_server).list_artifacts(runs[0].info.run_id)]
     assert "node.json" in arts and "metrics.json" in arts
+    # requests that scale with the study: no lookups or searches per node
+    log = (tmp_path / "server.log").read_text()
+    assert log.count("/api/2.0/mlflow/runs/create") >= summary.total  # the log is the access log
+    assert log.count("/api/2.0/mlflow/runs/get") <= 2
+    assert log.count("/api/2.0/mlflow/runs/search") <= 3

@@ -4,16 +4,13 @@ that stays down until the study is over. Every node finishes; MLflow ends with o
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, start_mlflow_server
 
 from mergesec.orchestrator.engine import run_dag
 from mergesec.orchestrator.node import Node
@@ -38,37 +35,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        exe = shutil.which("mlflow")
-        cmd = [exe] if exe else [sys.executable, "-m", "mlflow"]
-        self.proc = subprocess.Popen(
-            [
-                *cmd,
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--workers",
-                "1",
-                "--backend-store-uri",
-                f"sqlite:///{self.root / 'server.db'}",
-                "--artifacts-destination",
-                str(self.root / "artifacts"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        self.kill()
-        pytest.fail("mlflow server did not come up on 127.0.0.1")
+        self.proc, _ = start_mlflow_server(self.root, self.port)
 
     def kill(self) -> None:
         if self.proc is not None:

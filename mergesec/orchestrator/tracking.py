@@ -374,6 +374,9 @@ class StudyTracker:
         self._source = source_tags(self.ctx.source)
         self._parents: list = []  # earlier study runs of this study
         self._node_runs: dict[str, str] = {}
+        # run id -> artifact URI, from the run's creation; spares a request to look it up when
+        # the run's files are logged
+        self._artifact_uris: dict[str, str] = {}
         self._finished: set[str] = set()  # node ids whose run is FINISHED
         self._params_due: set[str] = set()  # runs created without their params
         self._sweeps: dict[str, dict[int, dict[str, float]]] = {}  # node -> step -> sweep metrics
@@ -483,7 +486,17 @@ class StudyTracker:
                 p = os.path.join(tmp, name)
                 with open(p, "w") as f:
                     f.write(text)
-                self.client.log_artifact(run_id, p, artifact_path=artifact_path)
+                self._log_artifact(run_id, p, artifact_path)
+
+    def _log_artifact(self, run_id: str, path: str, artifact_path: str | None = None) -> None:
+        """``log_artifact`` without fetching the run first when its artifact URI is known."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        uri = self._artifact_uris.get(run_id)
+        if uri is None:
+            self.client.log_artifact(run_id, path, artifact_path=artifact_path)
+        else:
+            get_artifact_repository(uri, tracking_uri=self.uri).log_artifact(path, artifact_path)
 
     def _log_table(self, run_id: str, name: str, columns: list[str], data: list[list]) -> None:
         """Write (or replace) a table artifact the UI lists as one (``log_table``'s format and
@@ -614,6 +627,7 @@ class StudyTracker:
             self.experiment_id, run_name=node_run_name(node, facts), tags=tags
         )
         self._node_runs[node.id] = run.info.run_id
+        self._artifact_uris[run.info.run_id] = run.info.artifact_uri
         if params:
             self._log_params(run.info.run_id, node_params(node, facts))
         else:
@@ -677,9 +691,7 @@ class StudyTracker:
                     files = []
                 for path in files:
                     weights = path.suffix == ".safetensors"
-                    self.client.log_artifact(
-                        run_id, str(path), artifact_path="weights" if weights else None
-                    )
+                    self._log_artifact(run_id, str(path), "weights" if weights else None)
                 self._log_sweep(node.id, run_id)
                 if self.ctx.log_models and facts is not None and facts.role in MODEL_ROLES:
                     self._log_model(node, facts, run_id, store)
@@ -687,8 +699,9 @@ class StudyTracker:
                 p = os.path.join(tmp, "traceback.txt")
                 with open(p, "w") as f:
                     f.write(store.failure(node.id))
-                self.client.log_artifact(run_id, p)
+                self._log_artifact(run_id, p)
         self.client.set_terminated(run_id, status=status)
+        self._artifact_uris.pop(run_id, None)
         if status == "FINISHED":
             self._finished.add(node.id)
             self._rows_done_by(node, store)
