@@ -92,7 +92,8 @@ def _tune_trainable(config):
     tune.report({"value": work(config["seed"])})
 
 
-def run_tune_grid(n: int, root: Path) -> float:
+def run_tune_grid(n: int, root: Path, callbacks: list | None = None) -> float:
+    """Seconds for a plain Ray Tune grid of ``n`` trivial trials (no dependencies)."""
     from ray import tune
 
     t = time.perf_counter()
@@ -100,7 +101,9 @@ def run_tune_grid(n: int, root: Path) -> float:
         tune.with_resources(_tune_trainable, {"cpu": 1}),
         param_space={"seed": tune.grid_search(list(range(n)))},
         tune_config=tune.TuneConfig(reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=str(root / "tune-grid"), verbose=0),
+        run_config=tune.RunConfig(
+            storage_path=str(root / "tune-grid"), verbose=0, callbacks=callbacks or []
+        ),
     ).fit()
     return time.perf_counter() - t
 

@@ -117,8 +117,8 @@ class MlflowServer:
             + ["--artifacts-destination", str(self.root / "artifacts")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            # the job runner (five consumer processes for GenAI jobs mergesec never submits)
-            # would spend ~10 s of CPU starting up on the cores the study runs on
+            # the job runner (seven consumer processes for jobs mergesec never submits) would
+            # spend about 20 s of CPU starting up on the cores the study runs on
             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             preexec_fn=(lambda: os.sched_setaffinity(0, self.cores)) if self.cores else None,
         )
@@ -198,22 +198,12 @@ def run_mergesec(nodes, root: Path, tracking_uri: str | None) -> float:
 def run_grid(n: int, root: Path, tracking_uri: str | None = None) -> float:
     """A plain Ray Tune grid of ``n`` trials; with ``tracking_uri``, tracked by Ray's own
     ``MLflowLoggerCallback`` (one MLflow run per trial, logged in Tune's callbacks)."""
-    from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-    from benchmarks.orchestration_overhead import _tune_trainable
+    from benchmarks.orchestration_overhead import run_tune_grid
 
     callbacks = [MLflowLoggerCallback(tracking_uri, experiment_name="grid")] if tracking_uri else []
-    t = time.perf_counter()
-    tune.Tuner(
-        tune.with_resources(_tune_trainable, {"cpu": 1}),
-        param_space={"seed": tune.grid_search(list(range(n)))},
-        tune_config=tune.TuneConfig(reuse_actors=True),
-        run_config=tune.RunConfig(
-            storage_path=str(root / "tune-grid"), verbose=0, callbacks=callbacks
-        ),
-    ).fit()
-    return time.perf_counter() - t
+    return run_tune_grid(n, root, callbacks)
 
 
 def main() -> None:
@@ -234,7 +224,7 @@ def main() -> None:
         "--grid-server-max-n",
         type=int,
         default=1000,
-        help="run the grid_server path up to this N (about 0.15 s per trial on 2 cores)",
+        help="run the grid_server path up to this N (0.17-0.19 s per trial on 2 cores)",
     )
     args = ap.parse_args()
 

@@ -152,32 +152,33 @@ def start_mlflow_server(root: Path, port: int | None = None):
     """An ``mlflow server`` on 127.0.0.1 over a SQLite database in ``root``: (process, URL).
 
     Its access log goes to ``root / "server.log"``. It runs in a session of its own (kill it and
-    its worker with ``os.killpg``). MLflow's job runner (five idle consumer processes for GenAI
+    its worker with ``os.killpg``). MLflow's job runner (seven idle consumer processes for
     jobs that mergesec never submits) is off.
     """
     port = port or free_port()
     exe = shutil.which("mlflow")
     cmd = [exe] if exe else [sys.executable, "-m", "mlflow"]
-    proc = subprocess.Popen(
-        [
-            *cmd,
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-        ],
-        stdout=(root / "server.log").open("ab"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        start_new_session=True,
-    )
+    with (root / "server.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [
+                *cmd,
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{root / 'server.db'}",
+                "--artifacts-destination",
+                str(root / "artifacts"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:

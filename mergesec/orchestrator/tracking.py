@@ -700,8 +700,7 @@ class StudyTracker:
                 with open(p, "w") as f:
                     f.write(store.failure(node.id))
                 self._log_artifact(run_id, p)
-        self.client.set_terminated(run_id, status=status)
-        self._artifact_uris.pop(run_id, None)
+        self._end_run(run_id, status)
         if status == "FINISHED":
             self._finished.add(node.id)
             self._rows_done_by(node, store)
@@ -728,7 +727,11 @@ class StudyTracker:
             )
             tags.append(RunTag(TAG_NOTE, note))
         self.client.log_batch(run_id, tags=tags)
-        self.client.set_terminated(run_id, status="KILLED")
+        self._end_run(run_id, "KILLED")
+
+    def _end_run(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status=status)
+        self._artifact_uris.pop(run_id, None)
 
     def _log_sweep(self, node_id: str, run_id: str) -> None:
         """The merge search as a table: one row per candidate tried (step), its settings and
