@@ -3,7 +3,9 @@
 For each N the same DAG (groups of 8 expert roots, 6 merges of all 8, one evaluation per merge)
 runs through mergesec with the store alone, with MLflow on SQLite, and with a real
 ``mlflow server`` on 127.0.0.1, next to a plain Ray Tune grid of N trials (no dependencies) in the
-same Ray instance. The pure driver cost (``DagSearcher`` and progress, no Ray) is measured per
+same Ray instance. The server runs as the README's cluster recipe starts it (Flask under gunicorn,
+``--gunicorn-opts``); ``server_uvicorn`` is the same server as MLflow starts it by default (FastAPI
+and uvicorn around the same Flask app), which costs about 1.6x the server CPU per request. The pure driver cost (``DagSearcher`` and progress, no Ray) is measured per
 event on a 1e4- and a 1e5-node plan.
 
     python benchmarks/orchestration_scale.py [--n 100 1000 10000] [--cpus 2] [--paths ...]
@@ -24,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-PATHS = ("grid", "store", "sqlite", "server", "grid_server")
+PATHS = ("grid", "store", "sqlite", "server", "server_uvicorn", "grid_server")
 
 
 def sweep_dicts(n: int, datasets: int = 8, merges: int = 6) -> list[dict]:
@@ -101,8 +103,10 @@ def sweep_nodes(n: int):
 
 
 class MlflowServer:
-    def __init__(self, root: Path, cores: set[int] | None = None):
+    def __init__(self, root: Path, cores: set[int] | None = None, app: str = "gunicorn"):
         self.root, self.cores = root, cores
+        # MLflow's default app wraps Flask in FastAPI and uvicorn; gunicorn serves Flask directly
+        self.app_args = ["--gunicorn-opts", "--log-level warning"] if app == "gunicorn" else []
         with __import__("socket").socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -114,7 +118,8 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [*cmd, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
             + ["--backend-store-uri", f"sqlite:///{self.root / 'server.db'}"]
-            + ["--artifacts-destination", str(self.root / "artifacts")],
+            + ["--artifacts-destination", str(self.root / "artifacts")]
+            + self.app_args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             # the job runner (seven consumer processes for jobs mergesec never submits) would
@@ -226,6 +231,12 @@ def main() -> None:
         default=1000,
         help="run the grid_server path up to this N (0.17-0.19 s per trial on 2 cores)",
     )
+    ap.add_argument(
+        "--uvicorn-max-n",
+        type=int,
+        default=1000,
+        help="run the server_uvicorn path (MLflow's default server app) up to this N",
+    )
     args = ap.parse_args()
 
     for n in args.driver_n:
@@ -264,10 +275,9 @@ def main() -> None:
             nodes = sweep_nodes(n)
             row = {"n": n}
             for path in args.paths:
-                if path == "grid_server" and n > args.grid_server_max_n:
-                    print(
-                        f"N={n} grid_server: skipped (--grid-server-max-n {args.grid_server_max_n})"
-                    )
+                cap = {"grid_server": args.grid_server_max_n, "server_uvicorn": args.uvicorn_max_n}
+                if n > cap.get(path, n):
+                    print(f"N={n} {path}: skipped (run up to N={cap[path]})")
                     continue
                 root = Path(tmp) / f"{n}-{path}"
                 root.mkdir(parents=True)
@@ -278,9 +288,10 @@ def main() -> None:
                 elif path == "sqlite":
                     row[path] = run_mergesec(nodes, root, f"sqlite:///{root / 'mlflow.db'}")
                 else:
-                    with MlflowServer(root, server_cores) as server:
+                    app = "uvicorn" if path == "server_uvicorn" else "gunicorn"
+                    with MlflowServer(root, server_cores, app) as server:
                         started = server.cpu_seconds()  # start-up and schema creation excluded
-                        if path == "server":
+                        if path.startswith("server"):
                             row[path] = run_mergesec(nodes, root, server.url)
                         else:
                             row[path] = run_grid(n, root, server.url)
@@ -301,8 +312,9 @@ def main() -> None:
         "grid": "plain Tune grid",
         "store": "mergesec, store",
         "sqlite": "store + MLflow SQLite",
-        "server": "store + mlflow server",
-        "grid_server": "Tune grid + MLflowLoggerCallback, mlflow server",
+        "server": "store + mlflow server (gunicorn)",
+        "server_uvicorn": "store + mlflow server (MLflow's default uvicorn)",
+        "grid_server": "Tune grid + MLflowLoggerCallback, mlflow server (gunicorn)",
     }
     print(f"\n{args.cpus} CPUs; seconds per node (wall time / N); ratio to the Tune grid")
     print("| N | " + " | ".join(names[p] for p in args.paths) + " |")

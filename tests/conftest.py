@@ -148,12 +148,13 @@ def minilm_experts(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-def start_mlflow_server(root: Path, port: int | None = None):
+def start_mlflow_server(root: Path, port: int | None = None, gunicorn: bool = False):
     """An ``mlflow server`` on 127.0.0.1 over a SQLite database in ``root``: (process, URL).
 
     Its access log goes to ``root / "server.log"``. It runs in a session of its own (kill it and
     its worker with ``os.killpg``). MLflow's job runner (seven idle consumer processes for
-    jobs that mergesec never submits) is off.
+    jobs that mergesec never submits) is off. ``gunicorn``: MLflow's Flask app served by
+    gunicorn, as the README's cluster recipe starts it, instead of MLflow's default uvicorn.
     """
     port = port or free_port()
     exe = shutil.which("mlflow")
@@ -173,6 +174,7 @@ def start_mlflow_server(root: Path, port: int | None = None):
                 f"sqlite:///{root / 'server.db'}",
                 "--artifacts-destination",
                 str(root / "artifacts"),
+                *(["--gunicorn-opts", "--access-logfile -"] if gunicorn else []),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -198,6 +200,15 @@ def start_mlflow_server(root: Path, port: int | None = None):
 @pytest.fixture
 def mlflow_server(tmp_path):
     proc, url = start_mlflow_server(tmp_path)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_gunicorn_server(tmp_path):
+    """The README's cluster recipe: MLflow's Flask app under gunicorn."""
+    proc, url = start_mlflow_server(tmp_path, gunicorn=True)
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(timeout=30)

@@ -1,4 +1,5 @@
-"""A two-node Ray cluster run whose trials land on both nodes, tracked through a real `mlflow server`."""
+"""A two-node Ray cluster run whose trials land on both nodes, tracked through a real `mlflow server`
+started as the README's cluster recipe starts it (gunicorn)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from mergesec.orchestrator.spec import load_study
 pytestmark = pytest.mark.slow
 
 
-def test_two_node_cluster_with_mlflow_server(tmp_path, tiny_bert, mlflow_server):
+def test_two_node_cluster_with_mlflow_server(tmp_path, tiny_bert, mlflow_gunicorn_server):
+    mlflow_server = mlflow_gunicorn_server
     import ray
     from ray.cluster_utils import Cluster
 
@@ -43,6 +45,7 @@ def test_two_node_cluster_with_mlflow_server(tmp_path, tiny_bert, mlflow_server)
     assert "node.json" in arts and "metrics.json" in arts
     # requests that scale with the study: no lookups or searches per node
     log = (tmp_path / "server.log").read_text()
+    assert "Starting gunicorn" in log
     assert log.count("/api/2.0/mlflow/runs/create") >= summary.total  # the log is the access log
     assert log.count("/api/2.0/mlflow/runs/get") <= 2
     assert log.count("/api/2.0/mlflow/runs/search") <= 3

@@ -195,6 +195,10 @@ def test_study_files_plan_monitor_nodes():
     assert len(trained) == 1, "one backdoored expert, watched once across merge ops"
     node = quick.nodes[trained.pop()]
     assert node.params["poison"]["trigger"] == "cf" and node.params["op"]["k"] == 20
+    # ε chosen on held-out benign texts, FPR reported on the test split
+    assert (
+        node.params["op"]["target_fpr"] == 0.01 and node.params["op"]["selection_fraction"] == 0.3
+    )
 
     study = build_plan(load_study(REPO / "conf" / "weightwatch_backdoor.yaml"))
     rows = _monitored(study)
