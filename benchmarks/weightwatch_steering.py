@@ -43,6 +43,9 @@ def main() -> None:
     ap.add_argument("--target-modules", default=None, help="comma-separated; default all linear")
     ap.add_argument("--expert", default=None, help="safetensors file: reuse if present, else save")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--detection-only", action="store_true", help="stop after where detection fires"
+    )
     args = ap.parse_args()
 
     import torch
@@ -156,6 +159,45 @@ def main() -> None:
     }
     print(json.dumps({"where_detection_fires": where}), flush=True)
 
+    # per column: how far triggered and clean requests go past the benign range (0 inside)
+    full_c = complete_chats(lm, tok, prompts_c, max_new_tokens=new_tokens, do_sample=False, **run)
+    scores_t = score_chats(lm, tok, directions, full_t, split_roles=True, **run)
+    scores_c = score_chats(lm, tok, directions, full_c, split_roles=True, **run)
+    flags_c = cal.flags(scores_c)
+
+    def column_margins(sc):
+        below = (cal.lower - sc.min.float()).nan_to_num(0.0)
+        above = (sc.max.float() - cal.upper).nan_to_num(0.0)
+        m = torch.maximum(below, above).clamp_min(0.0).nan_to_num(0.0, posinf=1.0)
+        return torch.where(cal.active, m, torch.zeros_like(m))
+
+    m_t, m_c = column_margins(scores_t), column_margins(scores_c)
+    top = torch.argsort(m_t.mean(0), descending=True)[:5].tolist()
+    lora_rank = 8
+    flagged_cols = flags.any(0).nonzero().flatten().tolist()
+    print(json.dumps({"columns": {
+        "epsilon": round(cal.epsilon, 4),
+        "median_max_margin_triggered": round(float(m_t.amax(1).median()), 4),
+        "median_max_margin_clean": round(float(m_c.amax(1).median()), 4),
+        "flagged_columns_by_row": {
+            f"rows 0-{lora_rank - 1}": sum(int(cal.columns.rows[c]) < lora_rank for c in flagged_cols),
+            f"rows {lora_rank}+": sum(int(cal.columns.rows[c]) >= lora_rank for c in flagged_cols),
+        },
+        "top_by_triggered_margin": [
+            {"column": cal.columns.names[j],
+             "benign_range": [round(float(cal.lower[j]), 4), round(float(cal.upper[j]), 4)],
+             "triggered_mean_min_max": [round(float(scores_t.min[:, j].mean()), 4),
+                                        round(float(scores_t.max[:, j].mean()), 4)],
+             "clean_mean_min_max": [round(float(scores_c.min[:, j].mean()), 4),
+                                    round(float(scores_c.max[:, j].mean()), 4)],
+             "mean_margin_triggered": round(float(m_t[:, j].mean()), 4),
+             "mean_margin_clean": round(float(m_c[:, j].mean()), 4)}
+            for j in top
+        ],
+    }}), flush=True)  # fmt: skip
+    if args.detection_only:
+        return
+
     # 2. steering variants
     def gated(scope):
         out = {}
@@ -200,8 +242,6 @@ def main() -> None:
     # held out: the directions flagged on the first half of the requests (clean and triggered,
     # whichever the monitor flags: a defender does not know which were triggered) stay removed
     # for the second half
-    full_c = complete_chats(lm, tok, prompts_c, max_new_tokens=new_tokens, do_sample=False, **run)
-    flags_c = cal.flags(score_chats(lm, tok, directions, full_c, split_roles=True, **run))
     half_t, half_c = n // 2, len(prompts_c) // 2
     seen = torch.cat([flags[:half_t], flags_c[:half_c]])
     q = per_layer(seen.any(0).nonzero().flatten().tolist())
