@@ -2,12 +2,14 @@
 
 Trains the rare-token (or ``--trigger phrase``) victim of ``weightwatch_chat.py`` (LoRA on every
 linear layer unless ``--target-modules``; ``--expert F`` keeps the trained weights in a
-safetensors file and reuses them), runs ``monitor/weightwatch`` on it with the same settings, and then, on the triggered test
-requests, measures:
+safetensors file and reuses them), runs ``monitor/weightwatch`` on it (or, with ``--merge-with``,
+on its task-arithmetic merge with a clean Rotten Tomatoes chat expert) with the same settings,
+and then, on the triggered test requests, measures:
 
 1. where detection fires: by role (user columns: the prompt; assistant columns: the reply), on
-   the prompt alone (what steered generation sees before its first token), and under the
-   released steering rule during the prefill only (``max_new_tokens=1``);
+   the prompt without the assistant header, and under the released steering rule during the
+   prefill only (``max_new_tokens=1``); per column, how far triggered and clean requests go
+   past the benign range (``--detection-only`` stops here);
 2. attack success and clean utility under steering variants: the released rule (gated, sticky,
    whole sequence), gated from the trigger on, each request's own unsteered flag set removed
    from its first token (two passes), the union of the directions flagged on any triggered
@@ -47,6 +49,12 @@ def main() -> None:
     ap.add_argument("--target-modules", default=None, help="comma-separated; default all linear")
     ap.add_argument("--expert", default=None, help="safetensors file: reuse if present, else save")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--merge-with",
+        default=None,
+        help="safetensors file of a clean Rotten Tomatoes chat expert (trained and saved there "
+        "when missing): watch the task-arithmetic merge of the victim with it",
+    )
     ap.add_argument(
         "--detection-only", action="store_true", help="stop after where detection fires"
     )
@@ -96,6 +104,31 @@ def main() -> None:
     clean_splits = kind.load(ref)
     task.use(clean_splits)
     tuned = {k: v.detach().cpu().clone() for k, v in task.backbone().state_dict().items()}
+    if args.merge_with:
+        # the watched model is the task-arithmetic merge (c = 1) with a clean Rotten Tomatoes
+        # chat expert, as weightwatch_chat.py's "merged"; everything below is on the merge
+        other_file = Path(args.merge_with)
+        if other_file.exists():
+            other_sd = load_file(str(other_file))
+        else:
+            other_ref = {"uri": f"chat:builtin:rotten_tomatoes?{sizes}"}
+            other_data = kind.load(other_ref)
+            other = kind.build(URI, other_data, device="cpu", allow_remote_code=False, seed=0)
+            t0 = time.perf_counter()
+            finetune_lora(other, other_data, "cpu", None, epochs=args.epochs, lr=2e-3,
+                          batch_size=args.batch, patience=100, r=8, alpha=16, dropout=0.0)  # fmt: skip
+            other.release_state()
+            other_sd = {
+                k: v.detach().contiguous() for k, v in other.backbone().state_dict().items()
+            }
+            save_file(other_sd, str(other_file))
+            print(
+                json.dumps({"clean_expert_fit_s": round(time.perf_counter() - t0, 1)}), flush=True
+            )
+        tuned = {
+            k: base_sd[k] + (tuned[k] - base_sd[k]) + (other_sd[k] - base_sd[k]) for k in tuned
+        }
+        task.backbone().load_state_dict(tuned)
     layout = detect_layout(load_config(URI, False), list(tuned))
     changed = sorted({k.split(".")[-2] for k in tuned if not torch.equal(tuned[k], base_sd[k])})
     print(json.dumps({"modules_changed": changed}), flush=True)
