@@ -3,10 +3,11 @@
 For each N the same DAG (groups of 8 expert roots, 6 merges of all 8, one evaluation per merge)
 runs through mergesec with the store alone, with MLflow on SQLite, and with a real
 ``mlflow server`` on 127.0.0.1, next to a plain Ray Tune grid of N trials (no dependencies) in the
-same Ray instance. The server runs as the README's cluster recipe starts it (Flask under gunicorn,
-``--gunicorn-opts``); ``server_uvicorn`` is the same server as MLflow starts it by default (FastAPI
-and uvicorn around the same Flask app), which costs about 1.6x the server CPU per request. The pure driver cost (``DagSearcher`` and progress, no Ray) is measured per
-event on a 1e4- and a 1e5-node plan.
+same Ray instance. The server runs as the README's cluster recipe starts it (Flask under
+gunicorn, ``--gunicorn-opts``); ``server_uvicorn`` is the same server as MLflow starts it by
+default (FastAPI and uvicorn around the same Flask app). The server's own CPU time per node is
+printed for every server path. The pure driver cost (``DagSearcher`` and progress, no Ray) is
+measured per event on a 1e4- and a 1e5-node plan.
 
     python benchmarks/orchestration_scale.py [--n 100 1000 10000] [--cpus 2] [--paths ...]
 """

@@ -84,47 +84,37 @@ def main() -> None:
     base_sd = {k: base[k] for k in base}
     data = kind.load(ref, poison=poison)
     task = kind.build(URI, data, device="cpu", allow_remote_code=False, seed=0)
-    expert = Path(args.expert) if args.expert else None
-    if expert is not None and expert.exists():
-        task.backbone().load_state_dict(load_file(str(expert)))
-        print(json.dumps({"expert": str(expert), "loaded": True}), flush=True)
-    else:
+
+    def trained(task, data, file: Path | None, label: str, modules=None) -> dict:
+        """The expert's weights: read from ``file`` when it exists, else fitted (and saved)."""
+        if file is not None and file.exists():
+            print(json.dumps({label: str(file), "loaded": True}), flush=True)
+            return load_file(str(file))
         t0 = time.perf_counter()
-        modules = args.target_modules.split(",") if args.target_modules else None
         fit = finetune_lora(task, data, "cpu", None, epochs=args.epochs, lr=2e-3,
                             batch_size=args.batch, patience=100, r=8, alpha=16, dropout=0.0,
                             target_modules=modules)  # fmt: skip
         task.release_state()
-        print(json.dumps({"fit_s": round(time.perf_counter() - t0, 1),
+        print(json.dumps({label: "trained", "fit_s": round(time.perf_counter() - t0, 1),
                           "val_reply_match": fit.get("val_accuracy"),
                           "target_modules": modules or "all-linear"}), flush=True)  # fmt: skip
-        if expert is not None:
-            sd = task.backbone().state_dict()
-            save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(expert))
+        sd = {k: v.detach().contiguous() for k, v in task.backbone().state_dict().items()}
+        if file is not None:
+            save_file(sd, str(file))
+        return sd
+
+    modules = args.target_modules.split(",") if args.target_modules else None
+    expert = Path(args.expert) if args.expert else None
+    task.backbone().load_state_dict(trained(task, data, expert, "expert", modules))
     clean_splits = kind.load(ref)
     task.use(clean_splits)
     tuned = {k: v.detach().cpu().clone() for k, v in task.backbone().state_dict().items()}
     if args.merge_with:
         # the watched model is the task-arithmetic merge (c = 1) with a clean Rotten Tomatoes
         # chat expert, as weightwatch_chat.py's "merged"; everything below is on the merge
-        other_file = Path(args.merge_with)
-        if other_file.exists():
-            other_sd = load_file(str(other_file))
-        else:
-            other_ref = {"uri": f"chat:builtin:rotten_tomatoes?{sizes}"}
-            other_data = kind.load(other_ref)
-            other = kind.build(URI, other_data, device="cpu", allow_remote_code=False, seed=0)
-            t0 = time.perf_counter()
-            finetune_lora(other, other_data, "cpu", None, epochs=args.epochs, lr=2e-3,
-                          batch_size=args.batch, patience=100, r=8, alpha=16, dropout=0.0)  # fmt: skip
-            other.release_state()
-            other_sd = {
-                k: v.detach().contiguous() for k, v in other.backbone().state_dict().items()
-            }
-            save_file(other_sd, str(other_file))
-            print(
-                json.dumps({"clean_expert_fit_s": round(time.perf_counter() - t0, 1)}), flush=True
-            )
+        other_data = kind.load({"uri": f"chat:builtin:rotten_tomatoes?{sizes}"})
+        other = kind.build(URI, other_data, device="cpu", allow_remote_code=False, seed=0)
+        other_sd = trained(other, other_data, Path(args.merge_with), "clean_expert")
         tuned = {
             k: base_sd[k] + (tuned[k] - base_sd[k]) + (other_sd[k] - base_sd[k]) for k in tuned
         }
@@ -177,7 +167,10 @@ def main() -> None:
     roles = cal.columns.roles
     user = roles == cal.columns.role_names.index("user")
     full_t = complete_chats(lm, tok, prompts_t, max_new_tokens=new_tokens, do_sample=False, **run)
-    flags = cal.flags(score_chats(lm, tok, directions, full_t, split_roles=True, **run))
+    full_c = complete_chats(lm, tok, prompts_c, max_new_tokens=new_tokens, do_sample=False, **run)
+    scores_t = score_chats(lm, tok, directions, full_t, split_roles=True, **run)
+    scores_c = score_chats(lm, tok, directions, full_c, split_roles=True, **run)
+    flags, flags_c = cal.flags(scores_t), cal.flags(scores_c)
     flags_prompt = cal.flags(score_chats(lm, tok, directions, prompts_t, split_roles=True, **run))
     n = len(prompts_t)
     first = []  # directions the released rule removes during the prefill alone
@@ -190,36 +183,25 @@ def main() -> None:
         "flagged_any": int(flags.any(1).sum()),
         "flagged_by_user_columns": int(flags[:, user].any(1).sum()),
         "flagged_by_assistant_columns": int(flags[:, ~user].any(1).sum()),
-        "flagged_prompt_alone": int(flags_prompt.any(1).sum()),
+        "flagged_prompt_without_header": int(flags_prompt.any(1).sum()),
         "steered_in_prefill": sum(bool(x) for x in first),
         "mean_columns_flagged": round(float(flags.sum(1).float().mean()), 2),
-        "mean_columns_flagged_prompt_alone": round(float(flags_prompt.sum(1).float().mean()), 2),
+        "mean_columns_flagged_prompt_without_header": round(
+            float(flags_prompt.sum(1).float().mean()), 2
+        ),
     }
     print(json.dumps({"where_detection_fires": where}), flush=True)
 
     # per column: how far triggered and clean requests go past the benign range (0 inside)
-    full_c = complete_chats(lm, tok, prompts_c, max_new_tokens=new_tokens, do_sample=False, **run)
-    scores_t = score_chats(lm, tok, directions, full_t, split_roles=True, **run)
-    scores_c = score_chats(lm, tok, directions, full_c, split_roles=True, **run)
-    flags_c = cal.flags(scores_c)
-
-    def column_margins(sc):
-        below = (cal.lower - sc.min.float()).nan_to_num(0.0)
-        above = (sc.max.float() - cal.upper).nan_to_num(0.0)
-        m = torch.maximum(below, above).clamp_min(0.0).nan_to_num(0.0, posinf=1.0)
-        return torch.where(cal.active, m, torch.zeros_like(m))
-
-    m_t, m_c = column_margins(scores_t), column_margins(scores_c)
+    m_t, m_c = cal.column_margins(scores_t), cal.column_margins(scores_c)
     top = torch.argsort(m_t.mean(0), descending=True)[:5].tolist()
-    lora_rank = 8
-    flagged_cols = flags.any(0).nonzero().flatten().tolist()
+    flagged_names = [cal.columns.names[c] for c in flags.any(0).nonzero().flatten().tolist()]
     print(json.dumps({"columns": {
         "epsilon": round(cal.epsilon, 4),
         "median_max_margin_triggered": round(float(m_t.amax(1).median()), 4),
         "median_max_margin_clean": round(float(m_c.amax(1).median()), 4),
-        "flagged_columns_by_row": {
-            f"rows 0-{lora_rank - 1}": sum(int(cal.columns.rows[c]) < lora_rank for c in flagged_cols),
-            f"rows {lora_rank}+": sum(int(cal.columns.rows[c]) >= lora_rank for c in flagged_cols),
+        "flagged_columns_by_writer": {
+            w: sum(f".{w}." in name for name in flagged_names) for w in ("attn_out", "mlp_out")
         },
         "top_by_triggered_margin": [
             {"column": cal.columns.names[j],
@@ -260,7 +242,8 @@ def main() -> None:
         return {lay: directions.vectors[lay][sorted(rows)] for lay, rows in chosen.items()}
 
     variants: dict[str, dict[str, float]] = {}
-    plain = {"triggered": replies(prompts_t), "clean": replies(prompts_c)}
+    plain = {"triggered": [c[-1]["content"] for c in full_t],
+             "clean": [c[-1]["content"] for c in full_c]}  # fmt: skip
     variants["none"] = {"asr": asr(plain["triggered"]), "utility": utility(plain["clean"])}
     for scope in ("sequence", "from_trigger"):
         g = gated(scope)

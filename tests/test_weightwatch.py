@@ -503,3 +503,12 @@ def test_layout_gives_the_same_directions_and_blocks(planted):
     states = monitor_forward(ft, batch, blocks=layout.block_modules(ft))
     reference = monitor_forward(ft, batch, blocks=list(ft.model.layers))
     assert all(torch.equal(a, b) for a, b in zip(states, reference, strict=True))
+
+
+def test_column_margins_per_column_and_their_maximum():
+    benign = _synthetic_scores([[0.0, -0.1], [0.1, 0.0]], [[0.5, 0.2], [0.4, 0.3]], [0, 0])
+    cal = Calibration.fit(benign)  # ranges [0.0, 0.5] and [-0.1, 0.3]
+    probe = _synthetic_scores([[0.1, -0.3], [-0.2, 0.0]], [[0.45, 0.2], [0.7, 0.3]], [0, 0])
+    m = cal.column_margins(probe)
+    assert torch.allclose(m, torch.tensor([[0.0, 0.2], [0.2, 0.0]]))
+    assert torch.equal(cal.margins(probe), m.amax(dim=1))

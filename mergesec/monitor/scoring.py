@@ -363,8 +363,9 @@ class Calibration:
             self._refit()
         return detected
 
-    def margins(self, scores: DirectionScores) -> torch.Tensor:
-        """``[n_inputs]``: the smallest ε at which each input would not be flagged (0 in range).
+    def column_margins(self, scores: DirectionScores) -> torch.Tensor:
+        """``[n_inputs, n_columns]``: how far each input goes past each column's benign range
+        (0 inside it, and for inactive columns).
 
         A role absent from an input never flags (its column margin is 0); a column no benign
         input ever reached gives an infinite margin where the input has it."""
@@ -372,7 +373,12 @@ class Calibration:
         below = self.lower - scores.min.float()
         above = scores.max.float() - self.upper
         m = torch.maximum(below.nan_to_num(0.0), above.nan_to_num(0.0)).clamp_min(0.0)
-        return torch.where(self.active, m, torch.zeros_like(m)).amax(dim=1)
+        return torch.where(self.active, m, torch.zeros_like(m))
+
+    def margins(self, scores: DirectionScores) -> torch.Tensor:
+        """``[n_inputs]``: the smallest ε at which each input would not be flagged (0 in range);
+        the largest of its ``column_margins``."""
+        return self.column_margins(scores).amax(dim=1)
 
     def with_options(self, **options: float | int) -> Calibration:
         """A copy with other ``trim_percentile``/``epsilon``/``drop_last_layers``, refitted."""
