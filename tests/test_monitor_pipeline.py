@@ -25,6 +25,7 @@ from mergesec.orchestrator.store import Store
 from mergesec.report.monitor import monitor_markdown, monitor_rows, write_monitor_reports
 from mergesec.tasks.monitor import (
     WatchResult,
+    calibration_texts,
     score_examples,
     steering_hooks,
     weightwatch,
@@ -92,6 +93,18 @@ def test_op_is_registered_with_validated_defaults():
         p.name for p in op.params
     }
     assert op.param("k").default == 20 and op.param("epsilon").default == 0.01
+    assert op.param("calibration_include_victim").default is True
+
+
+def test_calibration_texts_with_and_without_the_victims_own():
+    victim = load_dataset_splits("builtin:synthetic_sentiment")
+    own = {e.text for e in victim.train + victim.validation}
+    both = calibration_texts(victim, size=10, datasets=["builtin:synthetic_topic"])
+    generic = calibration_texts(
+        victim, size=10, datasets=["builtin:synthetic_topic"], include_victim=False
+    )
+    assert [t in own for t in both] == [True] * 10 + [False] * 10
+    assert generic == both[10:]
 
 
 def test_weightwatch_reports_rates_and_writes_reloadable_outputs(tiny, tmp_path):

@@ -558,6 +558,7 @@ def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
             check("attack", sc.attack.op, sc.attack.params, f"scenarios.{name}.attack")
         if sc.monitor is not None:
             check("monitor", sc.monitor.op, sc.monitor.params, f"scenarios.{name}.monitor")
+            problems += _monitor_problems(sc.monitor.params, f"scenarios.{name}.monitor")
     check("merge", spec.merge.op, spec.merge.params, "merge")
     problems += _merge_problems(spec)
     if "left_out" in spec.references and len(uris) < 2:
@@ -565,6 +566,18 @@ def _check_semantics(spec: StudySpec) -> list[tuple[str, str]]:
             ("references", "left_out merges the other experts; list two datasets or more")
         )
     return problems
+
+
+def _monitor_problems(params: dict[str, Any], path: str) -> list[tuple[str, str]]:
+    """A monitor needs some benign texts to calibrate on."""
+    if params.get("calibration_include_victim") is False and not params.get("calibration_datasets"):
+        return [
+            (
+                f"{path}.calibration_include_victim",
+                "false leaves nothing to calibrate on; list calibration_datasets too",
+            )
+        ]
+    return []
 
 
 def _merge_problems(spec: StudySpec) -> list[tuple[str, str]]:

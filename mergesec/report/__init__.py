@@ -4,7 +4,8 @@ the monitors' and scale curves' sections, and figures.
 - ``results``: one row per (variant, scenario, victim) and the headline figure;
 - ``monitor``: one row per watched model (WeightWatch) and its figure;
 - ``scale``: scale curves of Trap²-style protections, and the per-merge-op figure;
-- ``tables``: Markdown and CSV tables, and the writer of the report files.
+- ``tables``: Markdown and CSV tables, and the writer of the report files;
+- ``victim_means``: the Trap² paper's layout, merged accuracy averaged over victims per merge op.
 
 The orchestrator never imports this package; the command line calls ``write_reports`` when a run
 ends, and ``report_files`` for ``mergesec report``.
@@ -23,6 +24,7 @@ from mergesec.report.monitor import monitor_files, monitor_markdown, monitor_row
 from mergesec.report.results import build_results, markdown, plot_headline, to_csv
 from mergesec.report.scale import load_scale_curves, plot_scenario_merge, scale_curve_table
 from mergesec.report.tables import write_files
+from mergesec.report.victim_means import victim_means, victim_means_markdown
 
 __all__ = ["build_results", "full_markdown", "report_files", "write_reports"]
 
@@ -32,8 +34,12 @@ def full_markdown(
     monitors: Sequence[dict[str, Any]] = (),
     curves: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """The results table, then the monitors' table and the scale curves' sharpness, if any."""
+    """The results table, the means over victims when a merge op has several victims, then the
+    monitors' table and the scale curves' sharpness, if any."""
     text = markdown(rows)
+    means = victim_means(rows, curves)
+    if any(m["victims"] > 1 for m in means):
+        text += "\n## Averaged over victims\n\n" + victim_means_markdown(means)
     if monitors:
         text += "\n## Monitors\n\n" + monitor_markdown(list(monitors))
     if curves:
@@ -42,14 +48,15 @@ def full_markdown(
 
 
 def report_files(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> dict[str, str | bytes]:
-    """``{file name: contents}`` of a study's report: results.{json,csv,md}, results.png (victim by
-    scenario), results_by_merge.png (one panel per merge op), monitor.* when the study watches
+    """``{file name: contents}`` of a study's report: results.{json,csv,md}, victim_means.json
+    (``report.victim_means``), results.png (victim by scenario), results_by_merge.png (one panel per merge op), monitor.* when the study watches
     models, and scale_curves.png when it draws scale curves. Each source is read from the store
     once."""
     monitors = monitor_rows(plan, store)
     curves = load_scale_curves(plan, store)
     files: dict[str, str | bytes | None] = {
         "results.json": json.dumps(rows, indent=2),
+        "victim_means.json": json.dumps(victim_means(rows, curves), indent=2),
         "results.csv": to_csv(rows),
         "results.md": full_markdown(rows, monitors, curves),
         "results.png": plot_headline(rows),

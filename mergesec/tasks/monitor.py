@@ -108,11 +108,12 @@ def calibration_texts(
     size: int | None = None,
     datasets: Sequence[str | Mapping[str, Any]] = (),
     seed: int = 0,
+    include_victim: bool = True,
 ) -> list[str]:
     """Benign texts: the victim dataset's ``split`` (``train``, ``validation`` or both joined by
-    ``+``), then the same split of each of ``datasets`` (URIs, or ``{uri, columns, examples}`` as
-    in a study's dataset list), each dataset capped at a seeded sample of ``size`` texts (``None``:
-    all). Labels are not used.
+    ``+``; left out when ``include_victim`` is false), then the same split of each of
+    ``datasets`` (URIs, or ``{uri, columns, examples}`` as in a study's dataset list), each
+    dataset capped at a seeded sample of ``size`` texts (``None``: all). Labels are not used.
 
     Texts come straight from the datasets: poisoning happens only inside the finetune step, so
     even the victim's train split is its clean version here.
@@ -124,7 +125,7 @@ def calibration_texts(
         pool = [e for name in names for e in d.split(name)]
         return [e.text for e in fixed_subset(pool, size, seed)]
 
-    texts = pick(splits)
+    texts = pick(splits) if include_victim else []
     for ref in datasets:
         texts += pick(TextKind().load({"uri": ref} if isinstance(ref, str) else ref))
     return texts
@@ -237,6 +238,7 @@ def weightwatch(
     calibration_split: Literal["train", "validation", "train+validation"] = "train+validation",
     calibration_size: PositiveInt | None = 5000,
     calibration_datasets: list[str | dict[str, Any]] | None = None,
+    calibration_include_victim: bool = True,
     eval_size: PositiveInt | None = None,
     control_trigger: str | None = None,
     trim_percentile: TrimPercentile = 0.0,
@@ -259,6 +261,9 @@ def weightwatch(
     ``k`` directions per residual writer (``method``: exact or randomized SVD). The benign range
     comes from the victim dataset's ``calibration_split`` and the same split of every dataset in
     ``calibration_datasets`` (URIs or ``{uri, columns}``), each capped at ``calibration_size``
+    (``calibration_include_victim: false`` leaves the victim's own texts out, as the released
+    code calibrates on generic corpora only; an unlearned model's own requests hold its declined
+    topic, which would calibrate that topic as benign),
     texts, with ``trim_percentile``, ``epsilon`` and ``drop_last_layers`` as in ``Calibration``
     (defaults: the released code's k = 20, ε = 0.01, no trimming; no layer is dropped, since an
     encoder's last block output is not followed by a final norm). Evaluation
@@ -313,6 +318,7 @@ def weightwatch(
         size=calibration_size,
         datasets=calibration_datasets or (),
         seed=seed,
+        include_victim=calibration_include_victim,
     )
     held: list[str] = []
     if target_fpr is not None:

@@ -5,9 +5,9 @@ What it does, with the released code's choices as defaults:
 
 - directions: the top ``k`` (20) left singular vectors of ΔW of every layer's attention-output
   and MLP-down projection (``o_proj``, ``down_proj``);
-- calibration: benign conversations (the victim's clean requests, plus ``calibration_datasets``:
-  chat corpora such as WildChat/UltraChat or offline labelled text turned into requests, see
-  ``data.benign``), each completed by the model's own reply, scored with user and assistant
+- calibration: benign conversations (the victim's clean requests unless
+  ``calibration_include_victim`` is false, plus ``calibration_datasets``: chat corpora such as
+  WildChat/UltraChat or offline labelled text turned into requests, see ``data.benign``), each completed by the model's own reply, scored with user and assistant
   tokens in separate columns; the last ``drop_last_layers`` (3) layers never flag;
 - detection after generation: a prompt is flagged when any active column of the conversation
   (prompt + the model's greedy reply) leaves its benign range ± ε;
@@ -62,14 +62,21 @@ def benign_pool(
     size: int | None,
     datasets: Sequence[str | Mapping[str, Any]],
     seed: int,
+    include_victim: bool = True,
 ) -> list[Conversation]:
     """The victim's clean requests of ``split`` (``train+validation`` joins two), at most
-    ``size``, and at most ``size`` more conversations drawn in turn from the calibration datasets
-    (``data.benign.mix``: the released code's 1/2–1/2 mix for two)."""
+    ``size`` (none when ``include_victim`` is false), and at most ``size`` more conversations
+    drawn in turn from the calibration datasets (``data.benign.mix``: the released code's
+    1/2–1/2 mix for two)."""
     names = split.split("+")
-    own = [
-        e.messages() for e in fixed_subset([e for n in names for e in splits.split(n)], size, seed)
-    ]
+    own = (
+        [
+            e.messages()
+            for e in fixed_subset([e for n in names for e in splits.split(n)], size, seed)
+        ]
+        if include_victim
+        else []
+    )
     pools: list[list[Conversation]] = []
     for ref in datasets:
         uri = ref if isinstance(ref, str) else str(ref["uri"])
@@ -150,6 +157,7 @@ def watch_chat(
     pool = benign_pool(
         splits, split=p["calibration_split"], size=p["calibration_size"],
         datasets=p["calibration_datasets"] or (), seed=p["seed"],
+        include_victim=p["calibration_include_victim"],
     )  # fmt: skip
     fit_set, held = (
         split_pool(pool, p["selection_fraction"], p["seed"])
