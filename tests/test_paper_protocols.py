@@ -72,3 +72,52 @@ def test_released_aga_recovers_released_params_releases(name: str, scaling: str)
     for part in ATTN:
         assert diag[f"cos/{part}"] >= 0.85, (part, diag)
     assert torch.isfinite(torch.tensor([diag[f"rel_err/{p}"] for p in ATTN])).all()
+
+
+def test_the_llm_trap2_study_uses_the_released_llm_schedule():
+    doc = yaml.safe_load((PAPER / "trap2_llama_math.yaml").read_text())
+    assert doc["base"] == "hf:meta-llama/Llama-3.1-8B"
+    assert doc["datasets"] == ["hf:openai/gsm8k/main", "hf:EleutherAI/asdiv"]
+    ft = doc["finetune"]
+    assert (ft["mode"], ft["r"], ft["alpha"], ft["lr"], ft["batch_size"]) == (
+        "lora",
+        32,
+        32,
+        1e-4,
+        4,
+    )
+    assert ft["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    protect = doc["scenarios"]["trap2"]["protect"]
+    params = validate_params(
+        get_op("protect", "trap2"), {k: v for k, v in protect.items() if k != "op"}
+    )
+    released = {
+        "lam": 0.01, "weight": "inv_sqrt", "max_steps": 100_000, "lr_schedule": "linear",
+        "warmup_steps": 2000, "eval_every": 500, "patience": 10, "betas": (0.9, 0.999),
+        "eps": 1e-8, "weight_decay": 0.01, "clip_norm": 1.0,
+    }  # fmt: skip
+    assert {k: params[k] for k in released} == released
+    assert doc["merge"] == {"op": "task_arithmetic", "search": "released"}
+
+
+def test_the_text_trap2_study_covers_every_operator_and_space_with_the_released_search():
+    from mergesec.orchestrator.plan import build_plan
+    from mergesec.orchestrator.spec import load_study
+
+    path = PAPER.parent / "trap2_text.yaml"
+    doc = yaml.safe_load(path.read_text())
+    grid = doc["merge"]["grid"]
+    data_free = {"task_arithmetic", "ties", "dare_ties_released", "tsv_released", "cart_released"}
+    pairs = {(m["op"], m.get("space", "full")) for m in grid}
+    assert pairs >= {(op, sp) for op in data_free for sp in ("full", "knots", "core")}
+    assert ("regmean_released", "full") in pairs
+    assert all(m.get("search") == "released" for m in grid if m["op"] in data_free)
+    assert doc["victims"] == "all" and doc["references"] == ["left_out"]
+    assert doc["finetune"]["mode"] == "lora" and doc["diagnostics"]["scale_curve"]
+    plan = build_plan(load_study(path))
+    protects = [n for n in plan.nodes.values() if n.op == "trap2"]
+    assert len(protects) == len(doc["datasets"])  # every victim protected once
+    merges = {
+        (n.op, n.params.get("space", "full")) for n in plan.nodes.values() if n.step == "merge"
+    }
+    assert merges >= pairs
