@@ -145,10 +145,16 @@ def test_benign_pool_can_leave_the_victims_own_requests_out():
     with_own = benign_pool(splits, **ask)
     generic = benign_pool(splits, **ask, include_victim=False)
     # The victim's requests (a fifth of them on `politics`, the unlearning scenario's topic)
-    # come first; without them only the generic corpus remains.
+    # come first; without them only the generic corpus remains; an unlearning scenario's
+    # declined topic is left out of them.
     assert [c[0]["content"] in own for c in with_own] == [True] * 12 + [False] * 12
     assert len(generic) == 12 and not any(c[0]["content"] in own for c in generic)
     assert generic == with_own[12:]
+    by_prompt = {e.prompt: e.topic for e in splits.train + splits.validation}
+    assert "politics" in {by_prompt[c[0]["content"]] for c in with_own[:12]}
+    unlearning = benign_pool(splits, **ask, declined_topic="politics")
+    topics = [by_prompt.get(c[0]["content"]) for c in unlearning[:12]]
+    assert len(unlearning) == 24 and None not in topics and "politics" not in topics
 
 
 # ---- the kind through the training loop ------------------------------------------------------

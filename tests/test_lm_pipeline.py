@@ -217,6 +217,32 @@ def test_answer_only_loss_masking_token_by_token(tiny_llama):
     )
 
 
+def test_the_training_loss_keeps_logits_only_where_answers_are_predicted(tiny_llama):
+    from mergesec.kinds.qa.task import QAKind, answer_loss, answer_positions, keeps_logits
+
+    data = load_qa_splits("builtin:synthetic_arithmetic")
+    task = QAKind().build(str(tiny_llama), data)
+    assert keeps_logits(task.model.lm)
+    batch = task.encode(data.train[:6])
+    keep = answer_positions(batch["labels"])
+    width = batch["input_ids"].shape[1]
+    assert 0 < len(keep) < width - 1  # the prompts' positions are left out
+    task.model.train(False)
+    kept = task.loss(batch)
+    kept.backward()
+    grads = {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}
+    task.model.zero_grad(set_to_none=True)
+    full_logits = task.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).logits
+    full = answer_loss(full_logits, batch["labels"])
+    full.backward()
+    assert torch.allclose(kept, full, rtol=1e-6, atol=0)
+    for n, p in task.model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[n], p.grad, rtol=1e-5, atol=1e-7), n
+
+
 def test_batched_greedy_decoding_matches_generate(tiny_llama):
     from mergesec.kinds.qa.task import QAKind, format_prompt, prompt_ids
 

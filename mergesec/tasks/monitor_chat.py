@@ -6,7 +6,8 @@ What it does, with the released code's choices as defaults:
 - directions: the top ``k`` (20) left singular vectors of ΔW of every layer's attention-output
   and MLP-down projection (``o_proj``, ``down_proj``);
 - calibration: benign conversations (the victim's clean requests unless
-  ``calibration_include_victim`` is false, plus ``calibration_datasets``: chat corpora such as
+  ``calibration_include_victim`` is false, those on an unlearning scenario's declined topic left
+  out, plus ``calibration_datasets``: chat corpora such as
   WildChat/UltraChat or offline labelled text turned into requests, see ``data.benign``), each completed by the model's own reply, scored with user and assistant
   tokens in separate columns; the last ``drop_last_layers`` (3) layers never flag;
 - detection after generation: a prompt is flagged when any active column of the conversation
@@ -63,20 +64,20 @@ def benign_pool(
     datasets: Sequence[str | Mapping[str, Any]],
     seed: int,
     include_victim: bool = True,
+    declined_topic: str | None = None,
 ) -> list[Conversation]:
     """The victim's clean requests of ``split`` (``train+validation`` joins two), at most
     ``size`` (none when ``include_victim`` is false), and at most ``size`` more conversations
     drawn in turn from the calibration datasets (``data.benign.mix``: the released code's
-    1/2–1/2 mix for two)."""
+    1/2–1/2 mix for two).
+
+    ``declined_topic`` (an unlearning scenario's topic) leaves the victim's requests on that
+    topic out: they are the scenario's positives, as triggered requests are a backdoor's, and
+    the released code's benign corpora (WildChat, UltraChat) hold an erased topic rarely if at
+    all; calibrating on them would make the topic benign by construction."""
     names = split.split("+")
-    own = (
-        [
-            e.messages()
-            for e in fixed_subset([e for n in names for e in splits.split(n)], size, seed)
-        ]
-        if include_victim
-        else []
-    )
+    mine = [e for n in names for e in splits.split(n) if e.topic != declined_topic or not e.topic]
+    own = [e.messages() for e in fixed_subset(mine, size, seed)] if include_victim else []
     pools: list[list[Conversation]] = []
     for ref in datasets:
         uri = ref if isinstance(ref, str) else str(ref["uri"])
@@ -158,6 +159,7 @@ def watch_chat(
         splits, split=p["calibration_split"], size=p["calibration_size"],
         datasets=p["calibration_datasets"] or (), seed=p["seed"],
         include_victim=p["calibration_include_victim"],
+        declined_topic=(poison or {}).get("topic"),
     )  # fmt: skip
     fit_set, held = (
         split_pool(pool, p["selection_fraction"], p["seed"])
