@@ -218,11 +218,12 @@ def test_answer_only_loss_masking_token_by_token(tiny_llama):
 
 
 def test_the_training_loss_keeps_logits_only_where_answers_are_predicted(tiny_llama):
-    from mergesec.kinds.qa.task import QAKind, answer_loss, answer_positions, keeps_logits
+    from mergesec.kinds.qa.task import QAKind, answer_loss, answer_positions
+    from mergesec.models.functional import takes_logits_to_keep
 
     data = load_qa_splits("builtin:synthetic_arithmetic")
     task = QAKind().build(str(tiny_llama), data)
-    assert keeps_logits(task.model.lm)
+    assert takes_logits_to_keep(task.model.lm)
     batch = task.encode(data.train[:6])
     keep = answer_positions(batch["labels"])
     width = batch["input_ids"].shape[1]
@@ -261,6 +262,15 @@ def test_batched_greedy_decoding_matches_generate(tiny_llama):
     expected = tok.batch_decode(ref[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     assert len({len(p) for p in enc["input_ids"]}) == 1 and len(set(map(len, qs))) > 1
     assert ours == expected
+    # The prompt pass computes the last position's logits only; the tokens are the same.
+    from mergesec.kinds.qa.generate import greedy_generate
+
+    ids = [prompt_ids(task.tokenizer, q) for q in qs]
+    common = dict(max_new_tokens=24, eos_ids=[tok.eos_token_id], pad_id=task.pad_id, device="cpu")
+    with torch.no_grad():
+        whole = greedy_generate(task.model, ids, **common)
+        last = greedy_generate(task.model, ids, **common, last_logits_only=True)
+    assert last == whole and tok.batch_decode(last, skip_special_tokens=True) == expected
 
 
 # ---- fine-tuning and scoring -----------------------------------------------------------------

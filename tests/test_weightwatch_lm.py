@@ -206,6 +206,28 @@ def test_calibrate_detect_steer_and_audit(backdoored, tmp_path, record_property)
     assert cal.columns.role_names == ("user", "assistant")
     assert len(cal.columns) == 2 * len(d)
     assert cal.lower.isfinite().all() and cal.upper.isfinite().all()
+    # Scores come from the blocks' outputs: the LM head at one position changes none of them.
+    from mergesec.models.layout import layout_for_model
+    from mergesec.monitor.causal_lm import _lm_batch, encode_chats
+    from mergesec.monitor.scoring import score_inputs
+
+    enc = encode_chats(tok, calib[:16], split_roles=True, max_length=128)
+    blocks = layout_for_model(tuned).block_modules(tuned)
+    with torch.no_grad():
+        whole, one = (
+            score_inputs(tuned, _lm_batch(enc, "cpu") | extra, d, blocks=blocks,
+                         role_mask=enc["role_mask"])
+            for extra in ({}, {"logits_to_keep": 1})
+        )  # fmt: skip
+    assert torch.equal(whole.min, one.min) and torch.equal(whole.max, one.max)
+    # Batches are formed by length; each chat's scores come back in its own place.
+    from mergesec.monitor.causal_lm import score_chats
+
+    mixed = calib[:3] + [[{"role": "user", "content": "a much longer request " * 6}]] + calib[3:7]
+    batched = score_chats(tuned, tok, d, mixed, split_roles=True, batch_size=4)
+    single = score_chats(tuned, tok, d, mixed, split_roles=True, batch_size=1)
+    assert torch.allclose(batched.min, single.min, atol=1e-5)
+    assert torch.allclose(batched.max, single.max, atol=1e-5)
 
     benign_prompts = [user_turn(rng, False) for _ in range(100)]
     trig_prompts = [user_turn(rng, True) for _ in range(40)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 
 from torch import Tensor, nn
@@ -16,3 +17,10 @@ def forward_with(model: nn.Module, overrides: Mapping[str, Tensor] | None, /, *a
     if overrides is None:
         return model(*args, **kwargs)
     return functional_call(model, dict(overrides), args, kwargs, strict=False)
+
+
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether a causal LM's forward takes ``logits_to_keep`` (transformers' decoder LMs do), so a
+    caller that needs few positions' logits, or none, can skip the LM head elsewhere."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mergesec.models.functional import takes_logits_to_keep
 from mergesec.models.layout import TransformerLayout, layout_for_model
 from mergesec.monitor.audit import Audit, top_activating, write_audit_markdown
 from mergesec.monitor.directions import Directions, weight_directions
@@ -211,21 +212,28 @@ def score_chats(
     """
     blocks = (layout or layout_for_model(model)).block_modules(model)
     device = _device(model)
+    # The scores are read at the blocks' outputs: the LM head needs to run for one position only.
+    head = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
+    # Chats of similar length share a batch (less padding); the scores come back in input order.
+    order = sorted(range(len(chats)), key=lambda j: sum(len(m["content"]) for m in chats[j]))
     parts = []
     for i in range(0, len(chats), batch_size):
         enc = encode_chats(
-            tokenizer, chats[i : i + batch_size], split_roles=split_roles, max_length=max_length
-        )
+            tokenizer, [chats[j] for j in order[i : i + batch_size]], split_roles=split_roles,
+            max_length=max_length,
+        )  # fmt: skip
         parts.append(
             score_inputs(
                 model,
-                _lm_batch(enc, device),
+                _lm_batch(enc, device) | head,
                 directions,
                 blocks=blocks,
                 role_mask=enc.get("role_mask"),
             )
         )
-    return DirectionScores.cat(parts)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return DirectionScores.cat(parts).subset(inverse)
 
 
 def _generation_ids(tokenizer, model: nn.Module) -> dict[str, Any]:

@@ -38,8 +38,13 @@ def greedy_generate(
     pad_id: int,
     device: str = "cpu",
     batch_size: int = 32,
+    last_logits_only: bool = False,
 ) -> list[list[int]]:
-    """The greedy continuation of each prompt (token ids, up to and excluding the first EOS)."""
+    """The greedy continuation of each prompt (token ids, up to and excluding the first EOS).
+
+    ``last_logits_only``: ``forward`` takes ``logits_to_keep``, so the prompt's pass computes the
+    last position's logits only (the LM head is a fifth of a small LM's prompt pass)."""
+    extra = {"logits_to_keep": 1} if last_logits_only else {}
     out: list[list[int]] = []
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     for start in range(0, len(prompts), batch_size):
@@ -53,7 +58,7 @@ def greedy_generate(
         for t in range(max_new_tokens):
             res = forward(
                 input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                past_key_values=past, use_cache=True,
+                past_key_values=past, use_cache=True, **extra,
             )  # fmt: skip
             past = res.past_key_values
             nxt = res.logits[:, -1].argmax(-1)

@@ -15,7 +15,6 @@ model is loaded), so the backbone alone describes an expert.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -30,7 +29,7 @@ from mergesec.kinds.common import load_backbone_weights, state_on_cpu
 from mergesec.kinds.qa.answers import exact_match
 from mergesec.kinds.qa.generate import greedy_generate
 from mergesec.models.artifact import HeadInfo, ModelArtifact
-from mergesec.models.functional import forward_with
+from mergesec.models.functional import forward_with, takes_logits_to_keep
 from mergesec.models.hub import load_tokenizer, resolve_model_path
 from mergesec.training.batch import Batch, chunks, shuffled
 from mergesec.training.lora import wrap_with_lora
@@ -105,11 +104,6 @@ def kept_answer_loss(logits: Tensor, labels: Tensor, keep: Tensor) -> Tensor:
         labels[:, keep + 1].reshape(-1),
         ignore_index=IGNORE,
     )
-
-
-def keeps_logits(lm: nn.Module) -> bool:
-    """Whether the causal LM's forward takes ``logits_to_keep`` (transformers' decoder LMs do)."""
-    return "logits_to_keep" in inspect.signature(_unwrapped(lm).forward).parameters
 
 
 class CausalLMModel(nn.Module):
@@ -223,7 +217,7 @@ class QATask:
         answer token (a few of a prompt's ~100): on a 135M model with a 49k vocabulary the head
         is about a fifth of a training step's compute."""
         b = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        keep = answer_positions(b["labels"]) if keeps_logits(self.model.lm) else None
+        keep = answer_positions(b["labels"]) if takes_logits_to_keep(self.model.lm) else None
         extra = {} if keep is None else {"logits_to_keep": keep}
         with self.precision.autocast():
             out = self._forward(
@@ -246,7 +240,7 @@ class QATask:
             ids = greedy_generate(
                 forward, prompts, max_new_tokens=self.max_new_tokens,
                 eos_ids=[self.tokenizer.eos_token_id], pad_id=self.pad_id, device=self.device,
-                batch_size=batch_size,
+                batch_size=batch_size, last_logits_only=takes_logits_to_keep(self.model.lm),
             )  # fmt: skip
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
