@@ -246,6 +246,21 @@ def test_study_files_plan_monitor_nodes():
     topics = {(llm.nodes[r.monitors["trained"]].params["poison"] or {}).get("topic") for r in rows}
     assert "Sports" in topics
 
+    chat = build_plan(load_study(REPO / "conf" / "weightwatch_chat.yaml"))
+    rows = {r.scenario: r for r in _monitored(chat)}
+    assert set(rows) == {"rare-token", "phrase", "unlearn-politics", "rare-token+params+aga"}
+    assert set(rows["rare-token+params+aga"].monitors) == {
+        "trained",
+        "release",
+        "attacked",
+        "merged",
+    }
+    assert all({"trained", "merged"} <= set(r.monitors) for r in rows.values())
+    watched = chat.nodes[rows["unlearn-politics"].monitors["trained"]]
+    assert watched.params["poison"]["topic"] == "politics"
+    assert watched.params["op"]["calibration_reply_tokens"] == 3  # the released calibration
+    assert watched.params["op"]["calibration_include_victim"] is True  # topic left out in code
+
 
 # ---- a study through Ray, and a backdoored MiniLM (slow) ----------------------------------------
 
