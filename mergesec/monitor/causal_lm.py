@@ -215,7 +215,7 @@ def score_chats(
     # The scores are read at the blocks' outputs: the LM head needs to run for one position only.
     head = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
     # Chats of similar length share a batch (less padding); the scores come back in input order.
-    order = sorted(range(len(chats)), key=lambda j: sum(len(m["content"]) for m in chats[j]))
+    order = sorted(range(len(chats)), key=lambda j: _text_length(chats[j]))
     parts = []
     for i in range(0, len(chats), batch_size):
         enc = encode_chats(
@@ -234,6 +234,11 @@ def score_chats(
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
     return DirectionScores.cat(parts).subset(inverse)
+
+
+def _text_length(chat: Chat) -> int:
+    """Characters of a chat's messages (or of a plain prompt): its length for batching."""
+    return len(chat) if isinstance(chat, str) else sum(len(m["content"]) for m in chat)
 
 
 def _generation_ids(tokenizer, model: nn.Module) -> dict[str, Any]:
