@@ -41,6 +41,11 @@ def _trim_searches(obj: Any) -> Any:
     if isinstance(obj, dict):
         if set(obj) == {"search"} and isinstance(obj["search"], list) and len(obj["search"]) > 2:
             return {"search": [obj["search"][0], obj["search"][-1]]}
+        if obj.get("search") == "released":
+            # The released greedy search scores up to ~100 candidates; its path through the
+            # merge step is tested in test_merge_released_search.py. Two candidates here.
+            rest = {k: v for k, v in obj.items() if k != "search"}
+            return rest | {"coefficient": {"search": [0.3, 1.0]}}
         return {k: _trim_searches(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_trim_searches(x) for x in obj]
