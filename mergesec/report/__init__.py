@@ -33,11 +33,12 @@ def full_markdown(
     rows: list[dict[str, Any]],
     monitors: Sequence[dict[str, Any]] = (),
     curves: Mapping[str, Mapping[str, Any]] | None = None,
+    means: list[dict[str, Any]] | None = None,
 ) -> str:
-    """The results table, the means over victims when a merge op has several victims, then the
-    monitors' table and the scale curves' sharpness, if any."""
+    """The results table, the means over victims (``victim_means``, computed unless given) when a
+    merge op has several victims, then the monitors' table and the scale curves' sharpness."""
     text = markdown(rows)
-    means = victim_means(rows, curves)
+    means = victim_means(rows, curves) if means is None else means
     if any(m["victims"] > 1 for m in means):
         text += "\n## Averaged over victims\n\n" + victim_means_markdown(means)
     if monitors:
@@ -49,16 +50,17 @@ def full_markdown(
 
 def report_files(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> dict[str, str | bytes]:
     """``{file name: contents}`` of a study's report: results.{json,csv,md}, victim_means.json
-    (``report.victim_means``), results.png (victim by scenario), results_by_merge.png (one panel per merge op), monitor.* when the study watches
-    models, and scale_curves.png when it draws scale curves. Each source is read from the store
-    once."""
+    (``report.victim_means``), results.png (victim by scenario), results_by_merge.png (one panel
+    per merge op), monitor.* when the study watches models, and scale_curves.png when it draws
+    scale curves. Each source is read from the store once."""
     monitors = monitor_rows(plan, store)
     curves = load_scale_curves(plan, store)
+    means = victim_means(rows, curves)
     files: dict[str, str | bytes | None] = {
         "results.json": json.dumps(rows, indent=2),
-        "victim_means.json": json.dumps(victim_means(rows, curves), indent=2),
+        "victim_means.json": json.dumps(means, indent=2),
         "results.csv": to_csv(rows),
-        "results.md": full_markdown(rows, monitors, curves),
+        "results.md": full_markdown(rows, monitors, curves, means),
         "results.png": plot_headline(rows),
         "results_by_merge.png": plot_scenario_merge(rows),
     }

@@ -76,7 +76,7 @@ def benign_pool(
     the released code's benign corpora (WildChat, UltraChat) hold an erased topic rarely if at
     all; calibrating on them would make the topic benign by construction."""
     names = split.split("+")
-    mine = [e for n in names for e in splits.split(n) if e.topic != declined_topic or not e.topic]
+    mine = [e for n in names for e in splits.split(n) if e.topic != declined_topic]
     own = [e.messages() for e in fixed_subset(mine, size, seed)] if include_victim else []
     pools: list[list[Conversation]] = []
     for ref in datasets:
