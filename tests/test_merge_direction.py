@@ -18,6 +18,7 @@ from mergesec.merging.search import (
     key_direction,
     scale_trait,
     scaled,
+    scaled_into,
 )
 from mergesec.merging.stream import check_compatible
 from mergesec.models.hub import model_identity
@@ -67,6 +68,20 @@ def test_base_plus_c_delta_is_the_op_bit_for_bit(name):
             got = scaled(b, d, c)
             assert got.dtype == want[key].dtype, key
             assert torch.equal(got, want[key]), (name, key, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scaled_into_writes_the_bits_of_scaled(dtype):
+    g = torch.Generator().manual_seed(3)
+    b = torch.randn(257, 33, generator=g).to(dtype)
+    d = 1e-2 * torch.randn(257, 33, generator=g)
+    for c in (0.3, 1.0, -0.7, 2.5):
+        out = torch.full_like(b, float("nan"))
+        scaled_into(out, b, d, c)
+        assert torch.equal(out, scaled(b, d, c)), (dtype, c)
+    out = torch.zeros_like(b)
+    scaled_into(out, b, None, 0.5)
+    assert torch.equal(out, b)
 
 
 @pytest.mark.parametrize("memory_bytes", [1 << 30, 0])

@@ -261,3 +261,46 @@ def test_lazy_state_dict_reads_each_tensor_as_safetensors_does(tmp_path):
     with pytest.raises(Exception, match="(?i)incomplete|truncated|invalid"):
         for k in LazyStateDict(cut):
             LazyStateDict(cut)[k]
+
+
+class _ReadRecording(dict):
+    """An in-memory source that says which of its two ways of reading was used."""
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        self.calls: list[tuple[str, str]] = []
+
+    def __getitem__(self, key):
+        self.calls.append(("view", key))
+        return super().__getitem__(key)
+
+    def read(self, key):
+        self.calls.append(("read", key))
+        return super().__getitem__(key).clone()
+
+
+@pytest.mark.parametrize("read_now", [True, False])
+def test_read_ahead_reads_the_bytes_in_its_pool_unless_told_not_to(read_now):
+    from mergesec.merging.stream import read_ahead
+
+    src = _ReadRecording({f"k{i}": torch.full((3,), float(i)) for i in range(5)})
+    plain = {f"k{i}": torch.full((3,), -float(i)) for i in range(5)}
+    got = list(read_ahead([src, plain], list(src), readers=2, read_now=read_now))
+    assert [k for k, _ in got] == list(src)
+    assert all(torch.equal(a, src.get(k)) and torch.equal(b, plain[k]) for k, (a, b) in got)
+    assert {how for how, _ in src.calls} == {"read" if read_now else "view"}
+    assert sorted(k for _, k in src.calls) == sorted(src)
+
+
+def test_lazy_read_is_the_tensor_in_memory_of_its_own(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    sd = {"a": torch.randn(64, 33, generator=g), "h": torch.randn(5, generator=g).half(),
+          "i": torch.arange(7)}  # fmt: skip
+    path = tmp_path / "m.safetensors"
+    save_state_dict(sd, path)
+    lazy = LazyStateDict(path)
+    for k, want in sd.items():
+        got = lazy.read(k)
+        assert got.dtype == want.dtype and torch.equal(got, want), k
+        got.fill_(0)  # writable, and not the file's bytes
+    assert all(torch.equal(lazy[k], v) for k, v in sd.items())

@@ -101,6 +101,17 @@ def scaled(b: Tensor, delta: Tensor | None, coefficient: float) -> Tensor:
     return (b.float() + coefficient * delta).to(b.dtype)
 
 
+def scaled_into(out: Tensor, b: Tensor, delta: Tensor | None, coefficient: float) -> None:
+    """``out.copy_(scaled(b, delta, coefficient))`` without temporaries where ``out`` and ``b`` are
+    float32: c·Δ written into ``out``, then θ₀ added in place (the same two roundings as
+    ``scaled``, so the same bits)."""
+    if delta is None or out.dtype != torch.float32 or b.dtype != torch.float32:
+        out.copy_(scaled(b, delta, coefficient))
+        return
+    torch.mul(delta, coefficient, out=out)
+    out.add_(b)
+
+
 class MergedDirection:
     """Δ of every merged key for one setting: in memory, or in one safetensors file when larger
     than ``memory_bytes`` (keys the op passes through are not stored)."""
@@ -152,8 +163,9 @@ class MergedDirection:
         if missing:
             raise ValueError(f"key {missing[0]!r} of the base is not a weight of the model")
         with torch.no_grad():
-            for key, (b,) in read_ahead([base], list(base), readers=1):
-                sd[key].copy_(scaled(b, self.delta(key), coefficient))
+            # the base is read again for every candidate, so it stays cached: views, no copies
+            for key, (b,) in read_ahead([base], list(base), readers=1, read_now=False):
+                scaled_into(sd[key], b, self.delta(key), coefficient)
 
     def write(
         self,
