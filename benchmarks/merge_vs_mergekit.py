@@ -154,15 +154,10 @@ def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float,
     return wall, usage.ru_maxrss * 1024, out.decode(errors="replace")
 
 
-def child_mergesec(
-    method: str, base: str, experts: list[str], out: str, density: float, views: bool = False
-) -> None:
+def child_mergesec(method: str, base: str, experts: list[str], out: str, density: float) -> None:
     from mergesec.core.registry import get_op
     from mergesec.merging.stream import stream_merge
     from mergesec.models.state_dict import LazyStateDict
-
-    if views:  # the reader before this round: the pool hands out memory-mapped views only
-        delattr(LazyStateDict, "read")
 
     op = get_op("merge", method)
     params = {"coefficient": 1.0} | ({"k": density} if method == "ties" else {})
@@ -235,17 +230,11 @@ def main() -> None:
         help="keep the models here and reuse them (default: a temporary directory)",
     )
     ap.add_argument("--no-mergekit", action="store_true", help="time mergesec alone")
-    ap.add_argument(
-        "--views",
-        action="store_true",
-        help="also time mergesec with its reader pool handing out memory-mapped views (the "
-        "reader before it read the bytes in the pool)",
-    )
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        method, base, out, density, views, *experts = args.child
-        child_mergesec(method, base, experts, out, float(density), views == "views")
+        method, base, out, density, *experts = args.child
+        child_mergesec(method, base, experts, out, float(density))
         return
 
     import yaml
@@ -276,17 +265,15 @@ def main() -> None:
             if method == "ties":
                 io_limit = max(io_limit, compute)
             for run in range(args.runs):
-                tools = [("mergesec", None)] + ([("mergesec-views", None)] if args.views else [])
-                tools += [("mergekit", venv)] if venv else []
+                tools = [("mergesec", None)] + ([("mergekit", venv)] if venv else [])
                 for tool, vdir in tools:
                     out = root / f"{tool}-{method}"
                     shutil.rmtree(out, ignore_errors=True)
                     for p in inputs:
                         evict(p)
-                    if tool.startswith("mergesec"):
-                        views = "views" if tool == "mergesec-views" else "read"
+                    if tool == "mergesec":
                         cmd = [sys.executable, __file__, "--child", method, str(base), str(out),
-                               str(args.density), views, *map(str, experts)]  # fmt: skip
+                               str(args.density), *map(str, experts)]  # fmt: skip
                     else:
                         cfg = root / f"{method}.yml"
                         conf = mergekit_config(method, base, experts, args.density)
@@ -305,9 +292,6 @@ def main() -> None:
                     print(f"{method:16s} {tool:9s} run {run}: {wall:7.1f} s  peak RSS "
                           f"{rss / GB:5.2f} GB  (limit {io_limit:.1f} s{merge_only})",
                           flush=True)  # fmt: skip
-            if args.views and (root / f"mergesec-views-{method}").exists():
-                diff = compare(root / f"mergesec-{method}", root / f"mergesec-views-{method}")
-                print(f"{method}: mergesec against its view reader: {json.dumps(diff)}", flush=True)
             if venv and (root / f"mergekit-{method}").exists():
                 diff = compare(root / f"mergesec-{method}", root / f"mergekit-{method}")
                 print(f"{method}: outputs compared: {json.dumps(diff)}", flush=True)

@@ -163,8 +163,7 @@ class MergedDirection:
         if missing:
             raise ValueError(f"key {missing[0]!r} of the base is not a weight of the model")
         with torch.no_grad():
-            # the base is read again for every candidate, so it stays cached: views, no copies
-            for key, (b,) in read_ahead([base], list(base), readers=1, read_now=False):
+            for key, (b,) in read_ahead([base], list(base), readers=1):
                 scaled_into(sd[key], b, self.delta(key), coefficient)
 
     def write(

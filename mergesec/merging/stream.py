@@ -228,26 +228,17 @@ def merged_files(out_path: str | Path) -> list[Path]:
 READERS = 4  # threads reading the experts' tensors ahead of the merge
 
 
-def _reader(source: Mapping[str, Tensor], read_now: bool) -> Callable[[str], Tensor]:
-    return getattr(source, "read", source.__getitem__) if read_now else source.__getitem__
-
-
 def read_ahead(
     sources: Sequence[Mapping[str, Tensor]],
     keys: Iterable[str],
     *,
     readers: int = READERS,
     ahead: int = 1,
-    read_now: bool = True,
 ) -> Iterator[tuple[str, list[Tensor]]]:
     """``(key, [source[key] for source in sources])`` for each key in order, reading the next
     ``ahead`` keys' tensors in a pool of ``readers`` threads while the caller uses this one.
 
-    Memory holds at most ``ahead + 1`` keys' tensors of every source. With ``read_now`` a source
-    with a ``read`` method (``LazyStateDict``) is read through it, so the bytes come off the disk
-    in the pool rather than when the caller first touches a memory-mapped view (on a cold page
-    cache a streamed task-arithmetic merge took half the time); without it, such a source gives
-    views, which cost no copy when its file is cached.
+    Memory holds at most ``ahead + 1`` keys' tensors of every source.
     """
     it = iter(keys)
     pending: deque[tuple[str, list[Future[Tensor]]]] = deque()
@@ -256,7 +247,7 @@ def read_ahead(
         def submit() -> None:
             key = next(it, None)
             if key is not None:
-                pending.append((key, [pool.submit(_reader(s, read_now), key) for s in sources]))
+                pending.append((key, [pool.submit(s.__getitem__, key) for s in sources]))
 
         for _ in range(ahead + 1):
             submit()

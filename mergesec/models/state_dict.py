@@ -57,12 +57,6 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         with safe_open(str(self._where[key]), framework="pt") as f:
             return f.get_tensor(key)
 
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor with its bytes read now, into memory of its own. Indexing returns a view of
-        a private memory map, so the file is read only where the tensor is first touched; a
-        reader thread that calls this has done the reading before the tensor is used."""
-        return self[key].clone()
-
     def __contains__(self, key: object) -> bool:
         return key in self._where
 
