@@ -42,6 +42,7 @@ def run_arm(args: argparse.Namespace, lam: float) -> list[dict[str, Any]]:
         {"lr": args.lr, "batch_size": args.batch_size, "seed": 0}
         | ({"r": 8, "alpha": 16, "dropout": 0.1} if args.mode == "lora" else {}),
     )
+    finetune["mode"] = args.mode  # as a study's finetune block carries it
     task = kind.build(args.base, data, seed=0, **build_options(kind, finetune))
     reference = None
     if args.mode == "full":
