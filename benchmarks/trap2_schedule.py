@@ -49,7 +49,7 @@ def run_arm(args: argparse.Namespace, lam: float) -> list[dict[str, Any]]:
         reference = backbone_snapshot(task)  # W₀, named as the model's parameters
     prepared = {split: task.prepare(getattr(data, split), 64) for split in ("validation", "train")}
     points: list[dict[str, Any]] = []
-    start = time.perf_counter()
+    start, sweeps = time.perf_counter(), [0.0]  # sweeps: seconds spent sweeping, not training
     last = {"train/loss": float("nan"), "train/scaled_loss": float("nan")}
 
     def report(metrics: dict[str, float], step: int) -> None:
@@ -57,7 +57,7 @@ def run_arm(args: argparse.Namespace, lam: float) -> list[dict[str, Any]]:
         if step % args.every or "train/loss" not in metrics:
             return
         t0 = time.perf_counter()
-        elapsed = t0 - start - sweeps[0]  # training time: the sweeps so far left out
+        elapsed = t0 - start - sweeps[0]
         row: dict[str, Any] = {"lam": lam, "step": step, "train_s": round(elapsed, 1)} | last
         for split, batches in prepared.items():
             curve = scale_curve(
@@ -70,7 +70,6 @@ def run_arm(args: argparse.Namespace, lam: float) -> list[dict[str, Any]]:
         print(_line(row), flush=True)
         sweeps[0] += time.perf_counter() - t0
 
-    sweeps = [0.0]
     get_op("protect", "trap2").fn(
         task, data, finetune, report=report, lam=lam,
         max_steps=args.steps, eval_every=args.steps, lr_schedule="constant", warmup_steps=0,

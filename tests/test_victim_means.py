@@ -54,3 +54,21 @@ def test_the_table_and_the_report_section():
     assert "## Averaged over victims" in full_markdown(ROWS)
     one_victim = [r for r in ROWS if r["victim"] == "a"]
     assert "## Averaged over victims" not in full_markdown(one_victim)
+
+
+def test_a_left_out_reference_that_differs_by_scenario_is_given_per_scenario():
+    """The left-out merge is read with each scenario's victim head, so its mean can differ."""
+    rows = [
+        _row("unprotected", "a", "ta", 0.8, 0.5, 0.5),
+        _row("unprotected", "b", "ta", 0.6, 0.3, 0.25),
+        _row("trap2", "a", "ta", 0.5, 0.7, 0.5),
+        _row("trap2", "b", "ta", 0.2, 0.5, 0.25),
+    ]
+    (ta,) = victim_means(rows)
+    assert ta["victim_left_out"] is None
+    assert ta["victim_left_out:unprotected"] == pytest.approx(0.4)
+    assert ta["victim_left_out:trap2"] == pytest.approx(0.6)
+    assert ta["victim_majority"] == pytest.approx(0.375)  # the same in both: one value
+    header = victim_means_markdown([ta]).splitlines()[0]
+    assert header.index("trap2") < header.index("victim_left_out:unprotected")
+    assert "victim_majority:" not in header

@@ -3,7 +3,9 @@ accuracy averaged over the victims, one column per scenario (so the protected va
 the unprotected one), with references averaged over the same victims on every row:
 
 - ``victim_left_out``: the other experts merged without the victim, read with the victim's head
-  (planned with ``references: [left_out]``), what a free-rider gets without the release;
+  (planned with ``references: [left_out]``), what a free-rider gets without the release. The
+  head is each scenario's own victim's, so where scenarios differ the row has one
+  ``victim_left_out:<scenario>`` mean per scenario instead;
 - ``victim_majority``: the victim's majority-class rate on its test split;
 - ``victim_base_val``: the base model with the victim's head, i.e. s = 0 of the clean expert's
   scale curve (drawn with ``diagnostics: {scale_curve: true}``). Scale curves are measured on the
@@ -60,7 +62,7 @@ def victim_means(
             g["merged"].setdefault(r["scenario"], {})[victim] = float(r["victim_merged"])
         for ref in REFERENCES:
             if r.get(ref) is not None:
-                g["refs"][ref][victim] = float(r[ref])
+                g["refs"][ref].setdefault(r["scenario"], {})[victim] = float(r[ref])
     scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
     out = []
     for (variant, merge), g in groups.items():
@@ -69,10 +71,22 @@ def victim_means(
         for sc in scenarios:
             row[sc] = _mean(g["merged"].get(sc, {}), victims)
         for ref in REFERENCES:
-            row[ref] = _mean(g["refs"][ref], victims)
+            row |= _reference_means(ref, g["refs"][ref], victims)
         row[BASE] = _mean({v: base[v] for v in victims if v in base}, victims)
         out.append(row)
     return out
+
+
+def _reference_means(
+    ref: str, per_scenario: Mapping[str, Mapping[str, float]], victims: set[str]
+) -> dict[str, float | None]:
+    """``{ref: mean}`` when every scenario gives the reference the same mean; otherwise (the
+    left-out merge is read with each scenario's own victim head) ``ref`` is ``None`` and each
+    scenario's mean is ``"<ref>:<scenario>"``."""
+    means = {sc: _mean(values, victims) for sc, values in per_scenario.items()}
+    if len(set(means.values())) <= 1:
+        return {ref: next(iter(means.values()), None)}
+    return {ref: None} | {f"{ref}:{sc}": m for sc, m in means.items()}
 
 
 def victim_means_markdown(means: list[dict[str, Any]]) -> str:
@@ -80,6 +94,8 @@ def victim_means_markdown(means: list[dict[str, Any]]) -> str:
     if not means:
         return ""
     fixed = {"variant", "merge", "victims", *REFERENCES, BASE}
-    scenarios = [k for k in means[0] if k not in fixed]
-    cols = ["variant", "merge", "victims", *scenarios, *REFERENCES, BASE]
+    keys = list(dict.fromkeys(k for m in means for k in m))
+    per_scenario = [k for k in keys if k.split(":")[0] in REFERENCES and k not in fixed]
+    scenarios = [k for k in means[0] if k not in fixed and k not in per_scenario]
+    cols = ["variant", "merge", "victims", *scenarios, *REFERENCES, *per_scenario, BASE]
     return markdown_table(means, cols)
