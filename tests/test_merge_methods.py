@@ -15,7 +15,7 @@ from mergesec.merging.methods.dare import dare_linear, dare_ties
 from mergesec.merging.methods.linear import task_arithmetic, weight_average
 from mergesec.merging.methods.regmean import regmean, regmean_linear
 from mergesec.merging.methods.svd import cart, tsv
-from mergesec.merging.methods.ties import ties, trim_top_k
+from mergesec.merging.methods.ties import elect_sign_disjoint_mean, ties, trim_top_k
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -334,22 +334,75 @@ def test_collect_linear_grams_ignores_padding_tokens():
     assert model.training
 
 
-def test_ties_trims_large_tensors_on_several_threads_with_the_same_result():
-    """Rows of ≥ PARALLEL_ROW_ELEMENTS are trimmed side by side when torch has several threads;
-    the merge is bit for bit the one-thread merge."""
-    from mergesec.merging.per_key import PARALLEL_ROW_ELEMENTS
+def _topk_mask(magnitude: torch.Tensor, keep: int) -> torch.Tensor:
+    mask = torch.zeros(magnitude.numel(), dtype=torch.bool)
+    mask[magnitude.reshape(-1).topk(keep, sorted=False).indices] = True
+    return mask.view_as(magnitude)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_top_k_mask_selects_what_topk_selects(threads):
+    """The histogram selection keeps exactly the entries ``torch.topk`` keeps where no two
+    magnitudes tie at the cut (random floats of several sizes and spreads, one and two threads)."""
+    from mergesec.merging.methods.ties import top_k_mask
 
     g = torch.Generator().manual_seed(0)
-    shape = (PARALLEL_ROW_ELEMENTS // 256, 256)
-    base = {"w": torch.randn(shape, generator=g)}
-    experts = [{"w": base["w"] + 0.01 * torch.randn(shape, generator=g)} for _ in range(3)]
-    threads = torch.get_num_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        torch.set_num_threads(1)
-        serial = ties(base, experts, k=0.2)["w"]
-        torch.set_num_threads(2)
-        parallel = ties(base, experts, k=0.2)["w"]
+        for n, k, scale in [(1, 0.2, 1.0), (9, 0.5, 1e-3), (1000, 0.01, 1e4), (1 << 20, 0.2, 1e-2)]:
+            magnitude = (scale * torch.randn(n, generator=g)).abs()
+            keep = max(1, int(k * n))
+            mask = top_k_mask(magnitude, keep)
+            assert torch.equal(mask, _topk_mask(magnitude, keep)), (n, k)
+        wide = torch.exp(20 * torch.randn(50_000, generator=g))  # spans most float exponents
+        assert torch.equal(top_k_mask(wide, 1234), _topk_mask(wide, 1234))
+        half = torch.randn(100, generator=g).abs().half()  # other dtypes go through topk
+        assert torch.equal(top_k_mask(half, 10), _topk_mask(half, 10))
     finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(serial, parallel)
-    assert (parallel != base["w"]).float().mean() > 0.2  # the merge changed the entries it kept
+        torch.set_num_threads(before)
+
+
+def test_top_k_mask_at_ties_and_special_values():
+    """Exactly ``keep`` entries where many tie at the cut (the first by index), none smaller than
+    one left out; NaN counts as the largest value, as in ``torch.topk``."""
+    from mergesec.merging.methods.ties import top_k_mask
+
+    g = torch.Generator().manual_seed(1)
+    magnitude = torch.randint(0, 6, (10_000,), generator=g).float()
+    mask = top_k_mask(magnitude, 2500)
+    assert int(mask.sum()) == 2500
+    assert magnitude[~mask].max() <= magnitude[mask].min()
+    cut = magnitude[mask].min()
+    at_cut = (magnitude == cut).nonzero().view(-1)
+    kept_at_cut = (mask & (magnitude == cut)).nonzero().view(-1)
+    assert torch.equal(kept_at_cut, at_cut[: kept_at_cut.numel()])
+    special = torch.tensor([float("nan"), 1.0, float("inf"), 0.0, 2.0, 0.5])
+    assert top_k_mask(special, 2).tolist() == [True, False, True, False, False, False]
+    assert top_k_mask(special, 6).all()
+
+
+def _elect_reference(tvs: torch.Tensor) -> torch.Tensor:
+    """The sign election and disjoint mean as first written (and as in the TIES reference code):
+    agreeing entries selected by comparison, counted as booleans."""
+    sign = torch.sign(tvs.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    agree = torch.where(sign > 0, tvs > 0, tvs < 0)
+    count = agree.sum(0, dtype=tvs.dtype).clamp_(min=1)
+    return (tvs * agree).sum(0).div_(count)
+
+
+def test_sign_election_equals_the_comparison_form():
+    """The signed-magnitude form gives the comparison form's values bit for bit, on trimmed
+    random task vectors, where sums cancel exactly, and where even the majority sign is zero."""
+    g = torch.Generator().manual_seed(2)
+    tvs = 0.01 * torch.randn(5, 40_000, generator=g)
+    tvs[torch.rand(5, 40_000, generator=g) < 0.8] = 0
+    tvs[:2, :100] = torch.tensor([1.0, -1.0]).view(2, 1)  # cancels: the tensor's majority sign
+    for t in (tvs, torch.tensor([[1.0, -1.0, 0.0], [-1.0, 1.0, 0.0]])):
+        got, want = elect_sign_disjoint_mean(t.clone(), inplace=True), _elect_reference(t.clone())
+        assert torch.equal(got, want)  # equal values (a zero may differ in sign)
+        assert torch.equal(elect_sign_disjoint_mean(t), want)
+        nonzero = want != 0
+        assert nonzero.any()
+        assert torch.equal(got[nonzero].view(torch.int32), want[nonzero].view(torch.int32))

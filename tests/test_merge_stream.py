@@ -216,6 +216,10 @@ class _CountingLazy(LazyStateDict):
         self.reads.append(key)
         return super().__getitem__(key)
 
+    def read_into(self, key: str, buffer: torch.Tensor) -> torch.Tensor:
+        self.reads.append(key)
+        return super().read_into(key, buffer)
+
 
 def test_each_tensor_is_read_once(model_files, tmp_path):
     base_path, expert_paths, base, _ = model_files
@@ -231,7 +235,7 @@ def test_lazy_state_dict_reads_each_tensor_as_safetensors_does(tmp_path):
     tensor), keys in the same order; a truncated file is refused."""
     from safetensors import safe_open
 
-    from mergesec.models.state_dict import LazyStateDict, save_state_dict
+    from mergesec.models.state_dict import LazyStateDict, read_tensor, save_state_dict
 
     g = torch.Generator().manual_seed(0)
     sd = {
@@ -256,8 +260,73 @@ def test_lazy_state_dict_reads_each_tensor_as_safetensors_does(tmp_path):
             assert got.dtype == want.dtype and got.shape == want.shape, k
             assert torch.equal(got, want), k
             assert lazy.shape(k) == tuple(want.shape)
+            location = lazy.location(k)
+            assert location is not None, k
+            raw = lazy.read_into(k, torch.empty(location.nbytes, dtype=torch.uint8))
+            assert raw.dtype == want.dtype and torch.equal(raw, want), k
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(Exception, match="(?i)incomplete|truncated|invalid"):
         for k in LazyStateDict(cut):
             LazyStateDict(cut)[k]
+    # the raw reader refuses a short file too (the header read before the data was cut)
+    location = lazy.location("z.f32")
+    assert location is not None
+    short = type(location)(cut, cut.stat().st_size - 4, location.nbytes, torch.float32, (7, 5))
+    with pytest.raises(ValueError, match="ends inside"):
+        read_tensor(short)
+
+
+def test_streamed_reads_land_in_reused_buffers_that_ops_may_overwrite(model_files, tmp_path):
+    """From files, each key's tensors are read into buffers of the merge's own (``owned``), so
+    task arithmetic and TIES compute in place; buffers come back once the key is written and are
+    reused by later keys of the same size; the output equals the in-memory merge bit for bit. From
+    in-memory dicts nothing is owned and the caller's tensors are left as they were."""
+    from mergesec.merging.per_key import owned
+
+    base_path, expert_paths, base, experts = model_files
+    seen: list[tuple[bool, set[int]]] = []
+
+    def recording(op_fn):
+        def fn(b, es, **params):
+            seen.append((owned(b, *es), {t.data_ptr() for t in [*b.values()] if t.numel()}))
+            return op_fn(b, es, **params)
+
+        return fn
+
+    for op_fn in (task_arithmetic, ties):
+        seen.clear()
+        out = tmp_path / f"{op_fn.__name__}.safetensors"
+        lazy = [LazyStateDict(p) for p in expert_paths]
+        stream_merge(recording(op_fn), LazyStateDict(base_path), lazy, {}, out)
+        assert all(is_owned for is_owned, _ in seen)
+        base_buffers = set().union(*(ptrs for _, ptrs in seen))
+        assert len(base_buffers) < len(seen) - 2, "no buffer was reused from key to key"
+        merged, expected = LazyStateDict(out), merge_in_memory(op_fn, base, experts, {})
+        for k in base:
+            assert torch.equal(merged[k], expected[k]), k
+
+    before = [{k: v.clone() for k, v in e.items()} for e in experts]
+    seen.clear()
+    stream_merge(recording(task_arithmetic), base, experts, {}, tmp_path / "mem.safetensors")
+    assert not any(is_owned for is_owned, _ in seen)
+    for e, b in zip(experts, before, strict=True):
+        assert all(torch.equal(e[k], b[k]) for k in e)
+
+
+def test_read_buffers_keep_a_size_only_when_a_near_key_needs_it(tmp_path):
+    from mergesec.merging.stream import ReadBuffers
+
+    sd = {f"k{i}": torch.zeros(4 if i in (0, 1, 9) else 3) for i in range(10)}
+    save_state_dict(sd, tmp_path / "m.safetensors")
+    lazy = LazyStateDict(tmp_path / "m.safetensors")
+    buffers = ReadBuffers([lazy], list(sd), window=3)
+    first = buffers.read(lazy, "k0")
+    assert buffers.lent("k0") == 1 and torch.equal(first, sd["k0"])
+    buffers.give_back("k0")  # k1 (1 key on) reads 16 bytes: kept, and handed out again
+    again = buffers.read(lazy, "k1")
+    assert again.data_ptr() == first.data_ptr()
+    buffers.give_back("k1")  # the next 16-byte read is k9, 8 keys on: dropped
+    assert buffers.read(lazy, "k2").numel() == 3 and buffers.read(lazy, "k9").data_ptr() != (
+        first.data_ptr()
+    )

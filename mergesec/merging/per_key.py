@@ -16,8 +16,7 @@ the merged weights (not a task vector) for every key of ``base``. Task vectors a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +34,22 @@ SCALES_RESULT = "coefficient_scales_result"
 
 # (key, base as float32, experts as float32) -> merged weights as float32
 Combine = Callable[[str, Tensor, list[Tensor]], Tensor]
+
+
+class OwnedTensors(dict[str, Tensor]):
+    """A state dict whose tensors are temporaries nobody else reads (``stream_merge`` reads each
+    key into buffers it reuses once the key is written): an op may compute in place in them."""
+
+
+def owned(*states: Mapping[str, Tensor]) -> bool:
+    """Whether an op may overwrite the tensors of every one of ``states``."""
+    return all(isinstance(s, OwnedTensors) for s in states)
+
+
+def task_vectors(b: Tensor, ts: Iterable[Tensor], *, in_place: bool) -> Iterator[Tensor]:
+    """τ_i = t_i − b one at a time, written over ``t_i`` when ``in_place`` (the same bits)."""
+    for t in ts:
+        yield t.sub_(b) if in_place else t - b
 
 
 def merge_per_key(
@@ -88,38 +103,11 @@ def mean(ts: Sequence[Tensor]) -> Tensor:
     return accumulate(ts).div_(len(ts))
 
 
-# Rows of at least this many elements are made on several threads (``stacked(parallel=True)``).
-PARALLEL_ROW_ELEMENTS = 1 << 20
-_row_pools: dict[int, ThreadPoolExecutor] = {}
-
-
-def _rows_pool() -> ThreadPoolExecutor:
-    """One pool per torch thread count (a worker process keeps its count)."""
-    n = torch.get_num_threads()
-    if n not in _row_pools:
-        _row_pools[n] = ThreadPoolExecutor(n, thread_name_prefix="merge-rows")
-    return _row_pools[n]
-
-
-def stacked(
-    ts: Sequence[Tensor], make: Callable[[int, Tensor], Tensor], *, parallel: bool = False
-) -> Tensor:
-    """``torch.stack([make(i, t) for ...])`` filled one row at a time.
-
-    ``parallel``: make large CPU rows on up to ``torch.get_num_threads()`` threads at once, for
-    ``make``s that run on one core however many torch has (a top-k over a flattened tensor); each
-    row is written by one thread, so the result is the same."""
+def stacked(ts: Sequence[Tensor], make: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """``torch.stack([make(i, t) for ...])`` filled one row at a time."""
     out = torch.empty((len(ts), *ts[0].shape), dtype=ts[0].dtype, device=ts[0].device)
-
-    def fill(i: int) -> None:
-        out[i] = make(i, ts[i])
-
-    threads = torch.get_num_threads()
-    if parallel and threads > 1 and len(ts) > 1 and ts[0].numel() >= PARALLEL_ROW_ELEMENTS:
-        list(_rows_pool().map(fill, range(len(ts))))
-    else:
-        for i in range(len(ts)):
-            fill(i)
+    for i, t in enumerate(ts):
+        out[i] = make(i, t)
     return out
 
 

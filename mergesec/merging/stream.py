@@ -12,9 +12,11 @@ bytes are appended as soon as it is computed. With ``max_shard_bytes`` the outpu
 
 from __future__ import annotations
 
+import bisect
 import json
 import struct
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -26,25 +28,17 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
-from mergesec.models.state_dict import LazyStateDict, StateDict
+from mergesec.merging.per_key import OwnedTensors
+from mergesec.models.state_dict import (
+    SAFETENSORS_DTYPES,
+    LazyStateDict,
+    StateDict,
+    read_safetensors_entries,
+)
 
 MergeFn = Callable[..., StateDict]
 
-_ST_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+_ST_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -79,11 +73,10 @@ def _nbytes(t: Tensor) -> int:
 
 def read_safetensors_header(path: str | Path) -> dict[str, TensorSpec]:
     """Dtypes and shapes of the tensors in a safetensors file, from its header alone."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: TensorSpec(_TORCH_DTYPES[v["dtype"]], tuple(v["shape"])) for k, v in header.items()}
+    _, entries = read_safetensors_entries(path)
+    return {
+        k: TensorSpec(SAFETENSORS_DTYPES[v["dtype"]], tuple(v["shape"])) for k, v in entries.items()
+    }
 
 
 def tensor_specs(
@@ -226,6 +219,72 @@ def merged_files(out_path: str | Path) -> list[Path]:
 
 
 READERS = 4  # threads reading the experts' tensors ahead of the merge
+REUSE_WINDOW = 16  # keys ahead within which a read buffer of the same size is kept for reuse
+
+
+class ReadBuffers:
+    """Byte buffers for one pass over ``keys``, lent to the readers of ``LazyStateDict`` sources
+    and reused from key to key.
+
+    A fresh buffer costs a page fault per page, which under memory pressure also makes the kernel
+    evict page cache first; reusing buffers pays that once per size. A buffer given back is kept
+    when a key among the next ``window`` reads a tensor of its size (a transformer's layers repeat
+    theirs), else dropped, so memory holds the buffers of the keys in flight plus those about to be
+    reused.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Mapping[str, Tensor]],
+        keys: Iterable[str],
+        *,
+        window: int = REUSE_WINDOW,
+    ):
+        self._position: dict[str, int] = {}
+        self._needs: dict[int, list[int]] = {}  # size -> positions of the keys reading one
+        for position, key in enumerate(keys):
+            self._position[key] = position
+            for source in sources:
+                location = source.location(key) if isinstance(source, LazyStateDict) else None
+                if location is not None:
+                    needs = self._needs.setdefault(location.nbytes, [])
+                    if not needs or needs[-1] != position:
+                        needs.append(position)
+        self._free: dict[int, list[Tensor]] = {}
+        self._lent: dict[str, list[Tensor]] = {}
+        self._lock = threading.Lock()
+        self.window = window
+
+    def read(self, source: Mapping[str, Tensor], key: str) -> Tensor:
+        """``source[key]``, read into a lent buffer where ``source`` is a ``LazyStateDict``."""
+        if not isinstance(source, LazyStateDict) or (location := source.location(key)) is None:
+            return source[key]
+        return source.read_into(key, self._take(key, location.nbytes))
+
+    def _take(self, key: str, nbytes: int) -> Tensor:
+        with self._lock:
+            free = self._free.get(nbytes)
+            buffer = free.pop() if free else None
+        if buffer is None:
+            buffer = torch.empty(nbytes, dtype=torch.uint8)
+        with self._lock:
+            self._lent.setdefault(key, []).append(buffer)
+        return buffer
+
+    def lent(self, key: str) -> int:
+        """How many of ``key``'s tensors were read into lent buffers."""
+        with self._lock:
+            return len(self._lent.get(key, ()))
+
+    def give_back(self, key: str) -> None:
+        """Take back ``key``'s buffers: nothing may use its tensors afterwards."""
+        position = self._position[key]
+        with self._lock:
+            for buffer in self._lent.pop(key, ()):
+                needs = self._needs.get(buffer.numel(), [])
+                i = bisect.bisect_right(needs, position)
+                if i < len(needs) and needs[i] <= position + self.window:
+                    self._free.setdefault(buffer.numel(), []).append(buffer)
 
 
 def read_ahead(
@@ -234,12 +293,16 @@ def read_ahead(
     *,
     readers: int = READERS,
     ahead: int = 1,
+    buffers: ReadBuffers | None = None,
 ) -> Iterator[tuple[str, list[Tensor]]]:
     """``(key, [source[key] for source in sources])`` for each key in order, reading the next
     ``ahead`` keys' tensors in a pool of ``readers`` threads while the caller uses this one.
 
-    Memory holds at most ``ahead + 1`` keys' tensors of every source.
+    With ``buffers``, tensors of ``LazyStateDict`` sources are read into its buffers, which the
+    caller gives back (``ReadBuffers.give_back``) once done with the key. Memory holds at most
+    ``ahead + 1`` keys' tensors of every source.
     """
+    read = buffers.read if buffers is not None else (lambda s, k: s[k])
     it = iter(keys)
     pending: deque[tuple[str, list[Future[Tensor]]]] = deque()
     with ThreadPoolExecutor(max(1, readers), thread_name_prefix="merge-read") as pool:
@@ -247,7 +310,7 @@ def read_ahead(
         def submit() -> None:
             key = next(it, None)
             if key is not None:
-                pending.append((key, [pool.submit(s.__getitem__, key) for s in sources]))
+                pending.append((key, [pool.submit(read, s, key) for s in sources]))
 
         for _ in range(ahead + 1):
             submit()
@@ -330,22 +393,28 @@ def stream_merge(
     """Merge tensor by tensor with ``op_fn(base_1, [expert_1, ...], **params)`` on one-key dicts.
 
     ``base`` and ``experts`` are usually ``LazyStateDict``s; the next key's tensors are read by
-    ``readers`` threads while the current key is merged, and each result is written as soon as it
+    ``readers`` threads (into buffers reused from key to key, which the op may compute in: see
+    ``OwnedTensors``) while the current key is merged, and each result is written as soon as it
     is computed. The output holds exactly ``keys`` (default: every key of ``base``) in the base's
     dtypes and shapes, in one file at ``out_path`` or, when ``max_shard_bytes`` is set and
     exceeded, in shards beside it with an index file. On an error, files written by this call are
     removed.
     """
     specs = check_compatible(base, experts, keys)
+    sources = [base, *experts]
+    buffers = ReadBuffers(sources, specs)
     peak = [0]
 
     def merged() -> Iterator[tuple[str, Tensor]]:
-        for key, (b, *ts) in read_ahead([base, *experts], specs, readers=readers):
-            out = op_fn({key: b}, [{key: t} for t in ts], **params)[key]
+        for key, (b, *ts) in read_ahead(sources, specs, readers=readers, buffers=buffers):
+            state = OwnedTensors if buffers.lent(key) == len(sources) else dict
+            out = op_fn(state({key: b}), [state({key: t}) for t in ts], **params)[key]
             held = _nbytes(b) + sum(_nbytes(t) for t in ts) + _nbytes(out)
             peak[0] = max(peak[0], held)
             del b, ts
-            yield key, out
+            yield key, out  # written when this resumes
+            del out
+            buffers.give_back(key)
 
     stats = write_stream(
         specs, merged(), out_path, max_shard_bytes=max_shard_bytes, metadata=metadata

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import struct
+import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,6 +15,64 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 StateDict = dict[str, torch.Tensor]
+
+# safetensors dtype names; the raw-byte reads below and the streaming writer use this table
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_safetensors_entries(path: str | Path) -> tuple[int, dict[str, dict]]:
+    """(byte offset of the data section, the header's tensor entries) of a safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where a tensor's bytes lie in a safetensors file, and how to view them."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_tensor(location: TensorLocation, buffer: torch.Tensor | None = None) -> torch.Tensor:
+    """The tensor at ``location`` read with positioned reads into ``buffer`` (uint8, exactly
+    ``nbytes``) or a new one: memory of the caller's own, unlike ``safe_open``'s views of a memory
+    map, which fault their pages in on first use and copy them on a write."""
+    if buffer is None:
+        buffer = torch.empty(location.nbytes, dtype=torch.uint8)
+    elif buffer.dtype != torch.uint8 or buffer.numel() != location.nbytes:
+        raise ValueError(f"a buffer of {location.nbytes} bytes is needed, got {buffer.numel()}")
+    view = memoryview(buffer.numpy())
+    fd = os.open(location.path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < location.nbytes:
+            got = os.preadv(fd, [view[done:]], location.offset + done)
+            if got == 0:
+                raise ValueError(f"{location.path}: the file ends inside a tensor's data")
+            done += got
+    finally:
+        os.close(fd)
+    return buffer.view(location.dtype).reshape(location.shape)
 
 
 def save_state_dict(
@@ -48,6 +110,7 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
     def __init__(self, paths: str | Path | list[str | Path]):
         self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         self._where: dict[str, Path] = {}
+        self._locations: dict[str, TensorLocation | None] | None = None
         for p in self.paths:
             with safe_open(str(p), framework="pt") as f:
                 for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
@@ -72,6 +135,31 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in self.paths)
+
+    def location(self, key: str) -> TensorLocation | None:
+        """Where ``key``'s bytes lie, for ``read_tensor``; ``None`` where they cannot be read as
+        raw bytes here (a dtype outside ``SAFETENSORS_DTYPES``, or a big-endian machine)."""
+        if self._locations is None:
+            self._locations = {}
+            for p in self.paths:
+                start, entries = read_safetensors_entries(p)
+                for k, e in entries.items():
+                    dtype = SAFETENSORS_DTYPES.get(e["dtype"])
+                    begin, end = e["data_offsets"]
+                    ok = dtype is not None and sys.byteorder == "little"
+                    self._locations[k] = (
+                        TensorLocation(p, start + begin, end - begin, dtype, tuple(e["shape"]))
+                        if ok and dtype is not None
+                        else None
+                    )
+        return self._locations.get(key)
+
+    def read_into(self, key: str, buffer: torch.Tensor) -> torch.Tensor:
+        """``self[key]`` read into ``buffer`` (uint8, ``location(key).nbytes`` long)."""
+        location = self.location(key)
+        if location is None:
+            raise ValueError(f"{key!r}: its bytes cannot be read directly; index the mapping")
+        return read_tensor(location, buffer)
 
 
 def copy_into(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:

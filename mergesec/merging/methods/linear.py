@@ -8,7 +8,14 @@ from torch import Tensor
 
 from mergesec.core.bounds import FiniteFloat
 from mergesec.core.registry import register_op
-from mergesec.merging.per_key import SCALES_TASK_VECTORS, accumulate, mean, merge_per_key
+from mergesec.merging.per_key import (
+    SCALES_TASK_VECTORS,
+    accumulate,
+    mean,
+    merge_per_key,
+    owned,
+    task_vectors,
+)
 from mergesec.models.state_dict import StateDict
 
 
@@ -23,8 +30,10 @@ def task_arithmetic(
     base: StateDict, experts: Sequence[StateDict], *, coefficient: FiniteFloat = 1.0
 ) -> StateDict:
     """Task arithmetic: θ_0 + coefficient · Σ_i τ_i."""
+    in_place = owned(*experts)
 
     def combine(_key: str, b: Tensor, ts: list[Tensor]) -> Tensor:
-        return accumulate((t - b for t in ts), fresh=True).mul_(coefficient).add_(b)
+        taus = task_vectors(b, ts, in_place=in_place)
+        return accumulate(taus, fresh=True).mul_(coefficient).add_(b)
 
     return merge_per_key(base, experts, combine)
