@@ -146,11 +146,10 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
                 for k, e in entries.items():
                     dtype = SAFETENSORS_DTYPES.get(e["dtype"])
                     begin, end = e["data_offsets"]
-                    ok = dtype is not None and sys.byteorder == "little"
                     self._locations[k] = (
-                        TensorLocation(p, start + begin, end - begin, dtype, tuple(e["shape"]))
-                        if ok and dtype is not None
-                        else None
+                        None
+                        if dtype is None or sys.byteorder != "little"
+                        else TensorLocation(p, start + begin, end - begin, dtype, tuple(e["shape"]))
                     )
         return self._locations.get(key)
 
