@@ -2,7 +2,7 @@
 
 Both train the same randomly initialised BERT-shaped encoder (``--shape minilm``: hidden 384,
 6 layers; ``bert-base``: hidden 768, 12 layers) on the same tokenized training split of
-``--dataset`` with the same batches, AdamW, linear warm-up schedule, gradient clipping at 1.0 and
+``--dataset`` with the same batches, fused AdamW, linear warm-up schedule, gradient clipping at 1.0 and
 precision (bfloat16 autocast on a CUDA device that supports it, float32 on the CPU). mergesec's
 side is the text kind's model built by ``TextKind.build`` and trained by ``training.loop.fit``
 (the finetune step's code); the plain side is ``AutoModelForSequenceClassification`` in a
@@ -95,7 +95,9 @@ def plain_loop(base: Path, data, args) -> float:
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n_labels)
     model.to(args.device).train()
     total = args.warmup + args.steps
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
+    # Fused, as transformers' Trainer defaults to (optim "adamw_torch_fused") and as mergesec's
+    # fit uses wherever the kernel takes every parameter.
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, fused=True)
     sched = get_linear_schedule_with_warmup(opt, int(0.1 * total), total)
     prec = choose_precision(args.device)
     texts = [e.text for e in data.train]

@@ -68,3 +68,7 @@ def test_study_runs_tracks_lineage_and_reruns_nothing(tmp_path, tiny_bert):
     assert len(child_runs(uri, "smoke")) == len(plan.nodes)
     assert second.reports == {}, "without on_finish the orchestrator writes no report"
     assert build_results(second.plan, second.store) == rows
+    # rewriting the report from unchanged results keeps the figures drawn by the first run
+    png = (store / "studies" / "smoke" / "results.png").read_bytes()
+    write_reports(second.plan, second.store)
+    assert (store / "studies" / "smoke" / "results.png").read_bytes() == png

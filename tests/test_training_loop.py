@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from mergesec.defenses.trap2 import Trap2Steps, base_params_of, sample_scale
 from mergesec.models.functional import forward_with
+from mergesec.training import loop as training_loop
 from mergesec.training.batch import Batch, shuffled
-from mergesec.training.loop import FitConfig, MicroStep, fit, trainable_state
+from mergesec.training.loop import FitConfig, MicroStep, fit, fused_adamw_ok, trainable_state
 from mergesec.training.precision import Precision
 from mergesec.training.sampling import fixed_subset
 from mergesec.training.schedule import lr_factor, warmup_length
@@ -236,6 +237,29 @@ def test_two_micro_batches_equal_one_double_batch():
     three = MLPTask()
     fit(three, TRAIN, VAL, FitConfig(batch_size=8, **common))  # 3 steps of 8: not the same
     assert not torch.allclose(params_of(three)["0.weight"], params_of(one)["0.weight"])
+
+
+def test_fused_adamw_only_where_the_kernel_takes_every_parameter():
+    assert fused_adamw_ok(list(MLPTask().model.parameters())) is True
+    assert fused_adamw_ok([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, 2))]) is True
+    assert (
+        fused_adamw_ok([nn.Parameter(torch.zeros(2), requires_grad=False).to(torch.int64)]) is None
+    )
+    assert fused_adamw_ok([nn.Parameter(torch.zeros(2), requires_grad=False).to("meta")]) is None
+
+
+def test_fused_adamw_trains_to_the_same_weights_as_the_per_tensor_kernel(monkeypatch):
+    common = dict(max_steps=5, lr=0.05, clip_norm=1.0, lr_schedule="constant", weight_decay=0.01)
+    fused = MLPTask()
+    fit(fused, TRAIN, VAL, FitConfig(batch_size=16, **common))
+    monkeypatch.setattr(training_loop, "fused_adamw_ok", lambda params: None)
+    plain = MLPTask()
+    fit(plain, TRAIN, VAL, FitConfig(batch_size=16, **common))
+    moved = False
+    for k, v in params_of(plain).items():
+        torch.testing.assert_close(params_of(fused)[k], v, rtol=1e-5, atol=1e-6)
+        moved |= not torch.equal(v, params_of(MLPTask())[k])
+    assert moved
 
 
 def test_a_short_last_step_averages_over_its_own_micro_batches():

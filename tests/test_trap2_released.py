@@ -115,6 +115,19 @@ def test_the_op_trains_on_its_step_schedule(tiny_bert):
     assert lrs and all(0 < lr <= FT["lr"] for lr in lrs)
 
 
+def test_the_ops_own_lr_wins_over_the_finetunes(tiny_bert):
+    task, data = text_task(tiny_bert, n_train=64)
+    ft = {"mode": "full"} | validate_params(get_op("finetune", "full"), FT)
+    seen: list[dict] = []
+    protect_trap2(
+        task, data, ft, report=lambda m, _s: seen.append(dict(m)), lam=0.1, lr=3 * FT["lr"],
+        max_steps=5, eval_every=5, warmup_steps=0, lr_schedule="constant",
+    )  # fmt: skip
+    lrs = [m["train/lr"] for m in seen if "train/lr" in m]
+    assert lrs and all(lr == pytest.approx(3 * FT["lr"]) for lr in lrs)
+    assert ft["lr"] == FT["lr"]  # the study's finetune settings are not changed
+
+
 def test_the_op_stops_after_patience_evaluations_without_gain(tiny_bert):
     task, data = text_task(tiny_bert, n_train=32)
     ft = {"mode": "full"} | validate_params(get_op("finetune", "full"), FT | {"lr": 1e-9})

@@ -447,6 +447,7 @@ def protect_trap2(
     eps: PositiveFloat = 1e-6,
     weight_decay: NonNegativeFloat = 0.0,
     grad_accumulation: PositiveInt = 1,
+    lr: PositiveFloat | None = None,
 ) -> dict[str, float]:
     """Trap² (Jang et al., ICML 2026): fine-tune from the base so the update breaks when rescaled.
 
@@ -460,8 +461,8 @@ def protect_trap2(
     500 (almost constant over a real run), evaluation every ``eval_every`` 2,000 steps, early
     stopping after ``patience`` 5 evaluations without a gain above ``min_delta`` 0.001 (so at
     least 12k steps), AdamW ``betas`` (0.9, 0.98), ``eps`` 1e-6, ``weight_decay`` 0. From the
-    study's ``finetune`` settings it takes the model (mode, LoRA settings), ``lr``,
-    ``batch_size`` and its seed, plus ``epochs`` when ``max_steps`` is None (evaluation per epoch
+    study's ``finetune`` settings it takes the model (mode, LoRA settings), ``lr`` (unless ``lr``
+    is set here), ``batch_size`` and its seed, plus ``epochs`` when ``max_steps`` is None (evaluation per epoch
     when ``eval_every`` is None) and ``warmup_ratio`` when ``warmup_steps`` is None; the
     finetune's ``patience`` and ``weight_decay`` are not used. Short schedules for CPU studies
     are set here, explicitly. ``seed`` drives the draws of s only. Gradients are clipped to
@@ -469,6 +470,8 @@ def protect_trap2(
     every task kind.
     """
     mode = trap2_mode(finetune)
+    if lr is not None:
+        finetune = {**finetune, "lr": lr}
     if mode == "lora":
         attach_lora(task, finetune)
     task.model.to(device)

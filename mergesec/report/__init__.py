@@ -14,13 +14,14 @@ ends, and ``report_files`` for ``mergesec report``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from mergesec.orchestrator.plan import Plan
 from mergesec.orchestrator.store import Store
 from mergesec.plots import plot_scale_curves
-from mergesec.report.monitor import monitor_files, monitor_markdown, monitor_rows
+from mergesec.report.figure_cache import cached_figure
+from mergesec.report.monitor import monitor_files, monitor_markdown, monitor_rows, plot_monitor
 from mergesec.report.results import build_results, markdown, plot_headline, to_csv
 from mergesec.report.scale import load_scale_curves, plot_scenario_merge, scale_curve_table
 from mergesec.report.tables import write_files
@@ -52,7 +53,13 @@ def report_files(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> dict[s
     """``{file name: contents}`` of a study's report: results.{json,csv,md}, victim_means.json
     (``report.victim_means``), results.png (victim by scenario), results_by_merge.png (one panel
     per merge op), monitor.* when the study watches models, and scale_curves.png when it draws
-    scale curves. Each source is read from the store once."""
+    scale curves. Each source is read from the store once; a figure already in the study's
+    folder that was drawn from the same data by the same code is kept (``figure_cache``)."""
+
+    def figure(name: str, draw: Callable[[Any], bytes | None], inputs: Any) -> bytes | None:
+        previous = store.read_bytes(store.study_rel(plan.study, name))
+        return cached_figure(previous, draw, inputs)
+
     monitors = monitor_rows(plan, store)
     curves = load_scale_curves(plan, store)
     means = victim_means(rows, curves)
@@ -61,12 +68,13 @@ def report_files(plan: Plan, store: Store, rows: list[dict[str, Any]]) -> dict[s
         "victim_means.json": json.dumps(means, indent=2),
         "results.csv": to_csv(rows),
         "results.md": full_markdown(rows, monitors, curves, means),
-        "results.png": plot_headline(rows),
-        "results_by_merge.png": plot_scenario_merge(rows),
+        "results.png": figure("results.png", plot_headline, rows),
+        "results_by_merge.png": figure("results_by_merge.png", plot_scenario_merge, rows),
     }
     if curves:
-        files["scale_curves.png"] = plot_scale_curves({k: c["curve"] for k, c in curves.items()})
-    files.update(monitor_files(monitors))
+        lines = {k: c["curve"] for k, c in curves.items()}
+        files["scale_curves.png"] = figure("scale_curves.png", plot_scale_curves, lines)
+    files.update(monitor_files(monitors, png=lambda r: figure("monitor.png", plot_monitor, r)))
     return {name: data for name, data in files.items() if data is not None}
 
 

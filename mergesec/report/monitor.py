@@ -10,6 +10,7 @@ trigger, and attack success and clean accuracy before and after steering.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from mergesec.data import dataset_slug
@@ -155,8 +156,12 @@ def plot_monitor(rows: list[dict[str, Any]]) -> bytes | None:
     return png_bytes(fig)
 
 
-def monitor_files(rows: list[dict[str, Any]]) -> dict[str, str | bytes]:
-    """``{file name: contents}``: monitor.{json,csv,md} and monitor.png; empty without rows."""
+def monitor_files(
+    rows: list[dict[str, Any]],
+    png: Callable[[list[dict[str, Any]]], bytes | None] | None = None,
+) -> dict[str, str | bytes]:
+    """``{file name: contents}``: monitor.{json,csv,md} and monitor.png (drawn by ``png``,
+    ``plot_monitor`` unless given); empty without rows."""
     if not rows:
         return {}
     files: dict[str, str | bytes] = {
@@ -164,9 +169,9 @@ def monitor_files(rows: list[dict[str, Any]]) -> dict[str, str | bytes]:
         "monitor.csv": monitor_csv(rows),
         "monitor.md": monitor_markdown(rows),
     }
-    png = plot_monitor(rows)
-    if png is not None:
-        files["monitor.png"] = png
+    figure = (png or plot_monitor)(rows)
+    if figure is not None:
+        files["monitor.png"] = figure
     return files
 
 

