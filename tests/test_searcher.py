@@ -34,6 +34,39 @@ def test_suggest_order_and_waiting():
     assert s.suggest("t6")["node"]["id"] == "c"
 
 
+def test_with_costs_the_longest_remaining_path_leaves_first():
+    # priorities: f = 1, d = 1 + f = 2, b = 1 + max(c, d), e = 5, c = 1 + e = 6, b = 7,
+    # a = 1 + c = 7, g = 10: g first, then a and b (equal: first ready first), c before d
+    cost = {"e": 5.0, "g": 10.0}
+    s = DagSearcher(dag(), cost=lambda n: cost.get(n["id"], 1.0))
+    assert s.priority == {"a": 7, "b": 7, "c": 6, "d": 2, "e": 5, "f": 1, "g": 10}
+    first = [s.suggest(f"t{i}")["node"]["id"] for i in range(3)]
+    assert first == ["g", "a", "b"]
+    s.on_trial_complete("t2")  # b done: d ready
+    s.on_trial_complete("t1")  # a done: c ready after d, yet c's path is longer
+    assert [s.suggest(f"t{i}")["node"]["id"] for i in (3, 4)] == ["c", "d"]
+
+
+def test_the_quickstart_starts_its_longest_training_node_first():
+    from mergesec.orchestrator.plan import build_plan
+    from mergesec.orchestrator.priority import estimated_cost, training_steps
+    from mergesec.orchestrator.spec import load_study
+
+    plan = build_plan(load_study(Path(__file__).resolve().parents[1] / "conf/quickstart.yaml"))
+    nodes = [n.to_dict() for n in plan.nodes.values()]
+    ft = next(n for n in nodes if n["step"] == "finetune")
+    assert training_steps(ft["params"]) == 23  # one epoch of 360 examples in batches of 16
+    trap = next(n for n in nodes if n["op"] == "trap2")
+    for n in nodes:  # give the Trap² release 150 steps: it must leave before every fine-tune
+        if n is trap:
+            n["params"] = {**n["params"], "op": {**n["params"]["op"], "max_steps": 150}}
+    assert estimated_cost(trap) == 150.0
+    s = DagSearcher(nodes, cost=estimated_cost)
+    assert s.suggest("t0")["node"]["id"] == trap["id"]
+    assert s.suggest("t1")["node"]["step"] == "finetune"
+    assert estimated_cost({"step": "merge", "params": {"op": {"epochs": 3}}}) == 12.0
+
+
 def test_failure_skips_exactly_descendants_and_finishes():
     s = DagSearcher(dag())
     trials = {}

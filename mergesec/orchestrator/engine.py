@@ -20,6 +20,7 @@ from mergesec.orchestrator.leases import LeaseKeeper, lease_alive, new_owner
 from mergesec.orchestrator.maintenance import check_inputs, tune_tmp_prefix
 from mergesec.orchestrator.node import Node
 from mergesec.orchestrator.plan import Plan, build_plan
+from mergesec.orchestrator.priority import estimated_cost
 from mergesec.orchestrator.progress import ProgressCallback
 from mergesec.orchestrator.runner import run_trial
 from mergesec.orchestrator.searcher import (
@@ -244,7 +245,8 @@ def run_dag(
     """Run ``nodes`` (inputs outside the list count as done) as one Tuner; return the searcher's end state.
 
     Ray must already be initialised. ``resources`` maps a step to ``{"cpu": .., "gpu": ..}``.
-    Every ready node is handed to Tune with its own resource shape (up to ``queue_window`` of each
+    Ready nodes leave longest estimated path first (``priority.estimated_cost``). Every ready node
+    is handed to Tune with its own resource shape (up to ``queue_window`` of each
     shape waiting at once), so nodes waiting for a GPU never hold back CPU nodes;
     ``max_concurrent`` bounds the nodes handed out and not finished. With ``leases``, a node is
     started only under this driver's lease; one another driver holds is waited for (see
@@ -271,6 +273,7 @@ def run_dag(
         shape=shape_of,
         window=window,
         max_running=max_concurrent,
+        cost=estimated_cost,
         **(lease_hooks(leases) if leases is not None else {}),
     )
     shapes = {shape_of(n) for n in searcher.nodes.values()}
