@@ -116,7 +116,16 @@ def test_the_text_trap2_study_covers_every_operator_and_space_with_the_released_
     assert doc["finetune"]["mode"] == "lora" and doc["diagnostics"]["scale_curve"]
     plan = build_plan(load_study(path))
     protects = [n for n in plan.nodes.values() if n.op == "trap2"]
-    assert len(protects) == len(doc["datasets"])  # every victim protected once
+    trapped = [n for n in protects if n.params["op"]["lam"] > 0]
+    baseline = [n for n in protects if n.params["op"]["lam"] == 0]
+    assert len(trapped) == len(baseline) == len(doc["datasets"])  # every victim once each
+    # the clean baseline differs from the release in λ only
+    same = {n.params["dataset"]["uri"]: n for n in baseline}
+    for n in trapped:
+        twin = same[n.params["dataset"]["uri"]]
+        assert {k: v for k, v in n.params["op"].items() if k != "lam"} == {
+            k: v for k, v in twin.params["op"].items() if k != "lam"
+        }
     merges = {
         (n.op, n.params.get("space", "full")) for n in plan.nodes.values() if n.step == "merge"
     }
