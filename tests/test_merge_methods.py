@@ -199,7 +199,8 @@ def test_cart_with_two_experts_is_weight_average():
     base = {"w": torch.randn(5, 4)}
     experts = _experts(base, {"w": torch.randn(5, 4)}, {"w": torch.randn(5, 4)})
     out = cart(base, experts, rank_fraction=0.25, coefficient=3.0)
-    assert torch.allclose(out["w"], weight_average(base, experts)["w"], atol=1e-6)
+    # the identity is exact; float32 SVD leaves rounding of order 1e-6
+    assert torch.allclose(out["w"], weight_average(base, experts)["w"], atol=1e-5)
 
 
 def test_passthrough_dtype_and_shape_checks():
