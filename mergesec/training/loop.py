@@ -195,8 +195,9 @@ def grad_norm(params: Sequence[Tensor], clip_norm: float | None) -> float:
 
 def fused_adamw_ok(params: Sequence[Tensor]) -> bool | None:
     """True when torch's fused AdamW kernel can take every parameter (floating point, all on one
-    CPU or CUDA device): one pass over each tensor instead of a dozen, 4x faster per step on a
-    22M-parameter model on one CPU core. None (torch's default choice) otherwise."""
+    CPU or CUDA device): one pass over each tensor instead of a dozen, 4.7x faster per step on
+    MiniLM's 22.6M parameters on one CPU core (benchmarks/adamw_step_time.py). None (torch's
+    default choice) otherwise."""
     devices = {p.device for p in params}
     if len(devices) != 1 or next(iter(devices)).type not in ("cpu", "cuda"):
         return None
