@@ -39,7 +39,7 @@ def run_arm(args: argparse.Namespace, lam: float) -> list[dict[str, Any]]:
     data = kind.load(dataset)
     finetune = validate_params(
         get_op("finetune", args.mode),
-        {"lr": args.lr, "batch_size": args.batch_size, "seed": 0}
+        {"lr": args.lr, "batch_size": args.batch_size, "seed": 0, "length_pool": args.length_pool}
         | ({"r": 8, "alpha": 16, "dropout": 0.1} if args.mode == "lora" else {}),
     )
     finetune["mode"] = args.mode  # as a study's finetune block carries it
@@ -98,6 +98,10 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=0.005)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--length-pool", type=int, default=None,
+        help="batch texts of similar length within runs of this many batches (finetune length_pool)",
+    )  # fmt: skip
     ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--every", type=int, default=150)
     ap.add_argument("--threads", type=int, default=1)
@@ -110,7 +114,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"{args.dataset} ({args.train} training examples), {args.base} {args.mode}, lr {args.lr} "
-        f"constant, batch {args.batch_size}, {args.steps} steps, sweep every {args.every}; "
+        f"constant, batch {args.batch_size}, length pool {args.length_pool}, {args.steps} steps, sweep every {args.every}; "
         f"accuracy at s = {', '.join(map(str, SCALES))}",
         flush=True,
     )

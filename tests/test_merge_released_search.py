@@ -189,7 +189,10 @@ def test_left_out_and_majority_references_in_the_results(tmp_path, tiny_bert):
     (row,) = plan.rows
     left_eval = plan.nodes[row.left_out_eval]
     left_merge = plan.nodes[left_eval.inputs["model"]]
-    assert set(left_merge.inputs) == {"expert.synthetic_topic", "head.synthetic_sentiment"}
+    assert set(left_merge.inputs) == {"expert.synthetic_topic"}
+    assert (
+        left_eval.inputs["head.synthetic_sentiment"] == plan.nodes[row.victim_eval].inputs["model"]
+    )
     assert [d["uri"] for d in left_merge.params["datasets"]] == ["builtin:synthetic_topic"]
     store = Store(str(tmp_path / "store"))
     for node in plan.topological():
@@ -204,7 +207,7 @@ def test_left_out_and_majority_references_in_the_results(tmp_path, tiny_bert):
     synthetic_topic = ModelArtifact.open(
         store.local_dir(left_merge.inputs["expert.synthetic_topic"])
     )
-    victim = ModelArtifact.open(store.local_dir(left_merge.inputs["head.synthetic_sentiment"]))
+    victim = ModelArtifact.open(store.local_dir(left_eval.inputs["head.synthetic_sentiment"]))
     base = load_state_dict(base_weights_file(str(tiny_bert)))
     merged = task_arithmetic(base, [synthetic_topic.backbone_state()], coefficient=0.5)
     out = tmp_path / "by-hand"
@@ -213,3 +216,29 @@ def test_left_out_and_majority_references_in_the_results(tmp_path, tiny_bert):
     want = evaluate_artifact(ModelArtifact.open(out), DATASETS[:1])["accuracy/synthetic_sentiment"]
     assert res["victim_left_out"] == pytest.approx(want, abs=1e-9)
     assert res["victim_left_out"] is not None and res["victim_merged"] is not None
+
+
+def test_left_out_merge_is_planned_once_for_every_scenario(tmp_path, tiny_bert):
+    """The others' merge does not depend on the scenario: one node, and one evaluation per
+    scenario with that scenario's victim head."""
+    import yaml
+
+    doc = {
+        "study": "refs",
+        "base": str(tiny_bert),
+        "datasets": ["builtin:synthetic_sentiment", "builtin:synthetic_topic"],
+        "finetune": {"mode": "full", "epochs": 1, "max_length": 32},
+        "scenarios": {"unprotected": {}, "params": {"protect": {"op": "params"}}},
+        "victims": ["builtin:synthetic_sentiment"],
+        "merge": {"op": {"grid": ["task_arithmetic", "ties"]}, "coefficient": 0.5},
+        "references": ["left_out"],
+    }
+    f = tmp_path / "study.yaml"
+    f.write_text(yaml.safe_dump(doc))
+    plan = build_plan(load_study(f))
+    assert len(plan.rows) == 4
+    evals = [plan.nodes[row.left_out_eval] for row in plan.rows]
+    merges = {e.inputs["model"] for e in evals}
+    assert len(merges) == 2  # one per merge op, shared by both scenarios
+    heads = {(e.inputs["model"], e.inputs["head.synthetic_sentiment"]) for e in evals}
+    assert len(heads) == 4  # each row scores with its own scenario's victim release

@@ -48,9 +48,16 @@ class TaskModel(Protocol):
         """The backbone module (the base architecture's ``AutoModel`` or vision tower)."""
 
     def batches(
-        self, split: Sequence[Any], batch_size: int, *, shuffle_seed: int | None = None
+        self,
+        split: Sequence[Any],
+        batch_size: int,
+        *,
+        shuffle_seed: int | None = None,
+        length_pool: int | None = None,
     ) -> Iterable[Batch]:
-        """Training batches of ``split`` on the CPU; shuffled with ``shuffle_seed`` when given."""
+        """Training batches of ``split`` on the CPU; shuffled with ``shuffle_seed`` when given;
+        with ``length_pool``, examples of similar length batched together within each run of that
+        many batches (``training.batch.length_grouped``; kinds without lengths refuse it)."""
 
     def prepare(self, split: Sequence[Any], batch_size: int) -> list[Any]:
         """Every scoring batch of ``split``, preprocessed once for repeated scoring."""

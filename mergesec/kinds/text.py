@@ -8,7 +8,6 @@ encoder's ``AutoModel`` state dict, and a head is ``<slug>.weight``/``<slug>.bia
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
@@ -23,10 +22,19 @@ from mergesec.models.artifact import HeadInfo, ModelArtifact
 from mergesec.models.classifier import SequenceClassifier
 from mergesec.models.functional import forward_with
 from mergesec.models.hub import load_backbone, load_tokenizer
+from mergesec.training.batch import chunks, length_grouped, shuffled
 from mergesec.training.precision import Precision, choose_precision
 
 Batch = dict[str, Tensor]
 MAX_LENGTH = 64
+
+
+def token_counts(tokenizer: Any, examples: Sequence[Example], max_length: int) -> list[int]:
+    """Each text's token count after truncation at ``max_length``."""
+    if not examples:
+        return []
+    enc = tokenizer([e.text for e in examples], truncation=True, max_length=max_length)
+    return [len(ids) for ids in enc["input_ids"]]
 
 
 def tokenized_batches(
@@ -37,25 +45,25 @@ def tokenized_batches(
     *,
     shuffle_seed: int | None = None,
     by_length: bool = False,
+    length_pool: int | None = None,
 ) -> Iterator[Batch]:
     """Tokenised batches (dynamic padding); shuffled with ``shuffle_seed`` when given.
 
-    ``by_length`` groups texts of similar token count so that batches carry little padding (for
-    scoring, where order does not matter).
+    ``length_pool`` (training) groups texts of similar token count within each run of that many
+    batches of the shuffled order (``training.batch.length_grouped``). ``by_length`` without a
+    seed sorts every text by token count (for scoring, where order does not matter).
     """
-    order = list(range(len(examples)))
-    if shuffle_seed is not None:
-        random.Random(shuffle_seed).shuffle(order)
-    elif by_length and examples:
-        lengths = [
-            len(ids)
-            for ids in tokenizer(
-                [e.text for e in examples], truncation=True, max_length=max_length
-            )["input_ids"]
-        ]
-        order.sort(key=lambda j: lengths[j])
-    for i in range(0, len(order), batch_size):
-        chunk = [examples[j] for j in order[i : i + batch_size]]
+    if length_pool is not None:
+        lengths = token_counts(tokenizer, examples, max_length)
+        index_batches = length_grouped(lengths, batch_size, length_pool, shuffle_seed)
+    else:
+        order = shuffled(len(examples), shuffle_seed)
+        if shuffle_seed is None and by_length:
+            lengths = token_counts(tokenizer, examples, max_length)
+            order.sort(key=lambda j: lengths[j])
+        index_batches = list(chunks(order, batch_size))
+    for idx in index_batches:
+        chunk = [examples[j] for j in idx]
         enc = tokenizer(
             [e.text for e in chunk],
             padding=True,
@@ -94,11 +102,17 @@ class TextTask(BackboneAndHead):
 
     # ---- data ---------------------------------------------------------------------------------
     def batches(
-        self, split: Sequence[Example], batch_size: int, *, shuffle_seed: int | None = None
+        self,
+        split: Sequence[Example],
+        batch_size: int,
+        *,
+        shuffle_seed: int | None = None,
+        length_pool: int | None = None,
     ) -> Iterator[Batch]:
         return tokenized_batches(
-            self.tokenizer, split, batch_size, self.max_length, shuffle_seed=shuffle_seed
-        )
+            self.tokenizer, split, batch_size, self.max_length, shuffle_seed=shuffle_seed,
+            length_pool=length_pool,
+        )  # fmt: skip
 
     def prepare(self, split: Sequence[Example], batch_size: int) -> list[Batch]:
         """Scoring batches grouped by length, tokenised once (kept on the CPU)."""

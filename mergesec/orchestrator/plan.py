@@ -10,7 +10,8 @@ For every grid variant of the study:
         victim   = release | attack(release)               attacks at stage "release"
         evaluate(victim)                                   when it differs from the clean expert
         merge(victim, finetune(d≠v)...)                    attacks at stage "merge" act inside it
-        merge(finetune(d≠v)...) + evaluate on v            when references has left_out (head: v's)
+        merge(finetune(d≠v)...) + evaluate on v            when references has left_out (one merge;
+                                                           each evaluation takes v's head)
         merged   = merge | attack(merge)                   attacks at stage "merged"
         evaluate(merged)                                   every dataset, normalised by the experts
         monitor(m) for m in trained, release, victim, merged   when the scenario has a monitor
@@ -282,8 +283,9 @@ class _VariantPlanner:
                 self.plan.rows.append(row)
 
     def _left_out(self, victim: Node, d: dict, v: str, tag: str, experts: dict[str, Node]) -> Node:
-        """The merge of every expert but the victim's (with the victim's head carried along,
-        input ``head.<v>``) and its evaluation on the victim's dataset."""
+        """The merge of every expert but the victim's (one node, shared by every scenario) and
+        its evaluation on the victim's dataset with the scenario's victim head (input
+        ``head.<v>``)."""
         spec = self.spec
         version, op_params = _op_params("merge", spec.merge.op, spec.merge.params)
         others = [x for x in self.datasets if x["uri"] != d["uri"]]
@@ -291,13 +293,16 @@ class _VariantPlanner:
         if spec.evaluate.search_examples is not None:
             params["search_examples"] = spec.evaluate.search_examples
         inputs = {f"expert.{self.slug(x['uri'])}": experts[x["uri"]].id for x in others}
-        inputs[f"head.{v}"] = victim.id
         merged = self.add(
             Node("merge", spec.merge.op, version, params, inputs),
-            what=f"{spec.merge.op}:left_out",
-            scenario=tag,
+            what=f"{spec.merge.op}:left_out:{v}",
         )
-        return self.evaluate(merged, [d], what=f"{v}:left_out", scenario=tag)
+        params = {"datasets": [d], "split": spec.evaluate.split, "op": self.eval_params}
+        evaluation = Node(
+            "evaluate", "accuracy", self.eval_version, params,
+            {"model": merged.id, f"head.{v}": victim.id},
+        )  # fmt: skip
+        return self.add(evaluation, what=f"{v}:left_out", scenario=tag)
 
     def _merge_options(self) -> dict[str, Any]:
         """The merge node's ``space`` and released ``search`` (absent at their defaults, so the

@@ -1,7 +1,7 @@
 """The evaluate step: the metric per dataset, and for merges the metric relative to each expert.
 
 Works for every task kind: the model is opened through its kind, serves each dataset it has a
-head for, and is scored on the chosen split (accuracy, or exact match for QA, under the name
+head for (or an input ``head.<slug>`` supplies), and is scored on the chosen split (accuracy, or exact match for QA, under the name
 ``accuracy/<slug>``).
 """
 
@@ -53,22 +53,29 @@ def evaluate_artifact(
     split: str = "test",
     device: str = "cpu",
     allow_remote_code: bool = False,
+    extra_heads: Mapping[str, ModelArtifact] | None = None,
     **params: Any,
 ) -> dict[str, float]:
     """``accuracy/<slug>`` and ``loss/<slug>`` for every dataset the artifact has a head for,
     plus ``accuracy/mean``; ``majority/<slug>``, the split's majority-class rate (what always
-    answering the commonest class scores), for labelled datasets."""
+    answering the commonest class scores), for labelled datasets. ``extra_heads`` maps a slug to
+    another artifact whose head for it is used (a merge that left that dataset's expert out)."""
 
     op = get_op("evaluate", "accuracy")
     kind = kind_of(datasets)
     task = kind.from_artifact(
         art, device=device, allow_remote_code=allow_remote_code, **build_options(kind, params)
     )
-    heads = art.all_heads()
+    heads, known = art.all_heads(), set(art.heads)
+    for slug, other in (extra_heads or {}).items():
+        if slug not in other.heads:
+            raise ValueError(f"the artifact given for head {slug!r} has no head {slug!r}")
+        heads.update({k: t for k, t in other.all_heads().items() if k.startswith(f"{slug}.")})
+        known.add(slug)
     metrics: dict[str, float] = {}
     for ds in datasets:
         slug = dataset_slug(ds["uri"])
-        if slug not in art.heads:
+        if slug not in known:
             continue
         data = kind.load(ds)
         task.use(data, heads, slug)
@@ -94,6 +101,9 @@ def execute(ctx: NodeContext) -> dict[str, float]:
             split=ctx.params.get("split", "test"),
             device=ctx.device,
             allow_remote_code=ctx.allow_remote_code,
+            extra_heads={
+                s: ModelArtifact.open(p) for s, p in ctx.inputs_with_prefix("head").items()
+            },
             **ctx.params["op"],
         )
     normalized = []

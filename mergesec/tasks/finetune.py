@@ -34,10 +34,14 @@ def finetune_full(
     patience: PositiveInt = 2,
     warmup_ratio: Probability = 0.1,
     weight_decay: NonNegativeFloat = 0.01,
+    length_pool: PositiveInt | None = None,
 ) -> dict[str, float]:
     """Fine-tune every backbone weight and the head; early stopping on the validation metric.
 
-    ``max_length`` is the text kind's truncation length (other kinds set their own)."""
+    ``max_length`` is the text kind's truncation length (other kinds set their own).
+    ``length_pool`` batches texts of similar token count together within each run of that many
+    shuffled batches (less padding; None: plain shuffled batches, as transformers' Trainer
+    without ``group_by_length``)."""
     cfg = fit_config(locals(), eval_batch_size=task.eval_batch_size)
     return fit(task, data.train, data.validation, cfg, device=device, report=report,
                precision=task.precision)  # fmt: skip
@@ -58,6 +62,7 @@ def finetune_lora(
     patience: PositiveInt = 2,
     warmup_ratio: Probability = 0.1,
     weight_decay: NonNegativeFloat = 0.0,
+    length_pool: PositiveInt | None = None,
     r: PositiveInt = 8,
     alpha: PositiveInt = 16,
     dropout: DropFraction = 0.1,
@@ -65,7 +70,7 @@ def finetune_lora(
 ) -> dict[str, float]:
     """Train a peft LoRA adapter on the backbone (all linear layers unless ``target_modules``)
     and the head. The release is the adapter; downstream steps see its materialised weights
-    W₀ + (α/r)·BA."""
+    W₀ + (α/r)·BA. ``length_pool`` as in ``finetune/full``."""
     params = locals()
     attach_lora(task, params)
     cfg = fit_config(params, eval_batch_size=task.eval_batch_size)

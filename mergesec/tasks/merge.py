@@ -25,8 +25,6 @@ Additions riding on the same search:
   ``reference.<slug>`` where the merged expert is a protected or attacked release.
 - Node param ``space`` (``knots`` or ``core``) runs the op in a LoRA merge space
   (``merging.spaces``); ``core`` reads each expert's peft adapter.
-- Inputs ``head.<slug>`` carry a model's head for ``slug`` into the merged artifact unmerged (the
-  victim's head, in the merge that leaves the victim out).
 
 For ops whose coefficient only scales a merged task vector Δ (trait ``SCALES_TASK_VECTORS`` or
 ``SCALES_RESULT``, see ``merging.per_key``), the search merges once per setting of the other
@@ -160,11 +158,6 @@ def execute(ctx: NodeContext) -> dict[str, float]:
     base = LazyStateDict(base_weights_file(ctx.base, ctx.allow_remote_code))
     merge_fn = in_space(op, space, _space_factors(space, roles, list(base.keys())))
     heads, head_info = merged_heads(experts)
-    for slug, path in ctx.inputs_with_prefix("head").items():
-        # a head carried along unmerged (the victim's, in a merge that leaves the victim out)
-        art = ModelArtifact.open(path)
-        heads.update({k: t for k, t in art.all_heads().items() if k.startswith(f"{slug}.")})
-        head_info[slug] = art.heads[slug]
     datasets = ctx.params["datasets"]
     slugs = [dataset_slug(d["uri"]) for d in datasets]
     own = [_own_dataset(r, e, slugs) for r, e in zip(roles, experts, strict=True)]

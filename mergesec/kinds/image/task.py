@@ -66,9 +66,17 @@ class ImageTask(BackboneAndHead):
 
     # ---- data ---------------------------------------------------------------------------------
     def batches(
-        self, split: ImageSet, batch_size: int, *, shuffle_seed: int | None = None
+        self,
+        split: ImageSet,
+        batch_size: int,
+        *,
+        shuffle_seed: int | None = None,
+        length_pool: int | None = None,
     ) -> Iterator[Batch]:
-        """Preprocessed batches of ``split`` on the CPU (``pixel_values``, ``labels``)."""
+        """Preprocessed batches of ``split`` on the CPU (``pixel_values``, ``labels``). Images
+        have one size, so ``length_pool`` (grouping by length) is refused."""
+        if length_pool is not None:
+            raise ValueError("length_pool groups texts by token count; images have no length")
         order = list(chunks(shuffled(len(split), shuffle_seed), batch_size))
         workers = data_workers(self.device)
         collate = _Collate(split, self.processor)

@@ -31,7 +31,7 @@ from mergesec.kinds.qa.generate import greedy_generate
 from mergesec.models.artifact import HeadInfo, ModelArtifact
 from mergesec.models.functional import forward_with, takes_logits_to_keep
 from mergesec.models.hub import load_tokenizer, resolve_model_path
-from mergesec.training.batch import Batch, chunks, shuffled
+from mergesec.training.batch import Batch, chunks, length_grouped, shuffled
 from mergesec.training.lora import wrap_with_lora
 from mergesec.training.precision import Precision, choose_precision
 from mergesec.training.sampling import fixed_subset
@@ -183,10 +183,21 @@ class QATask:
         return collate([self.encode_one(e) for e in examples], self.pad_id)
 
     def batches(
-        self, split: Sequence[QAExample], batch_size: int, *, shuffle_seed: int | None = None
+        self,
+        split: Sequence[QAExample],
+        batch_size: int,
+        *,
+        shuffle_seed: int | None = None,
+        length_pool: int | None = None,
     ) -> Iterator[Batch]:
-        for idx in chunks(shuffled(len(split), shuffle_seed), batch_size):
-            yield self.encode([split[i] for i in idx])
+        if length_pool is None:
+            for idx in chunks(shuffled(len(split), shuffle_seed), batch_size):
+                yield self.encode([split[i] for i in idx])
+            return
+        encoded = [self.encode_one(e) for e in split]
+        lengths = [len(ids) for ids, _ in encoded]
+        for idx in length_grouped(lengths, batch_size, length_pool, shuffle_seed):
+            yield collate([encoded[i] for i in idx], self.pad_id)
 
     def prepare(self, split: Sequence[QAExample], batch_size: int) -> list[ScoreBatch]:
         out = []
