@@ -34,6 +34,14 @@ def test_every_index_once_in_the_plain_number_of_batches(n, batch_size, pool):
     assert sum(len(b) < batch_size for b in batches) <= 1  # only the last pool's tail is short
 
 
+def test_the_draw_is_pinned_and_no_seed_shuffles_nothing():
+    lengths = [7, 1, 5, 3, 9, 2, 8, 4, 6, 10]
+    # Runs of 4 in split order, each sorted by length: [1, 3, 2, 0], [5, 7, 6, 4], [8, 9].
+    assert length_grouped(lengths, 2, 2, seed=None) == [[1, 3], [2, 0], [5, 7], [6, 4], [8, 9]]
+    # One generator shuffles the indices, then the batches: stored results depend on this draw.
+    assert length_grouped(lengths, 2, 2, seed=0) == [[0, 4], [1, 5], [6, 9], [7, 8], [3, 2]]
+
+
 def test_pool_one_is_the_plain_shuffled_order():
     lengths = skewed_lengths(50)
     assert length_grouped(lengths, 8, 1, seed=7) == list(chunks(shuffled(50, 7), 8))

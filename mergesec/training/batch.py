@@ -40,8 +40,9 @@ def length_grouped(
     """Training batches (lists of indices) of examples of similar length, still in random order.
 
     The indices are shuffled with ``seed``; each run of ``pool`` × ``batch_size`` of them is sorted
-    by length and cut into batches, and the batches are shuffled again, so a batch is padded to
-    about its own examples' length while every epoch still draws new batches in a new order.
+    by length and cut into batches, and the batches are shuffled again by the same generator, so
+    a batch is padded to about its own examples' length while every epoch still draws new batches
+    in a new order. With ``seed`` None nothing is shuffled (runs of the split's order, sorted).
     ``pool`` 1 gives the plain order's batches (``chunks(shuffled(n, seed), batch_size)``). The
     batch count is always that of the plain order (⌈n / batch_size⌉): only the last pool can be
     partial.
@@ -50,13 +51,15 @@ def length_grouped(
         raise ValueError(f"need batch_size >= 1 and pool >= 1, got {batch_size} and {pool}")
     if pool == 1:
         return list(chunks(shuffled(len(lengths), seed), batch_size))
-    rng = random.Random(seed)
+    rng = random.Random(seed) if seed is not None else None
     order = list(range(len(lengths)))
-    rng.shuffle(order)
+    if rng is not None:
+        rng.shuffle(order)  # the same draw as shuffled(n, seed)
     span = pool * batch_size
     batches: list[list[int]] = []
     for start in range(0, len(order), span):
         run = sorted(order[start : start + span], key=lambda j: lengths[j])
         batches.extend(chunks(run, batch_size))
-    rng.shuffle(batches)
+    if rng is not None:
+        rng.shuffle(batches)
     return batches
