@@ -3,8 +3,8 @@
 Both train the same randomly initialised BERT-shaped encoder (``--shape minilm``: hidden 384,
 6 layers; ``bert-base``: hidden 768, 12 layers) on the same tokenized training split of
 ``--dataset`` with the same batches, fused AdamW, linear warm-up schedule, gradient clipping at
-1.0 and precision (bfloat16 autocast on a CUDA device that supports it, float32 on the CPU). mergesec's
-side is the text kind's model built by ``TextKind.build`` and trained by ``training.loop.fit``
+1.0 and precision (bfloat16 autocast on a CUDA device that supports it, float32 on the CPU).
+mergesec's side is the text kind's model built by ``TextKind.build`` and trained by ``training.loop.fit``
 (the finetune step's code); the plain side is ``AutoModelForSequenceClassification`` in a
 hand-written loop. Both are timed over the same optimizer steps after the same warm-up steps.
 

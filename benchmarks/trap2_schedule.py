@@ -1,7 +1,7 @@
 """How Trap²'s sharpness along the scaling direction grows with training steps, on real data.
 
     python benchmarks/trap2_schedule.py [--dataset builtin:rotten_tomatoes] [--mode full]
-        [--lam 0.005] [--lr 1e-4] [--steps 1200] [--every 150] [--json F]
+        [--lam 0.005] [--lr 1e-4] [--length-pool 8] [--steps 1200] [--every 150] [--json F]
 
 Trains the ``protect/trap2`` op from the base (``builtin:minilm-l6``) on a fixed stratified subset
 of a real dataset (360/40/80 by default, as in the quickstart) at a constant learning rate, and
@@ -114,7 +114,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"{args.dataset} ({args.train} training examples), {args.base} {args.mode}, lr {args.lr} "
-        f"constant, batch {args.batch_size}, length pool {args.length_pool}, {args.steps} steps, sweep every {args.every}; "
+        f"constant, batch {args.batch_size}, length pool {args.length_pool}, {args.steps} steps, "
+        f"sweep every {args.every}; "
         f"accuracy at s = {', '.join(map(str, SCALES))}",
         flush=True,
     )

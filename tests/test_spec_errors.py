@@ -94,6 +94,17 @@ CASES = [
         "monitors watch text classifiers and chat models only; this study's datasets are image",
     ),
     (
+        "length grouping on image experts",
+        GOOD.replace(
+            "builtin:synthetic_sentiment, builtin:synthetic_topic]",
+            "builtin:synthetic_shapes, builtin:synthetic_colors]",
+        )
+        .replace("victims: [builtin:synthetic_sentiment]", "victims: all")
+        .replace("epochs: 1", "epochs: 1, length_pool: 8"),
+        "finetune.length_pool",
+        "length_pool groups examples by token count; image inputs have no length",
+    ),
+    (
         "victim not a dataset",
         GOOD.replace(
             "victims: [builtin:synthetic_sentiment]", "victims: [builtin:synthetic_question]"

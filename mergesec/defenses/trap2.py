@@ -462,10 +462,10 @@ def protect_trap2(
     stopping after ``patience`` 5 evaluations without a gain above ``min_delta`` 0.001 (so at
     least 12k steps), AdamW ``betas`` (0.9, 0.98), ``eps`` 1e-6, ``weight_decay`` 0. From the
     study's ``finetune`` settings it takes the model (mode, LoRA settings), ``lr`` (unless ``lr``
-    is set here), ``batch_size`` and its seed, plus ``epochs`` when ``max_steps`` is None
-    (evaluation per epoch when ``eval_every`` is None) and ``warmup_ratio`` when ``warmup_steps`` is None; the
-    finetune's ``patience`` and ``weight_decay`` are not used. Short schedules for CPU studies
-    are set here, explicitly. ``seed`` drives the draws of s only. Gradients are clipped to
+    is set here), ``batch_size``, ``length_pool`` and its seed, plus ``epochs`` when
+    ``max_steps`` is None (evaluation per epoch when ``eval_every`` is None) and ``warmup_ratio``
+    when ``warmup_steps`` is None; the finetune's ``patience`` and ``weight_decay`` are not used.
+    Short schedules for CPU studies are set here, explicitly. ``seed`` drives the draws of s only. Gradients are clipped to
     ``clip_norm``; steps with a non-finite loss or gradient are skipped and counted. Works for
     every task kind.
     """

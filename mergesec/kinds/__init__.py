@@ -35,6 +35,8 @@ class KindEntry:
     column_roles: frozenset[str]
     supports_poison: bool = False
     supports_monitor: bool = False
+    # Whether its inputs have a length, so training batches can group by it (finetune length_pool).
+    supports_length_pool: bool = True
 
     def load(self) -> TaskKind:
         module, _, attr = self.target.partition(":")
@@ -122,7 +124,11 @@ register_kind(
 )
 register_kind(
     KindEntry(
-        "image", _claims_image, "mergesec.kinds.image.task:ImageKind", frozenset({"image", "label"})
+        "image",
+        _claims_image,
+        "mergesec.kinds.image.task:ImageKind",
+        frozenset({"image", "label"}),
+        supports_length_pool=False,
     )
 )
 register_kind(

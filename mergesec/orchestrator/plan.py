@@ -178,9 +178,17 @@ class _VariantPlanner:
         return self.plan.add(node, **labels)
 
     def evaluate(
-        self, model: Node, dsets: list[dict], refs: dict[str, str] | None = None, **labels: str
+        self,
+        model: Node,
+        dsets: list[dict],
+        refs: dict[str, str] | None = None,
+        heads: dict[str, str] | None = None,
+        **labels: str,
     ) -> Node:
+        """Score ``model`` on ``dsets``; ``refs``: slug -> the expert evaluation to normalise by;
+        ``heads``: slug -> the node whose head for that dataset is used (input ``head.<slug>``)."""
         inputs = {"model": model.id} | {f"reference.{k}": v for k, v in (refs or {}).items()}
+        inputs |= {f"head.{k}": v for k, v in (heads or {}).items()}
         params = {"datasets": dsets, "split": self.spec.evaluate.split, "op": self.eval_params}
         return self.add(Node("evaluate", "accuracy", self.eval_version, params, inputs), **labels)
 
@@ -297,12 +305,7 @@ class _VariantPlanner:
             Node("merge", spec.merge.op, version, params, inputs),
             what=f"{spec.merge.op}:left_out:{v}",
         )
-        params = {"datasets": [d], "split": spec.evaluate.split, "op": self.eval_params}
-        evaluation = Node(
-            "evaluate", "accuracy", self.eval_version, params,
-            {"model": merged.id, f"head.{v}": victim.id},
-        )  # fmt: skip
-        return self.add(evaluation, what=f"{v}:left_out", scenario=tag)
+        return self.evaluate(merged, [d], heads={v: victim.id}, what=f"{v}:left_out", scenario=tag)
 
     def _merge_options(self) -> dict[str, Any]:
         """The merge node's ``space`` and released ``search`` (absent at their defaults, so the

@@ -441,8 +441,8 @@ def _one_per_union(found: list[tuple[str, str, str]]) -> list[tuple[str, str]]:
 
 
 def _kind_problems(spec: StudySpec, kind: kinds.KindEntry) -> list[tuple[str, str]]:
-    """What the datasets' task kind does not support: column roles, poisoning, monitors, and
-    text-only options such as ``max_length``."""
+    """What the datasets' task kind does not support: column roles, poisoning, monitors, grouping
+    training batches by length, and text-only options such as ``max_length``."""
     problems: list[tuple[str, str]] = []
     for i, d in enumerate(spec.dataset_specs()):
         extra = sorted(set(d.columns or {}) - kind.column_roles)
@@ -471,6 +471,13 @@ def _kind_problems(spec: StudySpec, kind: kinds.KindEntry) -> list[tuple[str, st
                     f"monitors watch text classifiers and chat models only; this study's datasets are {kind.name}",
                 )
             )
+    if not kind.supports_length_pool and spec.finetune.params.get("length_pool") is not None:
+        problems.append(
+            (
+                "finetune.length_pool",
+                f"length_pool groups examples by token count; {kind.name} inputs have no length",
+            )
+        )
     if kind.name != "text" and "max_length" in spec.finetune.params:
         problems.append(
             (

@@ -1,8 +1,8 @@
 """The evaluate step: the metric per dataset, and for merges the metric relative to each expert.
 
 Works for every task kind: the model is opened through its kind, serves each dataset it has a
-head for (or an input ``head.<slug>`` supplies), and is scored on the chosen split (accuracy, or exact match for QA, under the name
-``accuracy/<slug>``).
+head for (or an input ``head.<slug>`` supplies), and is scored on the chosen split (accuracy, or
+exact match for QA, under the name ``accuracy/<slug>``).
 """
 
 from __future__ import annotations
